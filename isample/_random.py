@@ -1,0 +1,36 @@
+"""Deterministic per-step random streams derived from (seed, epoch, step).
+
+Every draw of isample's loaders uses a fresh ``torch.Generator`` seeded from a hash of
+``(seed, epoch, step)``. The random numbers of a batch are thus a pure function of where
+it sits in training, independent of prefetching, worker count or resume point.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["derive_seed", "step_generator"]
+
+_MASK = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
+def derive_seed(*parts: int) -> int:
+    """Mix integers into one 63-bit seed (splitmix64 chain)."""
+    h = 0x243F6A8885A308D3
+    for part in parts:
+        h = _splitmix64(h ^ (int(part) & _MASK))
+    return h >> 1
+
+
+def step_generator(seed: int, epoch: int, step: int, stream: int = 0) -> torch.Generator:
+    """A CPU ``torch.Generator`` for one step, seeded from ``(seed, epoch, step, stream)``."""
+    g = torch.Generator()
+    g.manual_seed(derive_seed(seed, epoch, step, stream))
+    return g

@@ -1,0 +1,117 @@
+"""Score -> probability rules.
+
+The default rule turns non-negative scores ``s`` over a set of M candidates into
+
+.. math::
+
+    t_i = s_i^{\\alpha}, \\qquad c = c_0 + \\rho \\cdot \\overline{t}, \\qquad
+    p_i = \\frac{\\lambda}{M} + (1 - \\lambda) \\frac{t_i + c}{\\sum_j t_j + M c}
+
+with power smoothing ``alpha`` (``power``), additive smoothing ``c_0`` (``additive``),
+adaptive additive smoothing ``rho`` times the mean transformed score (``relative``;
+the Katharopoulos-Fleuret code uses 0.5 x an EMA of the mean), and uniform mixing
+``lambda`` (``mixing``), which bounds every importance weight by ``1 / lambda``.
+Every smoothing is a mixture of the score distribution with the uniform one, which is
+how the table sampler draws from it in O(log N).
+
+References:
+    Katharopoulos and Fleuret, ICML 2018 (smoothing); Needell, Srebro and Ward,
+    NeurIPS 2014 (uniform mixing with lambda = 1/2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._validation import check_float
+
+__all__ = ["ScorePolicy", "check_scores", "proportional_probabilities"]
+
+
+def check_scores(scores: torch.Tensor, owner: str, name: str = "scores") -> torch.Tensor:
+    """Validate a 1-D tensor of finite, non-negative scores and return it.
+
+    Raises:
+        TypeError: not a tensor.
+        ValueError: wrong shape, NaN / inf, or negative entries (the message names how many).
+    """
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"The '{name}' parameter of {owner} must be a Tensor. Got {type(scores).__name__}.")
+    if scores.dim() != 1:
+        raise ValueError(f"The '{name}' parameter of {owner} must have shape (M,). Got {tuple(scores.shape)}.")
+    if scores.numel() == 0:
+        raise ValueError(f"The '{name}' parameter of {owner} is empty; need at least one score.")
+    finite = torch.isfinite(scores)
+    if not bool(finite.all()):
+        raise ValueError(f"The '{name}' parameter of {owner} has {int((~finite).sum())} NaN or infinite entries.")
+    if bool((scores < 0).any()):
+        raise ValueError(
+            f"The '{name}' parameter of {owner} must be >= 0; {int((scores < 0).sum())} entries are negative "
+            f"(min {float(scores.min()):.4g})."
+        )
+    return scores
+
+
+@dataclass(frozen=True)
+class ScorePolicy:
+    """Configuration of the default score -> probability rule (see module docstring).
+
+    Args:
+        power: exponent alpha applied to scores (> 0; 1 = proportional, 0.5 = square root).
+        additive: constant c_0 >= 0 added to every transformed score.
+        relative: rho >= 0; adds rho x mean(transformed scores) to every score.
+        mixing: lambda in [0, 1]; share of uniform probability mixed in.
+    """
+
+    power: float = 1.0
+    additive: float = 0.0
+    relative: float = 0.0
+    mixing: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_float(self.power, "power", "ScorePolicy", minimum=0.0, min_inclusive=False)
+        check_float(self.additive, "additive", "ScorePolicy", minimum=0.0)
+        check_float(self.relative, "relative", "ScorePolicy", minimum=0.0)
+        check_float(self.mixing, "mixing", "ScorePolicy", minimum=0.0, maximum=1.0)
+
+    def transform(self, scores: torch.Tensor) -> torch.Tensor:
+        """``t = s ** power`` (elementwise)."""
+        return scores if self.power == 1.0 else scores.pow(self.power)
+
+    def uniform_share(self, transformed_total: float, count: int) -> float:
+        """Probability mass that is uniform over the M = ``count`` candidates.
+
+        Equals ``lambda + (1 - lambda) M c / (T + M c)`` with ``T`` the sum of transformed
+        scores; 1.0 when every score is zero and there is no smoothing (the rule degrades
+        to uniform, see :meth:`probabilities`).
+        """
+        c = self.additive + self.relative * transformed_total / count
+        denom = transformed_total + count * c
+        if denom <= 0:
+            return 1.0
+        return self.mixing + (1.0 - self.mixing) * count * c / denom
+
+    def probabilities(self, scores: torch.Tensor) -> torch.Tensor:
+        """Probabilities of shape (M,) (float64, sum 1) from scores of shape (M,).
+
+        All-zero scores with no smoothing give the uniform distribution (every weight 1).
+        """
+        scores = check_scores(scores, "ScorePolicy.probabilities")
+        t = self.transform(scores.to(torch.float64))
+        return mix_with_uniform(t, self.uniform_share(float(t.sum()), t.numel()))
+
+
+def mix_with_uniform(transformed: torch.Tensor, uniform_share: float) -> torch.Tensor:
+    """``u / M + (1 - u) t / sum(t)``; pure uniform when ``sum(t) == 0``."""
+    m = transformed.numel()
+    total = float(transformed.sum())
+    if total <= 0 or uniform_share >= 1.0:
+        return torch.full_like(transformed, 1.0 / m)
+    return uniform_share / m + (1.0 - uniform_share) * transformed / total
+
+
+def proportional_probabilities(scores: torch.Tensor, mixing: float = 0.0) -> torch.Tensor:
+    """``p = mixing / M + (1 - mixing) s / sum(s)`` as float64, shape (M,)."""
+    return ScorePolicy(mixing=mixing).probabilities(scores)

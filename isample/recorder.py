@@ -1,0 +1,566 @@
+"""Exact per-example gradient norms of ``nn.Linear`` layers as a by-product of a backward pass.
+
+:class:`GradNormRecorder` hooks the selected linear layers while the user's own training
+step runs: a forward hook keeps each layer's input ``h`` and puts a gradient hook on its
+output ``z``; the backward pass then hands over ``delta = dL/dz``, whose row ``i`` is
+``(w_i / b) d l_i / d z_i`` for the loss ``(w * losses).mean()``. From ``(h, delta)`` the
+per-example gradient norm (plain or in an adaptive optimizer's geometry) follows in closed
+form (:mod:`isample._linear_norms`), with no extra forward or backward pass.
+
+The hook machinery here is shared with :class:`isample.LinearGradNormScorer`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._linear_norms import DEFAULT_MAX_ELEMENTS, concat_calls, linear_sq_grad_norms
+from ._validation import check_choice, check_int, param_error
+from .preconditioner import NoOptimizerStateError, is_identity_geometry, preconditioner_diagonal
+
+__all__ = ["GradNormRecorder"]
+
+_SUPPORTED_OPTIMIZERS = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.RMSprop,
+    torch.optim.Adagrad,
+)
+_REDUCTIONS = ("mean", "sum")
+
+LayerSpec = Sequence[nn.Module | str] | nn.Linear | str | None
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def check_layers_arg(layers: Any, owner: str) -> list[nn.Module | str] | None:
+    """Validate the ``layers`` argument (without a model) and return it as a list or None."""
+    if layers is None:
+        return None
+    if isinstance(layers, (str, nn.Linear)):
+        return [layers]
+    if isinstance(layers, nn.Module) or not isinstance(layers, (list, tuple)):
+        raise param_error("layers", owner, "None or a list of nn.Linear modules or module names", layers, TypeError)
+    if not layers:
+        raise param_error("layers", owner, "None or a non-empty list of nn.Linear modules or module names", layers)
+    for layer in layers:
+        if not isinstance(layer, (str, nn.Module)):
+            raise param_error(
+                "layers", owner, "None or a list of nn.Linear modules or module names", layers, TypeError
+            )
+    return list(layers)
+
+
+def check_optimizer_arg(optimizer: Any, owner: str) -> torch.optim.Optimizer | None:
+    """Validate the ``optimizer`` argument: None, SGD (identity), Adam, AdamW, RMSprop or Adagrad."""
+    if optimizer is None or isinstance(optimizer, _SUPPORTED_OPTIMIZERS):
+        return optimizer
+    raise param_error(
+        "optimizer",
+        owner,
+        "None or a torch.optim SGD, Adam, AdamW, RMSprop or Adagrad optimizer",
+        type(optimizer).__name__ if isinstance(optimizer, torch.optim.Optimizer) else optimizer,
+        TypeError,
+    )
+
+
+@dataclass
+class LayerInfo:
+    """One selected linear layer and which of its parameters are trainable."""
+
+    name: str
+    module: nn.Linear
+    weight: bool
+    bias: bool
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        out = [self.module.weight] if self.weight else []
+        if self.bias:
+            out.append(self.module.bias)
+        return out
+
+
+def resolve_layers(model: nn.Module, layers: list[nn.Module | str] | None, owner: str) -> list[LayerInfo]:
+    """Resolve ``layers`` against ``model`` into the trainable linear layers to hook.
+
+    ``None`` selects every ``nn.Linear`` submodule except those owned by an
+    ``nn.MultiheadAttention`` (which uses their weights through ``F.linear`` without calling
+    them). Parameters with ``requires_grad=False`` are left out; a layer with none left is
+    skipped.
+
+    Raises:
+        ValueError: the model has no ``nn.Linear`` layer, a layer is not part of the model,
+            two selected layers share a parameter, or no selected parameter is trainable.
+        TypeError: a selected module is not an ``nn.Linear``.
+    """
+    names = {module: name for name, module in model.named_modules()}
+    if layers is None:
+        skip = set()
+        for module in model.modules():
+            if isinstance(module, nn.MultiheadAttention):
+                skip.update(module.modules())
+        chosen = [m for m in names if isinstance(m, nn.Linear) and m not in skip]
+        if not chosen:
+            raise ValueError(
+                f"{owner} computes gradient norms of nn.Linear layers, but the {type(model).__name__} model has "
+                "no nn.Linear layer. Use GradNormScorer (per-example autograd) or UpperBoundScorer instead."
+            )
+    else:
+        chosen = []
+        for layer in layers:
+            if isinstance(layer, str):
+                try:
+                    module = model.get_submodule(layer)
+                except AttributeError:
+                    raise ValueError(
+                        f"The 'layers' parameter of {owner} names {layer!r}, which is not a submodule of the "
+                        f"{type(model).__name__} model."
+                    ) from None
+            else:
+                module = layer
+                if module not in names:
+                    raise ValueError(
+                        f"The 'layers' parameter of {owner} holds a {type(module).__name__} that is not a "
+                        f"submodule of the {type(model).__name__} model."
+                    )
+            if not isinstance(module, nn.Linear):
+                raise TypeError(
+                    f"The 'layers' parameter of {owner} must list nn.Linear layers; {names[module]!r} is a "
+                    f"{type(module).__name__}."
+                )
+            if module not in chosen:
+                chosen.append(module)
+    infos = []
+    seen: dict[nn.Parameter, str] = {}
+    for module in chosen:
+        info = LayerInfo(
+            name=names[module],
+            module=module,
+            weight=module.weight.requires_grad,
+            bias=module.bias is not None and module.bias.requires_grad,
+        )
+        for p in info.params:
+            if p in seen:
+                raise ValueError(
+                    f"{owner}: layers {seen[p]!r} and {info.name!r} share a parameter; the per-example norm of "
+                    "shared (tied) weights is not supported. Select only one of them."
+                )
+            seen[p] = info.name
+        if info.params:
+            infos.append(info)
+    if not infos:
+        raise ValueError(f"{owner}: none of the selected nn.Linear layers has a parameter with requires_grad=True.")
+    return infos
+
+
+Scales = list[tuple[torch.Tensor | None, torch.Tensor | None]]
+
+
+def read_scales(optimizer: torch.optim.Optimizer | None, infos: list[LayerInfo]) -> Scales | None:
+    """``(D_W^2, D_c^2)`` per layer from the optimizer's current state; None for the identity geometry.
+
+    Raises:
+        NoOptimizerStateError: the adaptive optimizer has not taken a step yet.
+    """
+    if is_identity_geometry(optimizer):
+        return None
+    params = [p for info in infos for p in info.params]
+    with torch.no_grad():
+        diags = iter(d.square() for d in preconditioner_diagonal(optimizer, params))
+        out = []
+        for info in infos:
+            w = next(diags) if info.weight else None
+            c = next(diags) if info.bias else None
+            out.append((w, c))
+    return out
+
+
+def check_managed(optimizer: torch.optim.Optimizer | None, infos: list[LayerInfo], owner: str) -> None:
+    """Raise a clear error when a selected trainable parameter is not managed by ``optimizer``."""
+    if is_identity_geometry(optimizer):
+        return
+    managed = {p for group in optimizer.param_groups for p in group["params"]}
+    for info in infos:
+        for p in info.params:
+            if p not in managed:
+                raise ValueError(
+                    f"The 'optimizer' parameter of {owner} does not manage the parameters of layer {info.name!r}; "
+                    "pass the optimizer that trains the model (or select layers it manages)."
+                )
+
+
+# --------------------------------------------------------------------------- capture
+
+
+@dataclass
+class _Call:
+    h: torch.Tensor
+    delta: torch.Tensor | None = None
+    output: torch.Tensor | None = None
+    version: int = 0
+
+
+@dataclass
+class LinearCapture:
+    """Forward hooks that keep ``h`` and gradient hooks that keep ``delta`` for each layer call.
+
+    Deltas are accepted only while the capture is active (between :meth:`start` and
+    :meth:`stop`); several backward passes through the same call add up. With
+    ``keep_outputs`` the layer outputs are kept too, as targets for ``torch.autograd.grad``.
+    """
+
+    infos: list[LayerInfo]
+    keep_outputs: bool = False
+    calls: list[list[_Call]] = field(default_factory=list)
+    _handles: list[Any] = field(default_factory=list)
+    _active: bool = False
+
+    def start(self) -> None:
+        self.calls = [[] for _ in self.infos]
+        self._active = True
+        try:
+            for slot, info in enumerate(self.infos):
+                self._handles.append(info.module.register_forward_hook(self._forward_hook(slot), with_kwargs=True))
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        self._active = False
+        while self._handles:
+            self._handles.pop().remove()
+
+    def _forward_hook(self, slot: int) -> Any:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+            if not self._active or not isinstance(output, torch.Tensor) or not output.requires_grad:
+                return
+            h = args[0] if args else kwargs["input"]
+            call = _Call(h=h.detach())
+            if self.keep_outputs:
+                call.output = output
+                call.version = output._version
+
+            def on_grad(grad: torch.Tensor) -> None:
+                if self._active:
+                    call.delta = grad.detach() if call.delta is None else call.delta + grad.detach()
+
+            output.register_hook(on_grad)
+            self.calls[slot].append(call)
+
+        return hook
+
+    def grad_targets(self) -> list[torch.Tensor]:
+        """Tensors to differentiate towards so that every captured call receives its delta.
+
+        A call's output, when it is unchanged since the forward hook (the cheapest target: no
+        weight gradient is formed); its layer's trainable parameters when it was modified in
+        place afterwards (e.g. by ``nn.ReLU(inplace=True)``), since the gradient w.r.t. the
+        modified tensor is not ``delta``.
+        """
+        targets: dict[int, torch.Tensor] = {}
+        for info, calls in zip(self.infos, self.calls):
+            for call in calls:
+                if call.output is not None and call.output._version == call.version:
+                    targets[id(call.output)] = call.output
+                else:
+                    for p in info.params:
+                        targets[id(p)] = p
+        return list(targets.values())
+
+    def rows(self) -> int | None:
+        """Batch size seen by the first captured call (None when nothing was captured)."""
+        for calls in self.calls:
+            for call in calls:
+                return int(call.h.shape[0]) if call.h.dim() else 0
+        return None
+
+    def received_gradients(self) -> bool:
+        return any(call.delta is not None for calls in self.calls for call in calls)
+
+    def squared_norms(
+        self, rows: int, scales: Scales | None, owner: str, max_elements: int = DEFAULT_MAX_ELEMENTS
+    ) -> tuple[torch.Tensor | None, list[str]]:
+        """Sum over layers of the per-example squared norms; also the names of uncalled layers.
+
+        Returns ``(Tensor of shape (rows,) or None when no layer was called, names)``.
+        """
+        total = None
+        uncalled = []
+        for slot, (info, calls) in enumerate(zip(self.infos, self.calls)):
+            if not calls:
+                uncalled.append(info.name)
+                continue
+            pairs = []
+            for call in calls:
+                if call.h.dim() < 2 or call.h.shape[0] != rows:
+                    raise ValueError(
+                        f"{owner}: layer {info.name!r} received an input of shape {tuple(call.h.shape)} for a batch "
+                        f"of {rows} examples; per-example norms need batch-first inputs of shape ({rows}, ..., "
+                        f"{info.module.in_features})."
+                    )
+                delta = call.delta
+                if delta is None:
+                    shape = (*call.h.shape[:-1], info.module.out_features)
+                    delta = torch.zeros(shape, dtype=call.h.dtype, device=call.h.device)
+                pairs.append((call.h, delta))
+            h, delta = concat_calls(pairs)
+            weight_scale, bias_scale = scales[slot] if scales is not None else (None, None)
+            term = linear_sq_grad_norms(
+                h,
+                delta,
+                weight=info.weight,
+                bias=info.bias,
+                weight_scale=weight_scale,
+                bias_scale=bias_scale,
+                max_elements=max_elements,
+            )
+            total = term if total is None else total + term.to(total.device)
+        return total, uncalled
+
+
+def warn_uncalled(owner: str, names: list[str], stacklevel: int) -> None:
+    warnings.warn(
+        f"{owner}: selected layer(s) {', '.join(repr(n) for n in names)} did not run their forward in this pass; "
+        "their parameters count as zero. Weights used outside the module's own forward (for example "
+        "nn.MultiheadAttention.out_proj) are not seen. This warning is shown once.",
+        UserWarning,
+        stacklevel=stacklevel,
+    )
+
+
+def warn_no_state(owner: str, optimizer: torch.optim.Optimizer, stacklevel: int) -> None:
+    warnings.warn(
+        f"{owner}: the {type(optimizer).__name__} optimizer has no state yet (no step taken), so its "
+        "preconditioner is undefined; using the plain gradient norm until it has. This warning is shown once.",
+        UserWarning,
+        stacklevel=stacklevel,
+    )
+
+
+# --------------------------------------------------------------------------- recorder
+
+
+class GradNormRecorder:
+    """Per-example gradient norms of the ``nn.Linear`` layers from the training step's own backward.
+
+    Inside :meth:`record` (or between :meth:`attach` and :meth:`detach`) forward hooks keep
+    each selected layer's input ``h_i`` and gradient hooks catch its output gradient. For the
+    loss ``L = (1/b) sum_i w_i l_i`` (``reduction="mean"``; ``sum_i w_i l_i`` for ``"sum"``)
+    the backward gives rows ``delta_i = (w_i / b) d l_i / d z_i``; every term of the squared
+    norm is quadratic in ``delta``, so the factor ``|w_i| / b`` is divided out and the result
+    is the unweighted per-example norm:
+
+    .. math::
+
+        \\|D g_i\\|^2 = \\frac{b^2}{w_i^2} \\sum_{\\text{layers}}
+            \\Big\\| D_W \\odot \\sum_t \\delta_{it} h_{it}^\\top \\Big\\|_F^2
+            + \\Big\\| D_c \\odot \\sum_t \\delta_{it} \\Big\\|_2^2 ,
+
+    with ``D`` the identity for ``optimizer=None`` or SGD and
+    ``D = diag(1 / (sqrt(v_hat) + eps))`` for Adam, AdamW, RMSprop (and Adagrad). For an MLP
+    made of linear layers this is the exact norm of the full per-example gradient.
+
+    ``D`` is read when :meth:`record` is entered, i.e. the optimizer state before this
+    step's ``opt.step()``: the state under which the backward pass happens, the same one
+    :class:`isample.LinearGradNormScorer` sees on this batch. Before the optimizer's first
+    step the plain norm is returned, with a one-time ``UserWarning``.
+
+    Hooks exist only inside the block, so the model runs at full speed otherwise; they are
+    removed on exit, also when the block raises. The recorder adds no forward or backward
+    pass: its cost is keeping ``delta`` (``b x out`` floats per layer) and one product of
+    the size of the layer's weight gradient (see ``docs/methods/optimizer-aware.md``).
+
+    Args:
+        model: the model being trained.
+        layers: the ``nn.Linear`` layers (modules or names) to cover; default every
+            ``nn.Linear`` except those inside ``nn.MultiheadAttention``. Parameters with
+            ``requires_grad=False`` are excluded; other parameter kinds are not covered.
+        optimizer: None or SGD (plain norm), Adam, AdamW, RMSprop or Adagrad (norm of ``D g_i``).
+        max_elements: chunk bound (floats) when per-example gradients must be materialised
+            (inputs with a sequence dimension and an adaptive optimizer).
+
+    Weights of 0 leave no trace in the gradient: their norm is NaN (samplers skip NaN scores).
+    The block must contain one forward and its backward; the recorded batch must be batch-first.
+
+    Example:
+        >>> recorder = GradNormRecorder(model, optimizer=opt)
+        >>> with recorder.record(batch.weights):
+        ...     losses = loss_fn(model(batch.inputs), batch.targets)
+        ...     (batch.weights * losses).mean().backward()
+        >>> norms = recorder.norms()  # Tensor of shape (b,)
+        >>> opt.step(); opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: LayerSpec = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        max_elements: int = DEFAULT_MAX_ELEMENTS,
+    ) -> None:
+        owner = type(self).__name__
+        if not isinstance(model, nn.Module):
+            raise param_error("model", owner, "a torch.nn.Module", model, TypeError)
+        self.model = model
+        self.layers = check_layers_arg(layers, owner)
+        self.optimizer = check_optimizer_arg(optimizer, owner)
+        self.max_elements = check_int(max_elements, "max_elements", owner, minimum=1)
+        self._infos = resolve_layers(model, self.layers, owner)
+        check_managed(self.optimizer, self._infos, owner)
+        self._capture: LinearCapture | None = None
+        self._scales: Scales | None = None
+        self._weights: torch.Tensor | None = None
+        self._reduction = "mean"
+        self._norms: torch.Tensor | None = None
+        self._warned_state = False
+        self._warned_uncalled = False
+
+    @property
+    def recording(self) -> bool:
+        """Whether hooks are attached right now."""
+        return self._capture is not None
+
+    def attach(self, weights: torch.Tensor | None = None, reduction: str = "mean") -> GradNormRecorder:
+        """Register the hooks and read the preconditioner; prefer :meth:`record`.
+
+        Args:
+            weights: Tensor of shape (b,) multiplying the per-example losses, or None (all 1).
+            reduction: ``"mean"`` for ``(w * losses).mean()``, ``"sum"`` for ``(w * losses).sum()``.
+        """
+        return self._attach(weights, reduction, stacklevel=5)
+
+    def _attach(self, weights: torch.Tensor | None, reduction: str, stacklevel: int) -> GradNormRecorder:
+        owner = type(self).__name__
+        if self._capture is not None:
+            raise RuntimeError(f"{owner} is already recording; call detach() (or leave record()) first.")
+        check_choice(reduction, "reduction", owner, _REDUCTIONS)
+        if weights is not None:
+            if not isinstance(weights, torch.Tensor):
+                raise param_error("weights", owner, "a Tensor of shape (b,) or None", weights, TypeError)
+            if weights.dim() != 1:
+                raise param_error("weights", owner, "a Tensor of shape (b,) or None", tuple(weights.shape))
+            weights = weights.detach()
+        self._norms = None
+        self._weights = weights
+        self._reduction = reduction
+        self._scales = self._read_scales(stacklevel)
+        capture = LinearCapture(self._infos)
+        capture.start()
+        self._capture = capture
+        return self
+
+    def detach(self) -> torch.Tensor:
+        """Remove the hooks and compute the norms of the recorded step; returns :meth:`norms`.
+
+        Raises:
+            RuntimeError: not recording, or no forward / backward of a selected layer happened.
+        """
+        return self._detach(stacklevel=4)
+
+    def _detach(self, stacklevel: int) -> torch.Tensor:
+        owner = type(self).__name__
+        capture = self._capture
+        if capture is None:
+            raise RuntimeError(f"{owner} is not recording; call attach() or use record().")
+        capture.stop()
+        self._capture = None
+        try:
+            rows = capture.rows()
+            if rows is None:
+                raise RuntimeError(
+                    f"{owner}: no selected layer ran a forward pass with gradients enabled inside record()."
+                )
+            if not capture.received_gradients():
+                raise RuntimeError(
+                    f"{owner}: no gradient reached the selected layers inside record(); call loss.backward() "
+                    "inside the with-block."
+                )
+            if self._weights is not None and self._weights.shape[0] != rows:
+                raise ValueError(
+                    f"The 'weights' parameter of {owner} has {self._weights.shape[0]} entries but the recorded "
+                    f"batch has {rows} rows."
+                )
+            sq, uncalled = capture.squared_norms(rows, self._scales, owner, self.max_elements)
+            if uncalled and not self._warned_uncalled:
+                self._warned_uncalled = True
+                warn_uncalled(owner, uncalled, stacklevel=stacklevel)
+            self._norms = _unweighted_norms(sq, self._weights, self._reduction, rows)
+        finally:
+            self._scales = None
+            self._weights = None
+        return self._norms
+
+    @contextlib.contextmanager
+    def record(self, weights: torch.Tensor | None = None, reduction: str = "mean") -> Iterator[GradNormRecorder]:
+        """Context manager around one training step's forward and backward.
+
+        Args:
+            weights: Tensor of shape (b,) multiplying the per-example losses in the loss, or
+                None (unweighted).
+            reduction: ``"mean"`` (loss ``(w * losses).mean()``, factor ``w_i / b``) or
+                ``"sum"`` (loss ``(w * losses).sum()``, factor ``w_i``).
+
+        Yields:
+            The recorder; after the block :meth:`norms` holds the batch's norms.
+        """
+        self._attach(weights, reduction, stacklevel=6)
+        try:
+            yield self
+        except BaseException:
+            capture, self._capture = self._capture, None
+            if capture is not None:
+                capture.stop()
+            self._scales = None
+            self._weights = None
+            raise
+        self._detach(stacklevel=5)
+
+    def norms(self) -> torch.Tensor:
+        """Per-example gradient norms of the last recorded step: float32 Tensor of shape (b,).
+
+        Unweighted (``||D grad l_i||`` in gradient units), on the model's device, no grad;
+        NaN where the weight was 0.
+
+        Raises:
+            RuntimeError: no step has been recorded yet (or the last one failed).
+        """
+        if self._norms is None:
+            raise RuntimeError(f"{type(self).__name__} has no norms yet: record a training step first.")
+        return self._norms
+
+    def _read_scales(self, stacklevel: int) -> Scales | None:
+        try:
+            return read_scales(self.optimizer, self._infos)
+        except NoOptimizerStateError:
+            if not self._warned_state:
+                self._warned_state = True
+                warn_no_state(type(self).__name__, self.optimizer, stacklevel=stacklevel)
+            return None
+
+    def __repr__(self) -> str:
+        names = [info.name for info in self._infos]
+        optimizer = None if self.optimizer is None else type(self.optimizer).__name__
+        return f"{type(self).__name__}(layers={names}, optimizer={optimizer})"
+
+
+def _unweighted_norms(sq: torch.Tensor, weights: torch.Tensor | None, reduction: str, rows: int) -> torch.Tensor:
+    """``sqrt(sq) / |factor|`` with ``factor = w_i / b`` (mean) or ``w_i`` (sum); NaN where it is 0."""
+    norms = sq.clamp_min(0).sqrt()
+    if weights is None:
+        factor = torch.full_like(norms, 1.0 / rows if reduction == "mean" else 1.0)
+    else:
+        factor = weights.to(device=norms.device, dtype=norms.dtype).abs()
+        if reduction == "mean":
+            factor = factor / rows
+    out = torch.where(factor > 0, norms / factor, torch.full_like(norms, float("nan")))
+    return out.to(torch.float32)

@@ -1,0 +1,329 @@
+"""``TableSampler``: importance sampling from a table of one (stale) score per example.
+
+The table holds the latest score of every example (typically its training loss, fed
+back by the loop, so no extra forward pass). Each step draws b indices from the whole
+dataset in O(b log N) with a sum tree, computes their weights at draw time, and yields
+``(index, weight)`` pairs; :class:`ImportanceDataLoader` unpacks them inside the worker
+so weights can never be mismatched with their rows by prefetching.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from ._random import step_generator
+from ._validation import check_choice, check_float, check_int, check_seed
+from .engine import SumTree
+from .policies import ScorePolicy
+from .weighting import NORMALIZATIONS, importance_weights
+
+__all__ = ["TableSampler"]
+
+
+class TableSampler(Sampler[list[tuple[int, float]]]):
+    """A batch sampler drawing b examples per step proportionally to a score table.
+
+    .. math::
+
+        p_i = \\frac{\\lambda}{N} + (1 - \\lambda)\\frac{t_i + c}{\\sum_j t_j + N c},
+        \\quad t_i = s_i^{\\alpha}, \\qquad w_i = \\Big(\\frac{1}{N p_i}\\Big)^k
+
+    (see :class:`isample.policies.ScorePolicy` for ``c``). Examples never updated
+    ("unvisited") count with ``initial_score``; by default the running mean of the
+    current scores of visited examples (1.0 before any update, i.e. uniform).
+
+    Args:
+        num_samples: N, the dataset size.
+        batch_size: b, indices per batch.
+        num_batches: batches per epoch (default ceil(N / b), floor with drop_last).
+        drop_last: see ``num_batches``.
+        initial_score: score of unvisited examples (>= 0), or None for the running mean.
+        power, additive, relative: score smoothing (see :class:`ScorePolicy`).
+        mixing: uniform mixing lambda in [0, 1] (default 0.1: weights <= 10 and no
+            example starves because its stale score happened to be ~0).
+        bias_exponent: k in [0, 1]; 1 = unbiased.
+        max_weight: clip weights (None = no clipping).
+        normalize: ``"none"``, ``"mean"`` or ``"max"`` (see :mod:`isample.weighting`).
+        seed, generator: randomness source (one of them).
+        delay: apply a score update only to draws at least ``delay`` steps after the
+            step it was given at. :class:`ImportanceDataLoader` sets it to its prefetch
+            depth so that the batches are identical for any number of workers.
+
+    Yields:
+        Lists of b ``(index, weight)`` pairs (int, float).
+
+    Raises:
+        ValueError: on NaN/negative scores (NaN and inf entries are skipped with a
+            warning instead), indices out of range, or mismatched lengths in
+            :meth:`update`.
+    """
+
+    STATE_VERSION = 1
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        *,
+        num_batches: int | None = None,
+        drop_last: bool = False,
+        initial_score: float | None = None,
+        power: float = 1.0,
+        additive: float = 0.0,
+        relative: float = 0.0,
+        mixing: float = 0.1,
+        bias_exponent: float = 1.0,
+        max_weight: float | None = None,
+        normalize: str = "none",
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        delay: int = 0,
+    ) -> None:
+        owner = "TableSampler"
+        self.num_samples = check_int(num_samples, "num_samples", owner, minimum=1)
+        self.batch_size = check_int(batch_size, "batch_size", owner, minimum=1)
+        self.drop_last = bool(drop_last)
+        default = self.num_samples // self.batch_size if self.drop_last else math.ceil(self.num_samples / self.batch_size)
+        self.num_batches = check_int(num_batches, "num_batches", owner, minimum=1, allow_none=True) or max(default, 1)
+        self.initial_score = check_float(initial_score, "initial_score", owner, minimum=0.0, allow_none=True)
+        self.policy = ScorePolicy(power=power, additive=additive, relative=relative, mixing=mixing)
+        self.bias_exponent = check_float(bias_exponent, "bias_exponent", owner, minimum=0.0, maximum=1.0)
+        self.max_weight = check_float(max_weight, "max_weight", owner, minimum=0.0, min_inclusive=False, allow_none=True)
+        self.normalize = check_choice(normalize, "normalize", owner, NORMALIZATIONS)
+        self.seed = check_seed(seed, generator, owner)
+        self.delay = check_int(delay, "delay", owner, minimum=0)
+        self._tree = SumTree(self.num_samples)
+        self._visited = np.zeros(self.num_samples, dtype=bool)
+        self._num_visited = 0
+        self.epoch = 0
+        self.position = 0  # batches of the current epoch consumed by the training loop
+        self._consumed = 0  # batches consumed over the sampler's life (tags of updates)
+        self._pending: list[tuple[int, np.ndarray, np.ndarray]] = []
+        self._warned_zero = False
+        self._tracked = False
+
+    # ------------------------------------------------------------------ protocol
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch: draws are a pure function of (seed, epoch, step, table)."""
+        self.epoch = check_int(epoch, "epoch", "TableSampler.set_epoch", minimum=0)
+        self.position = 0
+
+    def __iter__(self) -> Iterator[list[tuple[int, float]]]:
+        return self._iterate()
+
+    def _iterate(self) -> Iterator[list[tuple[int, float]]]:
+        epoch = self.epoch
+        start = self.position
+        global_base = self._consumed - start
+        for step in range(start, self.num_batches):
+            self._apply_pending(global_base + step - self.delay)
+            indices, weights = self.draw(epoch, step)
+            yield list(zip(indices.tolist(), weights.tolist()))
+        if not self._tracked and self.epoch == epoch:  # used without advance(): roll over here
+            self.epoch += 1
+            self.position = 0
+
+    def advance(self, batches: int = 1) -> None:
+        """Tell the sampler that the training loop consumed ``batches`` more batches.
+
+        :class:`ImportanceDataLoader` calls this; it keeps ``position`` (for resume) and
+        the tags of delayed updates exact. Without it, ``position`` is not tracked.
+        """
+        self._tracked = True
+        self._consumed += batches
+        self.position += batches
+        if self.position >= self.num_batches:
+            self.epoch += 1
+            self.position = 0
+
+    # ------------------------------------------------------------------ draws
+    def draw(self, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw one batch: (LongTensor indices (b,), float32 weights (b,)).
+
+        A pure function of ``(seed, epoch, step)`` and the current table.
+        """
+        b = self.batch_size
+        g = step_generator(self.seed, epoch, step)
+        u = torch.rand(3, b, generator=g, dtype=torch.float64).numpy()
+        n = self.num_samples
+        visited_total = self._tree.total
+        init = self._initial_transformed()
+        unvisited_total = (n - self._num_visited) * init
+        t_total = visited_total + unvisited_total
+        share = self.policy.uniform_share(t_total, n)
+        if t_total <= 0 and share >= 1.0 and not self._warned_zero:
+            self._warned_zero = True
+            warnings.warn(
+                "TableSampler: every score is zero; drawing uniformly until a positive score arrives.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        idx = np.minimum((u[1] * n).astype(np.int64), n - 1)  # uniform part
+        from_scores = u[0] >= share
+        if from_scores.any():
+            target = u[2][from_scores] * t_total
+            in_tree = target < visited_total
+            chosen = np.empty(target.shape[0], dtype=np.int64)
+            if in_tree.any():
+                chosen[in_tree] = self._find(target[in_tree], g)
+            if (~in_tree).any():
+                chosen[~in_tree] = self._uniform_unvisited(int((~in_tree).sum()), g)
+            idx[from_scores] = chosen
+        t = np.where(self._visited[idx], self._tree.get(idx), init)
+        p = share / n + (1.0 - share) * (t / t_total if t_total > 0 else np.zeros_like(t))
+        weights = importance_weights(torch.from_numpy(p), n, self.bias_exponent, self.max_weight, self.normalize)
+        return torch.from_numpy(idx), weights
+
+    def _find(self, targets: np.ndarray, g: torch.Generator) -> np.ndarray:
+        out = self._tree.find(targets)
+        zero = self._tree.get(out) <= 0
+        while zero.any():  # rounding put a target past a subtree's sum (measure ~1e-16): redraw those
+            fresh = torch.rand(int(zero.sum()), generator=g, dtype=torch.float64).numpy() * self._tree.total
+            out[zero] = self._tree.find(fresh)
+            zero = self._tree.get(out) <= 0
+        return out
+
+    def _uniform_unvisited(self, count: int, g: torch.Generator) -> np.ndarray:
+        """``count`` indices uniform over unvisited examples, by vectorised rejection."""
+        n = self.num_samples
+        out = np.empty(0, dtype=np.int64)
+        while out.size < count:
+            need = count - out.size
+            ratio = n / max(n - self._num_visited, 1)
+            cand = torch.randint(0, n, (int(need * ratio * 1.2) + 8,), generator=g).numpy()
+            out = np.concatenate([out, cand[~self._visited[cand]][:need]])
+        return out
+
+    def _initial_transformed(self) -> float:
+        if self.initial_score is not None:
+            return float(self.policy.transform(torch.tensor(self.initial_score, dtype=torch.float64)))
+        if self._num_visited == 0:
+            return 1.0
+        return self._tree.total / self._num_visited
+
+    def probabilities(self) -> torch.Tensor:
+        """The current draw distribution over all N examples: float64 Tensor (N,), sum 1. O(N)."""
+        n = self.num_samples
+        init = self._initial_transformed()
+        t = np.where(self._visited, self._tree.values(), init)
+        t_total = float(t.sum())
+        share = self.policy.uniform_share(t_total, n)
+        p = share / n + (1.0 - share) * (t / t_total if t_total > 0 else np.zeros_like(t))
+        return torch.from_numpy(np.asarray(p, dtype=np.float64))
+
+    def scores(self) -> torch.Tensor:
+        """Latest raw score of every example (NaN where never updated): float64 Tensor (N,)."""
+        t = np.where(self._visited, self._tree.values(), np.nan)
+        s = t if self.policy.power == 1.0 else np.power(t, 1.0 / self.policy.power)
+        return torch.from_numpy(np.asarray(s, dtype=np.float64))
+
+    # ------------------------------------------------------------------ feedback
+    def update(self, indices: Any, scores: Any) -> None:
+        """Set the scores of ``indices`` (last write wins for repeated indices).
+
+        Args:
+            indices: LongTensor / array of shape (k,), values in [0, N).
+            scores: Tensor / array of shape (k,), >= 0. NaN and inf entries are skipped
+                with a warning; the table keeps their previous values.
+        """
+        idx = _as_numpy(indices, "indices").astype(np.int64, copy=False).ravel()
+        val = _as_numpy(scores, "scores").astype(np.float64, copy=False).ravel()
+        if idx.shape[0] != val.shape[0]:
+            raise ValueError(
+                f"TableSampler.update got {idx.shape[0]} indices and {val.shape[0]} scores; lengths must match."
+            )
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_samples):
+            bad = idx[(idx < 0) | (idx >= self.num_samples)][0]
+            raise IndexError(f"TableSampler.update got index {int(bad)} outside [0, {self.num_samples}).")
+        finite = np.isfinite(val)
+        if not finite.all():
+            warnings.warn(
+                f"TableSampler.update skipped {int((~finite).sum())} NaN or infinite score(s); "
+                "those examples keep their previous scores.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            idx, val = idx[finite], val[finite]
+        if (val < 0).any():
+            raise ValueError(f"TableSampler.update got negative scores (min {val.min():.4g}); scores must be >= 0.")
+        if self.delay:
+            self._pending.append((self._consumed, idx.copy(), val.copy()))
+        else:
+            self._set(idx, val)
+
+    def _apply_pending(self, upto: int) -> None:
+        while self._pending and self._pending[0][0] <= upto:
+            _, idx, val = self._pending.pop(0)
+            self._set(idx, val)
+
+    def flush(self) -> None:
+        """Apply every delayed update now."""
+        self._apply_pending(float("inf"))  # type: ignore[arg-type]
+
+    def _set(self, idx: np.ndarray, val: np.ndarray) -> None:
+        if idx.size == 0:
+            return
+        t = val if self.policy.power == 1.0 else np.power(val, self.policy.power)
+        self._tree.set(idx, t)
+        new = np.unique(idx[~self._visited[idx]])
+        self._visited[new] = True
+        self._num_visited += int(new.size)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything for an exact continuation: table, visited mask, delayed updates, position."""
+        return {
+            "version": self.STATE_VERSION,
+            "num_samples": self.num_samples,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "position": self.position,
+            "consumed": self._consumed,
+            "table": torch.from_numpy(np.array(self._tree.values(), dtype=np.float64)),
+            "visited": torch.from_numpy(self._visited.copy()),
+            "pending": [(tag, torch.from_numpy(i), torch.from_numpy(v)) for tag, i, v in self._pending],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; raises ValueError for a table of another size."""
+        for key in ("num_samples", "table", "visited", "seed", "epoch", "position"):
+            if key not in state:
+                raise KeyError(f"TableSampler state is missing '{key}'.")
+        if int(state["num_samples"]) != self.num_samples:
+            raise ValueError(
+                f"TableSampler state was saved for a dataset of {state['num_samples']} examples; "
+                f"this sampler has num_samples={self.num_samples}."
+            )
+        table = np.asarray(state["table"], dtype=np.float64)
+        visited = np.asarray(state["visited"], dtype=bool)
+        if table.shape != (self.num_samples,) or visited.shape != (self.num_samples,):
+            raise ValueError("TableSampler state has a table or visited mask of the wrong shape.")
+        self._tree.fill(table)
+        self._visited = visited.copy()
+        self._num_visited = int(visited.sum())
+        self.seed = int(state["seed"])
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+        self._consumed = int(state.get("consumed", 0))
+        self._pending = [(int(t), np.asarray(i), np.asarray(v)) for t, i, v in state.get("pending", [])]
+
+
+def _as_numpy(value: Any, name: str) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, (list, tuple)):
+        return np.asarray(value)
+    raise TypeError(f"The '{name}' parameter of TableSampler.update must be a Tensor, array or list. Got {value!r}.")
