@@ -124,7 +124,9 @@ def bench_batch_size(
             times[variant].append((time.perf_counter() - start) / steps)
     medians = {v: statistics.median(t) for v, t in times.items()}
     paired = {
-        v: statistics.median(a / b for a, b in zip(times[v], times["step"])) for v in VARIANTS if v != "step"
+        v: statistics.median(a / b for a, b in zip(times[v], times["step"], strict=True))
+        for v in VARIANTS
+        if v != "step"
     }
     return {
         "batch_size": batch_size,

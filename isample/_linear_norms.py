@@ -236,6 +236,8 @@ def linear_sq_grad_norms(
     Returns:
         Tensor of shape (b,), float32 or wider.
     """
+    if h.dim() == 2 and delta.dim() == 2 and h.shape[0] == delta.shape[0]:
+        return _flat_sq_grad_norms(h, delta, weight, bias, weight_scale, bias_scale)
     total = None
     if weight:
         total = linear_weight_sq_norms(h, delta, weight_scale, max_elements=max_elements)
@@ -244,4 +246,43 @@ def linear_sq_grad_norms(
         total = term if total is None else total + term
     if total is None:
         return torch.zeros(delta.shape[0], dtype=_compute_dtype(delta), device=delta.device)
+    return total
+
+
+def _flat_sq_grad_norms(
+    h: torch.Tensor,
+    delta: torch.Tensor,
+    weight: bool,
+    bias: bool,
+    weight_scale: torch.Tensor | None,
+    bias_scale: torch.Tensor | None,
+) -> torch.Tensor:
+    """Fast path of :func:`linear_sq_grad_norms` for one position (h: (b, in), delta: (b, out)).
+
+    Shares ``delta^2`` between the weight and bias terms and skips the general validation;
+    the result equals the general path (same formulas, ``T = 1``).
+    """
+    dtype = _compute_dtype(h, delta)
+    if h.dtype != dtype:
+        h = h.to(dtype)
+    if delta.dtype != dtype:
+        delta = delta.to(dtype)
+    d2 = delta.square()
+    if weight_scale is None and bias_scale is None:
+        d2_sum = d2.sum(1)
+        if not weight:
+            return d2_sum if bias else torch.zeros_like(d2_sum)
+        h2_sum = torch.linalg.vecdot(h, h)
+        return (h2_sum + 1.0) * d2_sum if bias else h2_sum * d2_sum
+    total = None
+    if weight:
+        if weight_scale is None:
+            total = torch.linalg.vecdot(h, h) * d2.sum(1)
+        else:
+            total = torch.linalg.vecdot(d2, h.square() @ weight_scale.to(dtype).T)
+    if bias:
+        term = d2.sum(1) if bias_scale is None else d2 @ bias_scale.to(dtype)
+        total = term if total is None else total + term
+    if total is None:
+        return d2.new_zeros(d2.shape[0])
     return total

@@ -48,7 +48,7 @@ _MAX_FANOUT = 256
 ROOT_WIDTH = 4096
 
 
-def tree_layout(size: int, fanout: int, root_width: int = ROOT_WIDTH) -> list[int]:
+def tree_layout(size: int, fanout: int, root_width: int | None = None) -> list[int]:
     """Lengths of the level arrays of a sum tree, leaves first, root last.
 
     Level 0 holds the ``size`` leaves; each higher level holds one node per row of ``fanout``
@@ -64,15 +64,16 @@ def tree_layout(size: int, fanout: int, root_width: int = ROOT_WIDTH) -> list[in
     Args:
         size: number of leaves N (>= 1).
         fanout: children per node F (>= 2).
-        root_width: largest root level W (>= 1).
+        root_width: largest root level W (>= 1); ``None`` for :data:`ROOT_WIDTH`.
 
     Returns:
         list of ints, the length of each level (leaves first, root last; one entry when
         N <= W).
     """
+    width = ROOT_WIDTH if root_width is None else root_width
     lengths = []
     n = size
-    while n > root_width:
+    while n > width:
         rows = -(-n // fanout)
         lengths.append(rows * fanout)
         n = rows
@@ -119,21 +120,31 @@ def _exact_pick(block: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 def _search_root(root: np.ndarray, t: np.ndarray) -> np.ndarray:
     # Node of the root level holding each target; t is reduced in place to the offset inside it.
-    bounds = np.zeros(root.shape[0] + 1, dtype=np.float64)
+    bounds = np.empty(root.shape[0] + 1, dtype=np.float64)
+    bounds[0] = 0.0
     np.cumsum(root, out=bounds[1:])  # sequential, so monotone: zero nodes have empty intervals
-    node = np.searchsorted(bounds, t, side="right") - 1  # bounds[node] <= t < bounds[node + 1]
+    node = np.searchsorted(bounds, t, side="right")  # 1 + node: bounds[node] <= t < bounds[node + 1]
+    node -= 1
     t -= bounds.take(node)
-    past = node >= root.shape[0]
-    if past.any():
-        node[past] = np.searchsorted(bounds, bounds[-1], side="left") - 1  # last positive node
+    if node.max() >= root.shape[0]:  # t >= the sum of the root: the last positive node
+        past = node >= root.shape[0]
+        node[past] = np.searchsorted(bounds, bounds[-1], side="left") - 1
         t[past] = np.inf
     return node
+
+
+@functools.lru_cache(maxsize=64)
+def _row_offsets(count: int, width: int) -> np.ndarray:
+    # Flat index of element -1 of each row of a (count, width) array.
+    offsets = np.arange(count, dtype=np.int64) * width - 1
+    offsets.flags.writeable = False
+    return offsets
 
 
 def _descend(levels: list[np.ndarray], fanout: int, t: np.ndarray, exact: bool) -> np.ndarray:
     pos = _search_root(levels[-1], t)
     b = t.shape[0]
-    flat = np.arange(b, dtype=np.int64) * (fanout + 1) - 1  # + k: prefix[row, k - 1]
+    flat = _row_offsets(b, fanout + 1)  # flat + k: prefix[row, k - 1]
     for depth in range(len(levels) - 2, -1, -1):
         block = levels[depth].reshape(-1, fanout).take(pos, axis=0)  # (b, F) child sums
         if exact:
@@ -186,10 +197,12 @@ def descend(levels: list[np.ndarray], fanout: int, targets: np.ndarray) -> np.nd
         int64 array of shape (b,), the leaf indices.
     """
     targets = np.asarray(targets, dtype=np.float64).ravel()
+    if targets.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64)
     pos = _descend(levels, fanout, targets.copy(), exact=False)
-    zero = levels[0].take(pos) <= 0
-    if zero.any():
-        bad = np.flatnonzero(zero)
+    found = levels[0].take(pos)
+    if not found.min() > 0:
+        bad = np.flatnonzero(found <= 0)
         pos[bad] = _descend(levels, fanout, targets[bad].copy(), exact=True)
     return pos
 
@@ -265,18 +278,22 @@ class SumTree:
         p_i = \\frac{v_i}{\\sum_j v_j},
 
     and never return a zero-valued leaf. The tree is F-ary (``fanout`` children per node),
-    level arrays stored contiguously in one float64 buffer; see the module docstring for
+    level arrays stored contiguously in one float64 buffer, and its root level (at most
+    :data:`ROOT_WIDTH` nodes) is searched with one prefix sum; see the module docstring for
     the algorithm, the memory bound and why sums do not drift.
 
     Args:
         size: number of leaves N (int >= 1).
-        fanout: children per node F (int in [2, 256], default 16). Trees with fewer than F
-            leaves use ``max(2, size)`` so a tiny table stays tiny.
+        fanout: children per node F (int in [2, 256], default 16).
         rebuild_every: number of leaf writes between automatic full rebuilds (int >= 1), or
             ``None`` (default) for ``max(size, 2**16)``, an amortised O(1) cost per write.
+        root_width: the first level with at most this many nodes is the root level, searched
+            with one prefix sum over its nodes (int >= 1, default :data:`ROOT_WIDTH`); a
+            table of at most ``root_width`` values is a single flat level.
 
     Raises:
-        TypeError: ``size``, ``fanout`` or ``rebuild_every`` is not an int (bool included).
+        TypeError: ``size``, ``fanout``, ``rebuild_every`` or ``root_width`` is not an int
+            (bool included).
         ValueError: one of them is out of range.
         MemoryError: the table (:meth:`memory_estimate` bytes) does not fit in the memory
             available now; raised before anything is allocated.
@@ -287,38 +304,49 @@ class SumTree:
         >>> tree.fill([1.0, 0.0, 2.0, 0.0, 1.0])
         >>> tree.total
         4.0
-        >>> tree.sample(3, np.random.default_rng(0)).tolist()  # never 1 or 3
-        [2, 2, 4]
+        >>> idx = tree.sample(1000, np.random.default_rng(0))
+        >>> sorted(set(idx.tolist()))  # never 1 or 3
+        [0, 2, 4]
+        >>> tree.set([2, 2], [5.0, 3.0])  # last write wins
+        >>> tree.get([2]).tolist()
+        [3.0]
     """
 
     #: Keys of :meth:`state_dict`.
     STATE_SIZE = "size"
     STATE_VALUES = "values"
 
-    def __init__(self, size: int, fanout: int = 16, rebuild_every: int | None = None) -> None:
-        size = check_int(size, "size", _OWNER, minimum=1)
-        fanout = check_int(fanout, "fanout", _OWNER, minimum=2, maximum=_MAX_FANOUT)
+    def __init__(
+        self,
+        size: int,
+        fanout: int = 16,
+        rebuild_every: int | None = None,
+        *,
+        root_width: int = ROOT_WIDTH,
+    ) -> None:
+        size = check_int(size, "size", _OWNER, minimum=1)  # type: ignore[assignment]
+        fanout = check_int(fanout, "fanout", _OWNER, minimum=2, maximum=_MAX_FANOUT)  # type: ignore[assignment]
         rebuild_every = check_int(rebuild_every, "rebuild_every", _OWNER, minimum=1, allow_none=True)
-        self._size: int = size  # type: ignore[assignment]
-        self._fanout: int = max(2, min(fanout, size))  # type: ignore[type-var]
-        self._requested_fanout: int = fanout  # type: ignore[assignment]
-        self._rebuild_every: int = rebuild_every if rebuild_every is not None else max(size, 1 << 16)
-        self._rebuild_every_arg = rebuild_every
-        needed = self.memory_estimate(size, fanout)
+        root_width = check_int(root_width, "root_width", _OWNER, minimum=1)  # type: ignore[assignment]
+        needed = self.memory_estimate(size, fanout, root_width=root_width)
         free = available_memory()
         if free is not None and needed > free:
             raise MemoryError(
                 f"A SumTree of size {size} needs about {needed} bytes ({needed / 2**30:.2f} GiB) "
-                f"but only {free} bytes ({free / 2**30:.2f} GiB) are available."
+                f"but only {free} bytes ({free / 2**30:.2f} GiB) of memory are available."
             )
-        lengths = tree_layout(size, self._fanout)
+        self._size = size
+        self._fanout = fanout
+        self._rebuild_every_arg = rebuild_every
+        self._rebuild_every = rebuild_every if rebuild_every is not None else max(size, 1 << 16)
+        self._root_width = root_width
+        lengths = tree_layout(size, fanout, root_width)
         self._buf = np.zeros(sum(lengths), dtype=np.float64)
         self._levels: list[np.ndarray] = []
         start = 0
         for length in lengths:
             self._levels.append(self._buf[start : start + length])
             start += length
-        self._rows = [level.reshape(-1, self._fanout) for level in self._levels]
         self._total = 0.0
         self._writes = 0
 
@@ -331,7 +359,7 @@ class SumTree:
 
     @property
     def fanout(self) -> int:
-        """Children per internal node (after the small-table reduction)."""
+        """Children per internal node F."""
         return self._fanout
 
     @property
@@ -345,25 +373,27 @@ class SumTree:
         return int(self._buf.nbytes)
 
     @staticmethod
-    def memory_estimate(size: int, fanout: int = 16) -> int:
-        """Bytes a :class:`SumTree` of ``size`` leaves allocates (its buffer; O(b F) scratch aside).
+    def memory_estimate(size: int, fanout: int = 16, *, root_width: int = ROOT_WIDTH) -> int:
+        """Bytes a :class:`SumTree` of ``size`` leaves allocates: its buffer (O(b F) scratch aside).
 
         .. math::
 
-            8 \\sum_l F_e \\lceil n_l / F_e \\rceil \\approx 8 N (1 + 1/(F_e - 1)),
-            \\qquad F_e = \\max(2, \\min(F, N)).
+            8 \\sum_l \\mathrm{len}_l \\le 8 \\left(N + \\frac{N}{F - 1} + F \\log_F N\\right)
+            \\ \\text{bytes (see :func:`tree_layout`)}.
 
         Args:
             size: number of leaves N (int >= 1).
             fanout: children per node F (int in [2, 256]).
+            root_width: largest root level (int >= 1).
 
         Returns:
             int, bytes.
         """
-        size = check_int(size, "size", f"{_OWNER}.memory_estimate", minimum=1)
-        fanout = check_int(fanout, "fanout", f"{_OWNER}.memory_estimate", minimum=2, maximum=_MAX_FANOUT)
-        effective = max(2, min(fanout, size))  # type: ignore[type-var]
-        return 8 * sum(tree_layout(size, effective))  # type: ignore[arg-type]
+        owner = f"{_OWNER}.memory_estimate"
+        size = check_int(size, "size", owner, minimum=1)  # type: ignore[assignment]
+        fanout = check_int(fanout, "fanout", owner, minimum=2, maximum=_MAX_FANOUT)  # type: ignore[assignment]
+        root_width = check_int(root_width, "root_width", owner, minimum=1)  # type: ignore[assignment]
+        return 8 * sum(tree_layout(size, fanout, root_width))
 
     # ------------------------------------------------------------------ reading
 
@@ -386,21 +416,21 @@ class SumTree:
             TypeError: ``indices`` is not integer.
             IndexError: an index is outside [0, size).
         """
-        idx = self._check_indices(indices, "get")
-        return self._levels[0].take(idx)
+        return self._levels[0].take(self._check_indices(indices, "get"))
 
     def find(self, targets: Any) -> np.ndarray:
         """Prefix-sum search: the index ``i`` with ``prefix(i) <= t < prefix(i + 1)`` per target.
 
         .. math::
 
-            \\mathrm{prefix}(i) = \\sum_{j < i} v_j .
+            \\mathrm{prefix}(i) = \\sum_{j < i} v_j
 
-        A target equal to :attr:`total` gives the last positive leaf. Zero-valued leaves
-        have empty intervals and are never returned.
+        (float64 prefix sums, exact up to rounding). A target equal to :attr:`total` gives
+        the last positive leaf. Zero-valued leaves have empty intervals and are never
+        returned.
 
         Args:
-            targets: real array-like of shape (b,) (or any shape, flattened), in [0, total].
+            targets: real array-like, flattened to shape (b,), values in [0, total].
 
         Returns:
             int64 array of shape (b,), indices in [0, size).
@@ -417,7 +447,7 @@ class SumTree:
                     f"(no NaN). Got values in [{lo!r}, {hi!r}]."
                 )
         self._require_positive_total("find")
-        return descend(self._rows, t)
+        return descend(self._levels, self._fanout, t)
 
     def sample(self, count: int, rng: np.random.Generator, replacement: bool = True) -> np.ndarray:
         """Draw ``count`` indices with probability proportional to value.
@@ -433,17 +463,17 @@ class SumTree:
             P(i_1, \\dots, i_k) = \\prod_{j=1}^{k}
                 \\frac{v_{i_j}}{V - \\sum_{m < j} v_{i_m}}, \\qquad V = \\sum_i v_i ,
 
-        and the inclusion probability :math:`\\pi_i = P(i \\in \\{i_1..i_k\\})` is the sum of
-        these over the ordered outcomes holding ``i``; it has no closed form, satisfies
-        :math:`\\pi_i \\le \\min(1, k p_i)` and :math:`\\sum_i \\pi_i = k`, and is *not*
-        proportional to :math:`v_i` for k > 1 (large values are under-represented relative
-        to :math:`k p_i`), so ``1 / (N p_i)`` weights are not exactly unbiased for it. This
-        is the scheme of ``numpy.random.Generator.choice(replace=False, p=...)``.
+        and the inclusion probability :math:`\\pi_i = P(i \\in \\{i_1, \\dots, i_k\\})` is the
+        sum of these over the ordered outcomes holding ``i``. It has no closed form; it
+        satisfies :math:`\\sum_i \\pi_i = k` and :math:`p_i \\le \\pi_i \\le \\min(1, k p_i)`, and
+        for k > 1 it is not proportional to :math:`v_i` (large values are included less
+        often than :math:`k p_i`), so ``1 / (N p_i)`` weights are not exactly unbiased for
+        it. This is the scheme of ``numpy.random.Generator.choice(replace=False, p=...)``.
 
-        It is computed in rounds: draw the missing number of indices i.i.d. from the tree,
-        keep the new distinct ones in order of first appearance (for i.i.d. draws that is
-        exactly successive sampling), set their leaves to zero, repeat until ``count`` are
-        kept, then restore the leaves. The tree is left bit-for-bit unchanged.
+        It runs in rounds: draw the missing number of indices i.i.d. from the tree, keep the
+        new distinct ones in order of first appearance (for i.i.d. draws this is exactly
+        successive sampling), set their leaves to zero, repeat until ``count`` are kept,
+        then restore the leaves. The tree is left bit-for-bit unchanged.
 
         Args:
             count: number of indices (int >= 0).
@@ -452,23 +482,25 @@ class SumTree:
 
         Returns:
             int64 array of shape (count,), indices in [0, size) with positive values;
-            distinct when ``replacement=False``, in the order drawn.
+            distinct, in the order drawn, when ``replacement=False``.
 
         Raises:
-            TypeError: ``rng`` is not a ``numpy.random.Generator``, or ``count`` not an int.
+            TypeError: ``rng`` is not a ``numpy.random.Generator``, ``count`` not an int, or
+                ``replacement`` not a bool.
             ValueError: the total is 0 (and ``count`` > 0), or ``replacement=False`` and
                 fewer than ``count`` values are positive.
         """
-        count = check_int(count, "count", f"{_OWNER}.sample", minimum=0)  # type: ignore[assignment]
+        owner = f"{_OWNER}.sample"
+        count = check_int(count, "count", owner, minimum=0)  # type: ignore[assignment]
         if not isinstance(rng, np.random.Generator):
-            raise param_error("rng", f"{_OWNER}.sample", "a numpy.random.Generator", rng, TypeError)
+            raise param_error("rng", owner, "a numpy.random.Generator", rng, TypeError)
         if not isinstance(replacement, (bool, np.bool_)):
-            raise param_error("replacement", f"{_OWNER}.sample", "a bool", replacement, TypeError)
+            raise param_error("replacement", owner, "a bool", replacement, TypeError)
         if count == 0:
             return np.zeros(0, dtype=np.int64)
         self._require_positive_total("sample")
         if replacement:
-            return descend(self._rows, rng.random(count) * self._total)
+            return descend(self._levels, self._fanout, rng.random(count) * self._total)
         return self._sample_distinct(count, rng)
 
     def _sample_distinct(self, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -483,30 +515,28 @@ class SumTree:
                         f"SumTree.sample(replacement=False) needs at least count={count} positive "
                         f"values; only {have} are positive."
                     )
-                draws = descend(self._rows, rng.random(count - have) * self._total)
+                draws = descend(self._levels, self._fanout, rng.random(count - have) * self._total)
                 uniq, first = np.unique(draws, return_index=True)
-                new = uniq[np.argsort(first, kind="stable")]  # first-appearance order
+                new = uniq[np.argsort(first, kind="stable")]  # order of first appearance
                 chosen.append(new)
                 saved.append(leaves[new])
                 have += new.shape[0]
                 leaves[new] = 0.0
-                propagate(self._rows, new)
-                self._total = _top_total(self._rows)
+                self._propagate(new)
         finally:
             if chosen:
                 drawn = np.concatenate(chosen)
                 leaves[drawn] = np.concatenate(saved)
-                propagate(self._rows, drawn)
-                self._total = _top_total(self._rows)
+                self._propagate(drawn)
         return drawn
 
     # ------------------------------------------------------------------ writing
 
     def set(self, indices: Any, values: Any) -> None:
-        """Set leaves ``indices`` to ``values`` and update the sums in O(u log N).
+        """Set leaves ``indices`` to ``values`` and update the sums in O(u F log_F N).
 
         Repeated indices in one call: the last write wins (the value at the last position
-        of ``indices`` where the index occurs), whatever NumPy's scatter order.
+        where the index occurs), independent of NumPy's scatter order.
 
         Args:
             indices: integer array-like of shape (u,), entries in [0, size).
@@ -515,7 +545,7 @@ class SumTree:
         Raises:
             TypeError: ``indices`` is not integer.
             IndexError: an index is outside [0, size).
-            ValueError: shapes differ, or a value is negative, NaN or infinite.
+            ValueError: the lengths differ, or a value is negative, NaN or infinite.
         """
         idx = self._check_indices(indices, "set").ravel()
         val = np.asarray(values, dtype=np.float64)
@@ -532,25 +562,25 @@ class SumTree:
         self._check_values(val, "values", "set")
         leaves = self._levels[0]
         leaves[idx] = val
-        if not np.array_equal(leaves.take(idx), val):
-            # Repeated indices with different values: NumPy does not promise an order for
-            # repeated fancy assignment, so write the last occurrence of each index explicitly.
+        if not (leaves.take(idx) == val).all():
+            # Repeated indices with different values: NumPy promises no order for repeated
+            # fancy assignment, so write the last occurrence of each index explicitly.
             uniq, last_rev = np.unique(idx[::-1], return_index=True)
             leaves[uniq] = val[::-1][last_rev]
-        propagate(self._rows, idx)
-        self._total = _top_total(self._rows)
+        self._propagate(idx)
         self._writes += idx.shape[0]
         if self._writes >= self._rebuild_every:
             self.rebuild()
 
     def fill(self, values: Any) -> None:
-        """Replace all N leaves and rebuild the sums in O(N) (no temporary copy of the table).
+        """Replace all N leaves and rebuild the sums in O(N), without a temporary copy of the table.
 
         Args:
             values: real array-like of shape (N,), finite and >= 0 (any real dtype).
 
         Raises:
-            ValueError: wrong length, or a value is negative, NaN or infinite.
+            TypeError: ``values`` is not real.
+            ValueError: wrong shape, or a value is negative, NaN or infinite.
         """
         arr = np.asarray(values)
         if arr.ndim != 1 or arr.shape[0] != self._size:
@@ -568,8 +598,8 @@ class SumTree:
 
     def rebuild(self) -> None:
         """Recompute every internal sum from the leaves, O(N)."""
-        _rebuild(self._rows)
-        self._total = _top_total(self._rows)
+        _rebuild(self._levels, self._fanout)
+        self._total = _total(self._levels)
         self._writes = 0
 
     # ------------------------------------------------------------------ state
@@ -589,9 +619,9 @@ class SumTree:
             KeyError: a key is missing.
             ValueError: the saved size differs from this tree's, or the values are invalid.
         """
-        missing = [k for k in (self.STATE_SIZE, self.STATE_VALUES) if k not in state]
+        missing = [key for key in (self.STATE_SIZE, self.STATE_VALUES) if key not in state]
         if missing:
-            raise KeyError(f"SumTree.load_state_dict: state is missing keys {missing}.")
+            raise KeyError(f"SumTree.load_state_dict: the state is missing the keys {missing}.")
         saved = int(state[self.STATE_SIZE])
         if saved != self._size:
             raise ValueError(
@@ -601,16 +631,19 @@ class SumTree:
         self.fill(np.asarray(state[self.STATE_VALUES]))
 
     def __getstate__(self) -> dict[str, Any]:
-        # The level arrays are views of one buffer; pickle the leaves only and rebuild.
+        # The level arrays are views of one buffer: pickle the leaves only and rebuild.
         return {
             "size": self._size,
-            "fanout": self._requested_fanout,
+            "fanout": self._fanout,
             "rebuild_every": self._rebuild_every_arg,
+            "root_width": self._root_width,
             "values": self.values().copy(),
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["size"], state["fanout"], state["rebuild_every"])  # type: ignore[misc]
+        self.__init__(  # type: ignore[misc]
+            state["size"], state["fanout"], state["rebuild_every"], root_width=state["root_width"]
+        )
         self.fill(state["values"])
 
     def __repr__(self) -> str:
@@ -618,36 +651,48 @@ class SumTree:
 
     # ------------------------------------------------------------------ helpers
 
+    def _propagate(self, idx: np.ndarray) -> None:
+        propagate(self._levels, self._fanout, idx)
+        self._total = _total(self._levels)
+
     def _check_indices(self, indices: Any, method: str) -> np.ndarray:
         idx = np.asarray(indices)
-        if idx.dtype == np.bool_ or not np.issubdtype(idx.dtype, np.integer):
-            if idx.size == 0:
-                return np.zeros(idx.shape, dtype=np.int64)
-            raise param_error("indices", f"{_OWNER}.{method}", "an integer array", idx.dtype, TypeError)
-        idx = idx.astype(np.int64, copy=False)
-        if idx.size:
-            lo, hi = int(idx.min()), int(idx.max())
-            if lo < 0 or hi >= self._size:
-                bad = lo if lo < 0 else hi
+        if idx.dtype != np.int64:
+            if idx.dtype == np.bool_ or not np.issubdtype(idx.dtype, np.integer):
+                if idx.size == 0:
+                    return np.zeros(idx.shape, dtype=np.int64)
+                raise param_error("indices", f"{_OWNER}.{method}", "an integer array", idx.dtype, TypeError)
+            if idx.dtype == np.uint64 and idx.size and idx.max() > np.iinfo(np.int64).max:
                 raise IndexError(
                     f"The 'indices' parameter of {_OWNER}.{method} must lie in [0, {self._size}). "
-                    f"Got index {bad}."
+                    f"Got index {int(idx.max())}."
                 )
+            idx = idx.astype(np.int64)
+        # One pass: as unsigned, a negative index is huge, so max < size checks both ends.
+        if idx.size and not idx.view(np.uint64).max() < self._size:
+            lo = int(idx.min())
+            raise IndexError(
+                f"The 'indices' parameter of {_OWNER}.{method} must lie in [0, {self._size}). "
+                f"Got index {lo if lo < 0 else int(idx.max())}."
+            )
         return idx
 
     @staticmethod
     def _check_values(val: np.ndarray, name: str, method: str) -> None:
         if val.size == 0:
             return
-        lo, hi = val.min(), val.max()  # NaN propagates through min and max
-        if math.isnan(lo) or math.isnan(hi):
-            raise ValueError(f"The '{name}' parameter of {_OWNER}.{method} must not contain NaN.")
+        # Fast path: min >= 0 (False for NaN) and a finite sum (no inf) in two passes.
+        if val.min() >= 0 and math.isfinite(float(val.sum(dtype=np.float64))):
+            return
+        where = f"The '{name}' parameter of {_OWNER}.{method}"
+        if np.isnan(val).any():
+            raise ValueError(f"{where} must not contain NaN.")
+        lo, hi = val.min(), val.max()
         if lo < 0:
-            raise ValueError(
-                f"The '{name}' parameter of {_OWNER}.{method} must be >= 0. Got a negative value {lo!r}."
-            )
+            raise ValueError(f"{where} must be >= 0. Got a negative value {lo!r}.")
         if not math.isfinite(hi):
-            raise ValueError(f"The '{name}' parameter of {_OWNER}.{method} must be finite. Got {hi!r}.")
+            raise ValueError(f"{where} must be finite. Got {hi!r}.")
+        raise ValueError(f"{where} must have a finite float64 sum; it overflows.")
 
     def _require_positive_total(self, method: str) -> None:
         if not self._total > 0:

@@ -14,6 +14,7 @@ gradient.
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -104,8 +105,11 @@ class PoolLoader:
             until the EMA of tau exceeds ``tau_threshold``.
         tau_threshold: default ``(B + 3b) / (3b)``.
         tau_momentum: EMA momentum of tau (0.9).
-        switch: an object with ``observe(tau) -> bool``, ``state_dict``,
-            ``load_state_dict`` and ``describe`` replacing the tau switch.
+        switch: an object with ``observe(tau, timing) -> bool``, ``state_dict``,
+            ``load_state_dict`` and ``describe`` replacing the tau switch. ``timing`` is a
+            dict with ``score_seconds`` (scoring this pool), ``step_seconds`` (wall time the
+            training loop spent between the previous batch and this request, None at
+            the first step), ``pool_size`` and ``batch_size``.
         scoring_batch_size: score the pool in chunks of this size (default: the whole pool).
         num_batches: batches per epoch (default ceil(N / b), floor with drop_last).
         drop_last: see ``num_batches``.
@@ -199,6 +203,8 @@ class PoolLoader:
         self.position = 0
         self.steps = 0
         self.tau_history: list[dict[str, Any]] = []
+        self._yielded_at: float | None = None
+        self._last_step_seconds: float | None = None
         self._stream = _PoolStream(self.num_samples, self.num_batches * self.pool_size, self.seed)
         self._loader = DataLoader(
             _IndexedDataset(dataset),
@@ -233,13 +239,18 @@ class PoolLoader:
         self._stream.epoch = self.epoch
         self._stream.start = self.position * self.pool_size
         epoch = self.epoch
+        self._yielded_at = None
         for indices, data in self._loader:
+            now = time.perf_counter()
+            # time the loop spent on the previous batch (training step + loading wait)
+            self._last_step_seconds = None if self._yielded_at is None else now - self._yielded_at
             batch = self._select(indices, data, epoch, self.position)
             self.position += 1
             self.steps += 1
             if self.position >= self.num_batches:  # epoch complete: the next iteration is a new epoch
                 self.epoch += 1
                 self.position = 0
+            self._yielded_at = time.perf_counter()
             yield batch
 
     # ------------------------------------------------------------------ one step
@@ -247,15 +258,25 @@ class PoolLoader:
         device = model_device(self.model)
         data = move_to(data, device, non_blocking=True)
         inputs, targets = split_batch(data)
-        scores = self._score(inputs, targets).to(torch.float64).cpu()
+        started = time.perf_counter()
+        scores = self._score(inputs, targets).to(torch.float64).cpu()  # .cpu() synchronises the device
+        score_seconds = time.perf_counter() - started
         m = scores.shape[0]
         b = min(self.batch_size, m)
         finite = bool(torch.isfinite(scores).all())
         if finite and bool((scores < 0).any()):
             raise ValueError(f"The scorer of PoolLoader returned negative scores (min {float(scores.min()):.4g}).")
         tau_value = pool_tau(scores) if finite and float(scores.sum()) > 0 else float("nan")
-        on = self.switch.observe(tau_value)
-        self.tau_history.append({"step": self.steps, "tau": tau_value, "ema": getattr(self.switch, "ema", None), "on": on})
+        timing = {
+            "score_seconds": score_seconds,
+            "step_seconds": self._last_step_seconds,
+            "pool_size": m,
+            "batch_size": b,
+        }
+        on = self.switch.observe(tau_value, timing)
+        self.tau_history.append(
+            {"step": self.steps, "tau": tau_value, "ema": getattr(self.switch, "ema", None), "on": on, **timing}
+        )
         g = step_generator(self.seed, epoch, step)
         if not finite:
             warnings.warn(

@@ -49,9 +49,13 @@ def check_layers_arg(layers: Any, owner: str) -> list[nn.Module | str] | None:
     if isinstance(layers, (str, nn.Linear)):
         return [layers]
     if isinstance(layers, nn.Module) or not isinstance(layers, (list, tuple)):
-        raise param_error("layers", owner, "None or a list of nn.Linear modules or module names", layers, TypeError)
+        raise param_error(
+            "layers", owner, "None or a list of nn.Linear modules or module names", layers, TypeError
+        )
     if not layers:
-        raise param_error("layers", owner, "None or a non-empty list of nn.Linear modules or module names", layers)
+        raise param_error(
+            "layers", owner, "None or a non-empty list of nn.Linear modules or module names", layers
+        )
     for layer in layers:
         if not isinstance(layer, (str, nn.Module)):
             raise param_error(
@@ -112,8 +116,9 @@ def resolve_layers(model: nn.Module, layers: list[nn.Module | str] | None, owner
         chosen = [m for m in names if isinstance(m, nn.Linear) and m not in skip]
         if not chosen:
             raise ValueError(
-                f"{owner} computes gradient norms of nn.Linear layers, but the {type(model).__name__} model has "
-                "no nn.Linear layer. Use GradNormScorer (per-example autograd) or UpperBoundScorer instead."
+                f"{owner} computes gradient norms of nn.Linear layers, but the {type(model).__name__} model "
+                "has no nn.Linear layer. Use GradNormScorer (per-example autograd) or UpperBoundScorer "
+                "instead."
             )
     else:
         chosen = []
@@ -152,14 +157,16 @@ def resolve_layers(model: nn.Module, layers: list[nn.Module | str] | None, owner
         for p in info.params:
             if p in seen:
                 raise ValueError(
-                    f"{owner}: layers {seen[p]!r} and {info.name!r} share a parameter; the per-example norm of "
-                    "shared (tied) weights is not supported. Select only one of them."
+                    f"{owner}: layers {seen[p]!r} and {info.name!r} share a parameter; the per-example "
+                    "norm of shared (tied) weights is not supported. Select only one of them."
                 )
             seen[p] = info.name
         if info.params:
             infos.append(info)
     if not infos:
-        raise ValueError(f"{owner}: none of the selected nn.Linear layers has a parameter with requires_grad=True.")
+        raise ValueError(
+            f"{owner}: none of the selected nn.Linear layers has a parameter with requires_grad=True."
+        )
     return infos
 
 
@@ -194,8 +201,8 @@ def check_managed(optimizer: torch.optim.Optimizer | None, infos: list[LayerInfo
         for p in info.params:
             if p not in managed:
                 raise ValueError(
-                    f"The 'optimizer' parameter of {owner} does not manage the parameters of layer {info.name!r}; "
-                    "pass the optimizer that trains the model (or select layers it manages)."
+                    f"The 'optimizer' parameter of {owner} does not manage the parameters of layer "
+                    f"{info.name!r}; pass the optimizer that trains the model (or select layers it manages)."
                 )
 
 
@@ -230,7 +237,9 @@ class LinearCapture:
         self._active = True
         try:
             for slot, info in enumerate(self.infos):
-                self._handles.append(info.module.register_forward_hook(self._forward_hook(slot), with_kwargs=True))
+                self._handles.append(
+                    info.module.register_forward_hook(self._forward_hook(slot), with_kwargs=True)
+                )
         except BaseException:
             self.stop()
             raise
@@ -268,7 +277,7 @@ class LinearCapture:
         modified tensor is not ``delta``.
         """
         targets: dict[int, torch.Tensor] = {}
-        for info, calls in zip(self.infos, self.calls):
+        for info, calls in zip(self.infos, self.calls, strict=True):
             for call in calls:
                 if call.output is not None and call.output._version == call.version:
                     targets[id(call.output)] = call.output
@@ -296,7 +305,7 @@ class LinearCapture:
         """
         total = None
         uncalled = []
-        for slot, (info, calls) in enumerate(zip(self.infos, self.calls)):
+        for slot, (info, calls) in enumerate(zip(self.infos, self.calls, strict=True)):
             if not calls:
                 uncalled.append(info.name)
                 continue
@@ -304,9 +313,9 @@ class LinearCapture:
             for call in calls:
                 if call.h.dim() < 2 or call.h.shape[0] != rows:
                     raise ValueError(
-                        f"{owner}: layer {info.name!r} received an input of shape {tuple(call.h.shape)} for a batch "
-                        f"of {rows} examples; per-example norms need batch-first inputs of shape ({rows}, ..., "
-                        f"{info.module.in_features})."
+                        f"{owner}: layer {info.name!r} received an input of shape {tuple(call.h.shape)} "
+                        f"for a batch of {rows} examples; per-example norms need batch-first inputs of "
+                        f"shape ({rows}, ..., {info.module.in_features})."
                     )
                 delta = call.delta
                 if delta is None:
@@ -330,8 +339,8 @@ class LinearCapture:
 
 def warn_uncalled(owner: str, names: list[str], stacklevel: int) -> None:
     warnings.warn(
-        f"{owner}: selected layer(s) {', '.join(repr(n) for n in names)} did not run their forward in this pass; "
-        "their parameters count as zero. Weights used outside the module's own forward (for example "
+        f"{owner}: selected layer(s) {', '.join(repr(n) for n in names)} did not run their forward in this "
+        "pass; their parameters count as zero. Weights used outside the module's own forward (for example "
         "nn.MultiheadAttention.out_proj) are not seen. This warning is shown once.",
         UserWarning,
         stacklevel=stacklevel,
@@ -341,7 +350,8 @@ def warn_uncalled(owner: str, names: list[str], stacklevel: int) -> None:
 def warn_no_state(owner: str, optimizer: torch.optim.Optimizer, stacklevel: int) -> None:
     warnings.warn(
         f"{owner}: the {type(optimizer).__name__} optimizer has no state yet (no step taken), so its "
-        "preconditioner is undefined; using the plain gradient norm until it has. This warning is shown once.",
+        "preconditioner is undefined; using the plain gradient norm until it has. This warning is shown "
+        "once.",
         UserWarning,
         stacklevel=stacklevel,
     )
@@ -487,8 +497,8 @@ class GradNormRecorder:
                 )
             if self._weights is not None and self._weights.shape[0] != rows:
                 raise ValueError(
-                    f"The 'weights' parameter of {owner} has {self._weights.shape[0]} entries but the recorded "
-                    f"batch has {rows} rows."
+                    f"The 'weights' parameter of {owner} has {self._weights.shape[0]} entries but the "
+                    f"recorded batch has {rows} rows."
                 )
             sq, uncalled = capture.squared_norms(rows, self._scales, owner, self.max_elements)
             if uncalled and not self._warned_uncalled:
@@ -501,7 +511,9 @@ class GradNormRecorder:
         return self._norms
 
     @contextlib.contextmanager
-    def record(self, weights: torch.Tensor | None = None, reduction: str = "mean") -> Iterator[GradNormRecorder]:
+    def record(
+        self, weights: torch.Tensor | None = None, reduction: str = "mean"
+    ) -> Iterator[GradNormRecorder]:
         """Context manager around one training step's forward and backward.
 
         Args:
@@ -553,7 +565,9 @@ class GradNormRecorder:
         return f"{type(self).__name__}(layers={names}, optimizer={optimizer})"
 
 
-def _unweighted_norms(sq: torch.Tensor, weights: torch.Tensor | None, reduction: str, rows: int) -> torch.Tensor:
+def _unweighted_norms(
+    sq: torch.Tensor, weights: torch.Tensor | None, reduction: str, rows: int
+) -> torch.Tensor:
     """``sqrt(sq) / |factor|`` with ``factor = w_i / b`` (mean) or ``w_i`` (sum); NaN where it is 0."""
     norms = sq.clamp_min(0).sqrt()
     if weights is None:

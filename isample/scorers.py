@@ -13,8 +13,10 @@ dimensions (so ``nn.MSELoss(reduction="none")`` gives the per-example mean squar
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -37,6 +39,9 @@ __all__ = [
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
+#: Reduced-precision dtypes accepted for ``autocast_dtype``.
+AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
+
 
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (or buffer); CPU for a stateless model."""
@@ -49,14 +54,41 @@ def model_device(model: nn.Module) -> torch.device:
 
 @contextlib.contextmanager
 def scoring_mode(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode for the block and restore every submodule's mode after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    """Put ``model`` in eval mode for the block and restore every submodule's mode after.
+
+    Cheap when it can be: a model already in eval mode is left alone, and modules whose
+    class does not override ``nn.Module.train`` are switched by setting the flag directly
+    (what ``model.eval()`` would do, without its recursive call overhead). A module that
+    overrides ``train`` makes it fall back to ``model.eval()``.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    if not any(mode for _, mode in modes):
+        yield
+        return
+    if all(type(module).train is _MODULE_TRAIN for module, _ in modes):
+        for module, mode in modes:
+            if mode:
+                _set_training(module, False)
+    else:
+        model.eval()
     try:
         yield
     finally:
         for module, mode in modes:
-            module.training = mode
+            if module.training != mode:
+                _set_training(module, mode)
+
+
+_MODULE_TRAIN = nn.Module.train
+_MODULE_SETATTR = nn.Module.__setattr__
+
+
+def _set_training(module: nn.Module, mode: bool) -> None:
+    # nn.Module.__setattr__ stores a plain bool exactly like object.__setattr__, only slower.
+    if type(module).__setattr__ is _MODULE_SETATTR:
+        object.__setattr__(module, "training", mode)
+    else:
+        module.training = mode
 
 
 def per_example_losses(loss_fn: LossFn, outputs: Any, targets: Any, owner: str = "the scorer") -> torch.Tensor:
@@ -101,11 +133,59 @@ def _check_reduction(loss_fn: LossFn, owner: str) -> None:
         )
 
 
+def _check_autocast(autocast: Any, autocast_dtype: Any, owner: str) -> tuple[bool | None, torch.dtype]:
+    if autocast is not None and not isinstance(autocast, bool):
+        raise param_error("autocast", owner, "True, False or None", autocast, TypeError)
+    if not isinstance(autocast_dtype, torch.dtype):
+        raise param_error("autocast_dtype", owner, "torch.bfloat16 or torch.float16", autocast_dtype, TypeError)
+    if autocast_dtype not in AUTOCAST_DTYPES:
+        raise param_error("autocast_dtype", owner, "torch.bfloat16 or torch.float16", autocast_dtype)
+    return autocast, autocast_dtype
+
+
+def _outputs_to_float32(data: Any) -> Any:
+    """Cast every reduced-precision floating tensor in (nested) outputs to float32."""
+    if isinstance(data, torch.Tensor):
+        return data.float() if data.is_floating_point() and data.dtype != torch.float32 and data.element_size() < 4 else data
+    if isinstance(data, Mapping):
+        return type(data)({k: _outputs_to_float32(v) for k, v in data.items()})  # type: ignore[call-arg]
+    if isinstance(data, tuple) and hasattr(data, "_fields"):
+        return type(data)(*(_outputs_to_float32(v) for v in data))
+    if isinstance(data, (list, tuple)):
+        return type(data)(_outputs_to_float32(v) for v in data)
+    return data
+
+
+def _warn_non_finite(scores: torch.Tensor, owner: str, stacklevel: int = 2) -> None:
+    """Warn (``RuntimeWarning``) when ``scores`` holds NaN or inf; the scores are left as they are.
+
+    One reduction and one device synchronisation when every score is finite (the sum is
+    finite); the exact count is computed only when the sum is not.
+    """
+    if scores.numel() == 0 or math.isfinite(float(scores.sum())):
+        return
+    bad = int((~torch.isfinite(scores)).sum())
+    if bad:
+        warnings.warn(
+            f"{owner} produced {bad} non-finite score(s); they are passed on as NaN and samplers skip them.",
+            RuntimeWarning,
+            stacklevel=stacklevel + 1,
+        )
+
+
 class Scorer:
     """Base class: holds ``loss_fn`` and runs the model in scoring mode on its device.
 
     Subclasses implement :meth:`score`, which receives inputs and targets already on the
-    model's device with the model in eval mode.
+    model's device with the model in eval mode, and may call :meth:`forward` for a
+    graph-free forward pass under the configured autocast.
+
+    Args:
+        loss_fn: ``(outputs, targets) -> losses`` of shape (b,) (``reduction="none"``).
+        autocast: run the scoring forward under ``torch.autocast`` with ``autocast_dtype``.
+            None (default) = on for a CUDA model, off otherwise. The loss and the scores are
+            always computed in float32 from the (possibly reduced-precision) outputs.
+        autocast_dtype: ``torch.bfloat16`` (default) or ``torch.float16``.
 
     Attributes:
         name: short name used in reports.
@@ -114,15 +194,26 @@ class Scorer:
 
     name = "scorer"
     extra_backward = False
+    #: what ``autocast=None`` resolves to on a CUDA model
+    autocast_default_cuda = True
 
-    def __init__(self, loss_fn: LossFn) -> None:
+    def __init__(
+        self, loss_fn: LossFn, *, autocast: bool | None = None, autocast_dtype: torch.dtype = torch.bfloat16
+    ) -> None:
+        owner = type(self).__name__
         if not callable(loss_fn):
-            raise param_error("loss_fn", type(self).__name__, "a callable (outputs, targets) -> losses", loss_fn, TypeError)
-        _check_reduction(loss_fn, type(self).__name__)
+            raise param_error("loss_fn", owner, "a callable (outputs, targets) -> losses", loss_fn, TypeError)
+        _check_reduction(loss_fn, owner)
         self.loss_fn = loss_fn
+        self.autocast, self.autocast_dtype = _check_autocast(autocast, autocast_dtype, owner)
 
     def __call__(self, model: nn.Module, inputs: Any, targets: Any) -> torch.Tensor:
-        """Return the scores of the batch: float32 Tensor of shape (b,), >= 0, no grad."""
+        """Return the scores of the batch: float32 Tensor of shape (b,), >= 0 (NaN passed on), no grad.
+
+        Inputs and targets are moved to the model's device (``non_blocking``, so pinned
+        CPU batches overlap with compute); non-finite scores raise a ``RuntimeWarning``
+        and are returned as they are (samplers skip them).
+        """
         if not isinstance(model, nn.Module):
             raise param_error("model", type(self).__name__, "a torch.nn.Module", model, TypeError)
         device = model_device(model)
@@ -130,22 +221,39 @@ class Scorer:
         targets = move_to(targets, device, non_blocking=True)
         with scoring_mode(model):
             scores = self.score(model, inputs, targets)
-        scores = scores.detach().to(torch.float32)
-        bad = ~torch.isfinite(scores)
-        if bool(bad.any()):
-            warnings.warn(
-                f"{type(self).__name__} produced {int(bad.sum())} non-finite score(s); they are passed on as NaN "
-                "and samplers skip them.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        scores = scores.detach()
+        if scores.dtype != torch.float32:
+            scores = scores.to(torch.float32)
+        if scores.is_inference():  # a normal tensor: callers may modify it in place
+            scores = scores.clone()
+        _warn_non_finite(scores, type(self).__name__, stacklevel=2)
         return scores
 
     def score(self, model: nn.Module, inputs: Any, targets: Any) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def autocast_enabled(self, device: torch.device) -> bool:
+        """Whether the scoring forward runs under autocast on ``device``."""
+        if self.autocast is None:
+            return device.type == "cuda" and self.autocast_default_cuda
+        return self.autocast
+
+    def autocast_context(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """``torch.autocast(device.type, autocast_dtype)`` when enabled, else a null context."""
+        if not self.autocast_enabled(device):
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast_dtype)
+
+    def forward(self, model: nn.Module, inputs: Any) -> Any:
+        """``model(inputs)`` in inference mode (no graph, no version counters), under autocast
+        when enabled; reduced-precision floating outputs are returned as float32."""
+        with torch.inference_mode(), self.autocast_context(model_device(model)):
+            outputs = model(inputs)
+        return _outputs_to_float32(outputs)
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.loss_fn!r})"
+        extra = "" if self.autocast is None else f", autocast={self.autocast}"
+        return f"{type(self).__name__}({self.loss_fn!r}{extra})"
 
 
 class LossScorer(Scorer):
@@ -153,6 +261,7 @@ class LossScorer(Scorer):
 
     Args:
         loss_fn: ``(outputs, targets) -> losses`` of shape (b,) (``reduction="none"``).
+        autocast, autocast_dtype: see :class:`Scorer` (default: bf16 forward on CUDA).
 
     Raises ``ValueError`` when a loss is negative (scores must be >= 0).
 
@@ -164,9 +273,11 @@ class LossScorer(Scorer):
     name = "loss"
 
     def score(self, model: nn.Module, inputs: Any, targets: Any) -> torch.Tensor:
+        outputs = self.forward(model, inputs)
         with torch.inference_mode():
-            losses = per_example_losses(self.loss_fn, model(inputs), targets, type(self).__name__)
-        if bool((losses < 0).any()):
+            losses = per_example_losses(self.loss_fn, outputs, targets, type(self).__name__)
+            negative = bool((losses < 0).any())
+        if negative:
             raise ValueError(
                 "LossScorer got negative per-example losses; importance scores must be >= 0. "
                 "Shift the loss or use UpperBoundScorer."
@@ -177,7 +288,7 @@ class LossScorer(Scorer):
 def upper_bound_closed_form(loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
     """The Katharopoulos-Fleuret bound ``||d l_i / d z_i||_2`` in closed form, or ``None``.
 
-    Known forms (z = outputs, float32 result of shape (b,)):
+    Known forms (z = outputs, computed in float32 whatever the dtype of z; result of shape (b,)):
 
     * ``nn.CrossEntropyLoss`` (no class weights), class-index targets, label smoothing e:
       ``|| softmax(z) - q ||`` with ``q = (1 - e) onehot(y) + e / C``; rows equal to
@@ -186,25 +297,45 @@ def upper_bound_closed_form(loss_fn: LossFn, outputs: torch.Tensor, targets: tor
       ``|| softmax(z) * sum(t') - t' ||``, ``t' = (1 - e) t + e / C``.
     * ``nn.MSELoss``: per-example mean over D output values, ``2 || z - y || / D``.
 
+    .. math::
+
+        s_i = \\| \\mathrm{softmax}(z_i) - (1 - \\epsilon) e_{y_i} - \\epsilon / C \\|_2
+
     Returns ``None`` for any other loss (the caller falls back to autograd).
+
+    Raises:
+        ValueError: targets of the wrong shape, or class indices outside ``[0, C)``
+            (checked before indexing: on CUDA an out-of-range index would be a device assert).
     """
     if isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.weight is None and outputs.dim() == 2:
         eps = float(loss_fn.label_smoothing)
         num_classes = outputs.shape[1]
-        probs = torch.softmax(outputs.float(), dim=1)
+        probs = torch.softmax(outputs.float(), dim=1)  # a fresh tensor: modified in place below
         if targets.dim() == 1 and not targets.is_floating_point():
-            valid = targets != loss_fn.ignore_index
-            safe = torch.where(valid, targets, torch.zeros_like(targets))
-            if bool(((safe < 0) | (safe >= num_classes)).any()):
+            if targets.shape[0] != outputs.shape[0]:
                 raise ValueError(
-                    f"Class-index targets must lie in [0, {num_classes}); got min {int(safe.min())}, max {int(safe.max())}."
+                    f"CrossEntropyLoss targets of shape {tuple(targets.shape)} do not match outputs of shape "
+                    f"{tuple(outputs.shape)}: expected class indices of shape ({outputs.shape[0]},)."
                 )
-            q = torch.full_like(probs, eps / num_classes)
-            q.scatter_add_(1, safe.unsqueeze(1), torch.full_like(probs[:, :1], 1.0 - eps))
-            return (probs - q).norm(dim=1) * valid.to(probs.dtype)
+            if targets.shape[0] == 0:
+                return probs.new_zeros(0)
+            ignore = int(loss_fn.ignore_index)
+            lo, hi = (int(v) for v in torch.aminmax(targets))
+            valid = None
+            if lo <= ignore <= hi:  # some rows may be ignored: mask them
+                valid = targets != ignore
+                targets = torch.where(valid, targets, torch.zeros_like(targets))
+                lo, hi = (int(v) for v in torch.aminmax(targets))
+            if lo < 0 or hi >= num_classes:
+                raise ValueError(f"Class-index targets must lie in [0, {num_classes}); got min {lo}, max {hi}.")
+            if eps:
+                probs.sub_(eps / num_classes)
+            diff = probs.scatter_(1, targets.unsqueeze(1), -(1.0 - eps), reduce="add")
+            norms = torch.linalg.vector_norm(diff, dim=1)
+            return norms if valid is None else norms * valid.to(norms.dtype)
         if targets.shape == outputs.shape and targets.is_floating_point():
             t = (1.0 - eps) * targets.float() + eps / num_classes
-            return (probs * t.sum(1, keepdim=True) - t).norm(dim=1)
+            return torch.linalg.vector_norm(probs * t.sum(1, keepdim=True) - t, dim=1)
         raise ValueError(
             f"CrossEntropyLoss targets of shape {tuple(targets.shape)} do not match outputs of shape "
             f"{tuple(outputs.shape)}: expected class indices of shape ({outputs.shape[0]},) or probabilities "
@@ -217,7 +348,7 @@ def upper_bound_closed_form(loss_fn: LossFn, outputs: torch.Tensor, targets: tor
                 f"{tuple(outputs.shape)}."
             )
         diff = (outputs.float() - targets.float()).flatten(1)
-        return 2.0 * diff.norm(dim=1) / diff.shape[1]
+        return 2.0 * torch.linalg.vector_norm(diff, dim=1) / diff.shape[1]
     return None
 
 
@@ -236,11 +367,13 @@ class UpperBoundScorer(Scorer):
 
     Closed forms exist for cross-entropy and MSE (see :func:`upper_bound_closed_form`);
     any other per-example loss uses one batched backward pass that stops at the outputs
-    (the model's forward runs without a graph).
+    (the model's forward runs without a graph). The forward runs in inference mode, under
+    autocast when enabled; the bound is computed in float32 from the outputs.
 
     Args:
         loss_fn: ``(outputs, targets) -> losses`` of shape (b,) (``reduction="none"``).
         closed_form: use the closed form when one is known (default True).
+        autocast, autocast_dtype: see :class:`Scorer` (default: bf16 forward on CUDA).
 
     References:
         Katharopoulos and Fleuret, "Not All Samples Are Created Equal: Deep Learning with
@@ -253,45 +386,66 @@ class UpperBoundScorer(Scorer):
 
     name = "upper_bound"
 
-    def __init__(self, loss_fn: LossFn, closed_form: bool = True) -> None:
-        super().__init__(loss_fn)
+    def __init__(
+        self,
+        loss_fn: LossFn,
+        closed_form: bool = True,
+        *,
+        autocast: bool | None = None,
+        autocast_dtype: torch.dtype = torch.bfloat16,
+    ) -> None:
+        super().__init__(loss_fn, autocast=autocast, autocast_dtype=autocast_dtype)
         self.closed_form = bool(closed_form)
-        self._warned_activation = False
+        self._checked_models: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
     def score(self, model: nn.Module, inputs: Any, targets: Any) -> torch.Tensor:
-        self._warn_fused_activation(model)
-        with torch.no_grad():
-            outputs = model(inputs)
+        if model not in self._checked_models:
+            self._checked_models.add(model)
+            _warn_fused_activation(model, stacklevel=3)
+        outputs = self.forward(model, inputs)
         if self.closed_form and isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor):
-            scores = upper_bound_closed_form(self.loss_fn, outputs, targets)
+            with torch.no_grad():
+                scores = upper_bound_closed_form(self.loss_fn, outputs, targets)
             if scores is not None:
                 return scores
         return output_gradient_norms(self.loss_fn, outputs, targets, type(self).__name__)
 
-    def _warn_fused_activation(self, model: nn.Module) -> None:
-        if self._warned_activation:
-            return
-        last = None
-        for module in model.modules():
-            if not list(module.children()):
-                last = module
-        if isinstance(last, (nn.Softmax, nn.LogSoftmax, nn.Sigmoid)):
-            self._warned_activation = True
-            warnings.warn(
-                f"The model ends with {type(last).__name__}: UpperBoundScorer differentiates the loss with respect "
-                "to the model output, which should be the last layer's pre-activation (logits).",
-                UserWarning,
-                stacklevel=3,
-            )
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_checked_models"] = None  # weak references do not pickle; re-checked after loading
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._checked_models = weakref.WeakSet()
+
+
+def _warn_fused_activation(model: nn.Module, stacklevel: int) -> None:
+    """Warn when the model's last leaf module is a probability map (the bound needs logits)."""
+    last = None
+    for module in model.modules():
+        if next(module.children(), None) is None:
+            last = module
+    if isinstance(last, (nn.Softmax, nn.LogSoftmax, nn.Sigmoid)):
+        warnings.warn(
+            f"The model ends with {type(last).__name__}: UpperBoundScorer differentiates the loss with respect "
+            "to the model output, which should be the last layer's pre-activation (logits).",
+            UserWarning,
+            stacklevel=stacklevel + 1,
+        )
 
 
 def output_gradient_norms(loss_fn: LossFn, outputs: torch.Tensor, targets: Any, owner: str) -> torch.Tensor:
-    """``|| d l_i / d outputs_i ||`` for every row, by one backward pass of the loss alone."""
-    with torch.enable_grad():
-        z = outputs.detach().clone().requires_grad_(True)
+    """``|| d l_i / d outputs_i ||`` for every row, by one backward pass of the loss alone (in float32).
+
+    Returns:
+        float32 Tensor of shape (b,).
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        z = outputs.detach().to(torch.float32, copy=True).requires_grad_(True)
         losses = per_example_losses(loss_fn, z, targets, owner)
         (grad,) = torch.autograd.grad(losses.sum(), z)
-    return grad.flatten(1).norm(dim=1)
+    return torch.linalg.vector_norm(grad.flatten(1), dim=1)
 
 
 class GradNormScorer(Scorer):
@@ -302,20 +456,31 @@ class GradNormScorer(Scorer):
         s_i = \\| \\nabla_\\theta \\ell(f_\\theta(x_i), y_i) \\|_2
 
     Computed with ``torch.func`` (``vmap`` of ``grad``) in chunks of ``chunk_size``
-    examples, so peak memory is about ``chunk_size x (number of parameters)`` floats.
-    This is the reference the metrics compare cheaper scores against; it costs roughly
-    one backward pass per example.
+    examples, so the extra peak memory is about ``chunk_size x (number of parameters)``
+    floats plus one chunk's activations, whatever the batch size. This is the reference
+    the metrics compare cheaper scores against; it costs roughly one backward pass per
+    example.
 
     Args:
         loss_fn: ``(outputs, targets) -> losses`` of shape (b,) (``reduction="none"``).
-        chunk_size: examples per vectorised chunk (default 32).
+        chunk_size: examples per vectorised chunk (int >= 1, default 32).
+        autocast, autocast_dtype: see :class:`Scorer`. Unlike the other scorers,
+            ``autocast=None`` means off on every device: this scorer is the exact reference.
     """
 
     name = "grad_norm"
     extra_backward = True
+    autocast_default_cuda = False
 
-    def __init__(self, loss_fn: LossFn, chunk_size: int = 32) -> None:
-        super().__init__(loss_fn)
+    def __init__(
+        self,
+        loss_fn: LossFn,
+        chunk_size: int = 32,
+        *,
+        autocast: bool | None = None,
+        autocast_dtype: torch.dtype = torch.bfloat16,
+    ) -> None:
+        super().__init__(loss_fn, autocast=autocast, autocast_dtype=autocast_dtype)
         self.chunk_size = check_int(chunk_size, "chunk_size", "GradNormScorer", minimum=1)
 
     def score(self, model: nn.Module, inputs: Any, targets: Any) -> torch.Tensor:
@@ -326,27 +491,45 @@ class GradNormScorer(Scorer):
             raise ValueError("GradNormScorer needs a model with at least one trainable parameter.")
         buffers = {k: v.detach() for k, v in model.named_buffers()}
         loss_fn = self.loss_fn
+        device = model_device(model)
 
         def one_loss(p: dict, x: Any, y: Any) -> torch.Tensor:
-            x1 = _unsqueeze(x)
-            y1 = _unsqueeze(y)
-            out = functional_call(model, (p, buffers), (x1,))
-            return per_example_losses(loss_fn, out, y1, "GradNormScorer").sum()
+            with self.autocast_context(device):
+                out = functional_call(model, (p, buffers), (_unsqueeze(x),))
+            out = _outputs_to_float32(out)
+            return per_example_losses(loss_fn, out, _unsqueeze(y), "GradNormScorer").sum()
 
         per_example = vmap(grad(one_loss), in_dims=(None, 0, 0 if targets is not None else None))
         b = _rows(inputs)
         norms = []
         for start in range(0, b, self.chunk_size):
-            rows = torch.arange(start, min(start + self.chunk_size, b), device=model_device(model))
-            from .batch import index_rows
-
-            x = index_rows(inputs, rows)
-            y = index_rows(targets, rows) if targets is not None else None
+            stop = min(start + self.chunk_size, b)
+            x = _slice_rows(inputs, start, stop)
+            y = _slice_rows(targets, start, stop) if targets is not None else None
             with torch.enable_grad():
                 grads = per_example(params, x, y)
-            sq = sum(g.flatten(1).pow(2).sum(1) for g in grads.values())
+            sq = None
+            for g in grads.values():
+                part = g.flatten(1).float().pow(2).sum(1)
+                sq = part if sq is None else sq + part
+            del grads
             norms.append(sq.sqrt())
         return torch.cat(norms)
+
+
+def _slice_rows(data: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` (dim 0) of every tensor in nested tuples, lists and dicts, as views."""
+    if isinstance(data, torch.Tensor):
+        return data[start:stop]
+    if isinstance(data, Mapping):
+        return type(data)({k: _slice_rows(v, start, stop) for k, v in data.items()})  # type: ignore[call-arg]
+    if isinstance(data, tuple) and hasattr(data, "_fields"):
+        return type(data)(*(_slice_rows(v, start, stop) for v in data))
+    if isinstance(data, (list, tuple)):
+        if len(data) and not isinstance(data[0], (torch.Tensor, Mapping, list, tuple)):
+            return type(data)(data[start:stop])
+        return type(data)(_slice_rows(v, start, stop) for v in data)
+    return data
 
 
 def _unsqueeze(data: Any) -> Any:
@@ -370,8 +553,13 @@ def score_dataset(
     progress: bool = False,
     num_workers: int = 0,
     collate_fn: Callable | None = None,
+    pin_memory: bool | None = None,
 ) -> torch.Tensor:
     """Score every example of ``dataset`` in large batches.
+
+    Batches are read by a DataLoader (with ``num_workers`` workers the next batches load
+    while the current one is scored) and copied to the model's device without blocking
+    from pinned memory. Scores stay on the device until the end (one transfer).
 
     Args:
         model: the model to score with (moved to ``device`` when one is given).
@@ -382,28 +570,33 @@ def score_dataset(
         progress: show a tqdm progress bar.
         num_workers: DataLoader workers for reading the dataset.
         collate_fn: optional collate function for the DataLoader.
+        pin_memory: pin the batches (default: when the model is on CUDA).
 
     Returns:
         float32 CPU Tensor of shape (N,), the score of example i at position i.
     """
     batch_size = check_int(batch_size, "batch_size", "score_dataset", minimum=1)
+    num_workers = check_int(num_workers, "num_workers", "score_dataset", minimum=0)
+    if not callable(scorer):
+        raise param_error("scorer", "score_dataset", "a callable scorer(model, inputs, targets)", scorer, TypeError)
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
         raise ValueError("score_dataset got an empty dataset (len 0); there is nothing to score.")
     if device is not None:
         model = model.to(device)
+    on_cuda = model_device(model).type == "cuda"
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
         collate_fn=collate_fn,
-        pin_memory=model_device(model).type == "cuda",
+        pin_memory=on_cuda if pin_memory is None else bool(pin_memory),
     )
     from tqdm.auto import tqdm
 
     out = []
     for batch in tqdm(loader, desc="scoring", disable=not progress, leave=False):
         inputs, targets = split_batch(batch)
-        out.append(scorer(model, inputs, targets).to("cpu", torch.float32))
-    return torch.cat(out)
+        out.append(scorer(model, inputs, targets).to(torch.float32))
+    return torch.cat(out).cpu()

@@ -51,8 +51,12 @@ class TauSwitch:
         self.on = self.always
         self.observations = 0
 
-    def observe(self, tau_value: float) -> bool:
-        """Feed the tau of the current pool; return whether importance sampling is on."""
+    def observe(self, tau_value: float, timing: dict[str, Any] | None = None) -> bool:
+        """Feed the tau of the current pool; return whether importance sampling is on.
+
+        ``timing`` (scoring and step seconds, see :class:`PoolLoader`) is ignored by this
+        rule, which assumes backward = 2 x forward.
+        """
         if tau_value != tau_value:  # NaN: keep the previous state
             return self.on
         self.ema = tau_value if self.ema is None else self.momentum * self.ema + (1 - self.momentum) * tau_value

@@ -132,7 +132,10 @@ def test_method_choice_follows_cost():
 def test_concat_calls_equals_sum_of_outer_products():
     gen = torch.Generator().manual_seed(3)
     pairs = [
-        (torch.randn(4, 3, generator=gen, dtype=torch.float64), torch.randn(4, 2, generator=gen, dtype=torch.float64)),
+        (
+            torch.randn(4, 3, generator=gen, dtype=torch.float64),
+            torch.randn(4, 2, generator=gen, dtype=torch.float64),
+        ),
         (
             torch.randn(4, 5, 3, generator=gen, dtype=torch.float64),
             torch.randn(4, 5, 2, generator=gen, dtype=torch.float64),
@@ -140,7 +143,9 @@ def test_concat_calls_equals_sum_of_outer_products():
     ]
     h, d = concat_calls(pairs)
     assert h.shape == (4, 6, 3) and d.shape == (4, 6, 2)
-    grads = torch.einsum("bo,bi->boi", pairs[0][1], pairs[0][0]) + torch.einsum("bto,bti->boi", pairs[1][1], pairs[1][0])
+    grads = torch.einsum("bo,bi->boi", pairs[0][1], pairs[0][0]) + torch.einsum(
+        "bto,bti->boi", pairs[1][1], pairs[1][0]
+    )
     assert_rel(linear_weight_sq_norms(h, d), grads.square().sum((1, 2)), 1e-12)
 
 
@@ -299,8 +304,13 @@ def test_layer_called_twice_counts_both_uses():
 def all_hooks(model):
     out = []
     for m in model.modules():
-        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-                     "_forward_hooks_with_kwargs"):
+        for attr in (
+            "_forward_hooks",
+            "_forward_pre_hooks",
+            "_backward_hooks",
+            "_backward_pre_hooks",
+            "_forward_hooks_with_kwargs",
+        ):
             out.extend(getattr(m, attr, {}).values())
     return out
 
@@ -406,4 +416,6 @@ def test_tied_layers_are_rejected():
     tied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)).double()
     tied[1].weight = tied[0].weight
     with pytest.raises(ValueError, match="share a parameter"):
-        LinearGradNormScorer(CE)(tied, torch.randn(3, 4, dtype=torch.float64), torch.zeros(3, dtype=torch.long))
+        LinearGradNormScorer(CE)(
+            tied, torch.randn(3, 4, dtype=torch.float64), torch.zeros(3, dtype=torch.long)
+        )

@@ -272,10 +272,11 @@ def test_tau_squared_is_kappa_when_pool_mean_gradient_is_zero(seed: int) -> None
     norms = np.linalg.norm(G, axis=1)
     k = M.kappa(_t(G), _t(norms / norms.sum()))
     assert M.tau(_t(norms)) ** 2 == pytest.approx(k, rel=RTOL)
-    # with a non-zero mean gradient tau^2 over-estimates kappa (||g||^2 shrinks both variances)
+    # with a non-zero mean gradient tau^2 = A/B under-estimates kappa = (A - x)/(B - x),
+    # A = mean n^2 >= B = (mean n)^2, x = ||g||^2 > 0
     G2 = G + 0.5
     n2 = np.linalg.norm(G2, axis=1)
-    assert M.tau(_t(n2)) ** 2 > M.kappa(_t(G2), _t(n2 / n2.sum()))
+    assert M.tau(_t(n2)) ** 2 < M.kappa(_t(G2), _t(n2 / n2.sum()))
 
 
 # ------------------------------------------------------------------ two-stage draws

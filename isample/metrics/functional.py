@@ -423,8 +423,10 @@ def tau(scores: torch.Tensor) -> float:
 
     Returns:
         float ``tau >= 1`` (1 for equal scores, ``sqrt(B)`` for one non-zero score).
-        ``tau**2`` estimates the effective batch multiplier kappa within the pool: it equals
-        it exactly when the scores are the gradient norms and the pool's mean gradient is zero.
+        ``tau**2`` estimates the effective batch multiplier kappa within the pool. When the
+        scores are the exact gradient norms, ``tau**2 = A / B`` with ``A = mean n_i^2``,
+        ``B = (mean n_i)^2`` while ``kappa = (A - ||g||^2) / (B - ||g||^2)``: equal when the
+        pool's mean gradient is zero, and ``tau**2 <= kappa`` otherwise.
 
     .. math::
 

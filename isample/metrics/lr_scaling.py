@@ -47,7 +47,8 @@ _NAMES = {
 
 def _scaled_beta(beta: Any, k: float, what: str, group_index: int) -> Any:
     new = 1.0 - k * (1.0 - beta)
-    if not 0.0 < float(new) < 1.0:
+    # 1e-12 absorbs rounding: 1 - 10 * (1 - 0.9) is 2e-16, not 0, in floating point
+    if not 1e-12 < float(new) < 1.0:
         limit = math.inf if float(beta) >= 1.0 else 1.0 / (1.0 - float(beta))
         raise ValueError(
             f"The 'kappa' parameter of scaled_hyperparameters must be < 1 / (1 - {what}) = {limit:.6g} for "

@@ -1,0 +1,48 @@
+"""``isample.bench``: benchmark sampling schemes x optimizers on real data.
+
+Run it from the command line (``isample bench --help``) or from Python::
+
+    from isample.bench import BenchConfig, run_bench
+    results = run_bench(BenchConfig(schemes=("uniform", "kf"), seeds=(0, 1)), "out/")
+
+Modules: :mod:`.datasets` (built-in and user datasets), :mod:`.models`, :mod:`.harness`
+(one training run, the configuration), :mod:`.tuning` (learning rate per scheme and
+optimizer), :mod:`.curves` (interpolation, time-to-target, learning-rate choice: pure
+functions), :mod:`.report` (summary, Markdown, JSON, CSV), :mod:`.plots` (PNG) and
+:mod:`.sweep` (:func:`run_bench`). See ``docs/bench.md``.
+"""
+
+from __future__ import annotations
+
+from .curves import compute_units, interpolate, select_learning_rate, spread, time_to_target
+from .datasets import BenchData, available_datasets, load_dataset
+from .harness import BenchConfig, available_optimizers, parse_budget, quick_config, train_run
+from .models import available_models, build_model
+from .report import SCHEMA_VERSION, summarize
+from .sweep import run_bench, validate_config
+from .tuning import tune_learning_rate
+
+__all__ = sorted(
+    [
+        "BenchConfig",
+        "BenchData",
+        "SCHEMA_VERSION",
+        "available_datasets",
+        "available_models",
+        "available_optimizers",
+        "build_model",
+        "compute_units",
+        "interpolate",
+        "load_dataset",
+        "parse_budget",
+        "quick_config",
+        "run_bench",
+        "select_learning_rate",
+        "spread",
+        "summarize",
+        "time_to_target",
+        "train_run",
+        "tune_learning_rate",
+        "validate_config",
+    ]
+)

@@ -1,0 +1,539 @@
+"""The benchmark harness: configuration, one training run, and the full sweep.
+
+One *run* trains one model with one sampling scheme (from :mod:`isample.schemes`), one
+optimizer, one learning rate and one seed, for a budget of optimizer steps or of training
+seconds, with the loop every isample loader shares::
+
+    for epoch ...:
+        loader.set_epoch(epoch)
+        for batch in loader:                       # timed: "loader" (sampling + scoring)
+            with loader.step_context(batch):       # timed: "step"
+                out = model(batch.inputs); losses = loss_fn(out, batch.targets)
+                (batch.weights * losses).mean().backward()
+            opt.step(); opt.zero_grad()
+            loader.feedback(batch, out.detach(), losses.detach())   # timed: "feedback"
+
+Wall-clock seconds count only these three parts; evaluation (full training-set loss,
+test accuracy) and the sampler-quality probe run outside the clock every
+``eval_every`` / ``quality_every`` steps.
+
+A *sweep* (:func:`run_bench`) first tunes the learning rate of every (scheme, optimizer)
+on the validation split (:mod:`isample.bench.tuning`), then measures every (scheme,
+optimizer, seed) with the chosen learning rate.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from .._random import derive_seed
+from .datasets import BenchData
+from .models import build_model
+
+__all__ = [
+    "BenchConfig",
+    "OPTIMIZERS",
+    "DEFAULT_LR_GRIDS",
+    "available_optimizers",
+    "make_optimizer",
+    "parse_budget",
+    "train_run",
+    "evaluate",
+    "machine_info",
+    "quick_config",
+]
+
+#: Optimizers by name: ``f(params, lr) -> torch.optim.Optimizer`` (library defaults otherwise;
+#: ``sgd`` is plain SGD without momentum).
+OPTIMIZERS: dict[str, Callable[[Any, float], torch.optim.Optimizer]] = {
+    "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr),
+    "rmsprop": lambda params, lr: torch.optim.RMSprop(params, lr=lr),
+    "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
+}
+
+#: Learning-rate grids searched per optimizer (half-decade steps around common defaults).
+DEFAULT_LR_GRIDS: dict[str, tuple[float, ...]] = {
+    "sgd": (0.03, 0.1, 0.3, 1.0),
+    "rmsprop": (1e-4, 3e-4, 1e-3, 3e-3),
+    "adam": (3e-4, 1e-3, 3e-3, 1e-2),
+}
+
+#: Seed offset of the tuning runs, so the learning rate is never chosen on a measured run.
+TUNING_SEED_OFFSET = 10_000
+
+
+def available_optimizers() -> list[str]:
+    """Names of the benchmark optimizers."""
+    return sorted(OPTIMIZERS)
+
+
+def make_optimizer(name: str, params: Any, lr: float) -> torch.optim.Optimizer:
+    """Build optimizer ``name`` (see :data:`OPTIMIZERS`) with learning rate ``lr``.
+
+    Raises:
+        ValueError: unknown name (the message lists the valid ones).
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {name!r}. Valid optimizers: {', '.join(available_optimizers())}.")
+    return OPTIMIZERS[name](params, float(lr))
+
+
+_BUDGET = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(s|sec|secs|seconds|steps?)?\s*$", re.IGNORECASE)
+
+
+def parse_budget(text: str | int) -> tuple[str, float]:
+    """Parse a budget: ``"500"`` (optimizer steps) or ``"30s"`` (training seconds per run).
+
+    Returns:
+        ``("steps", n)`` with n an int >= 1, or ``("seconds", t)`` with t > 0.
+
+    Raises:
+        ValueError: anything else.
+    """
+    if isinstance(text, bool):
+        raise ValueError(f"The 'budget' must be steps (e.g. 500) or seconds (e.g. 30s). Got {text!r}.")
+    if isinstance(text, int):
+        text = str(text)
+    match = _BUDGET.match(str(text))
+    if not match:
+        raise ValueError(f"The 'budget' must be steps (e.g. 500) or seconds (e.g. 30s). Got {text!r}.")
+    value, unit = match.group(1), (match.group(2) or "steps").lower()
+    if unit.startswith("s") and not unit.startswith("step"):
+        seconds = float(value)
+        if seconds <= 0:
+            raise ValueError(f"The 'budget' in seconds must be > 0. Got {text!r}.")
+        return "seconds", seconds
+    if "." in value or int(value) < 1:
+        raise ValueError(f"The 'budget' in steps must be an int >= 1. Got {text!r}.")
+    return "steps", int(value)
+
+
+@dataclass
+class BenchConfig:
+    """Everything that defines a benchmark sweep (stored verbatim in ``results.json``).
+
+    Attributes:
+        dataset: built-in name or ``module:function``.
+        model: ``mlp``, ``linear`` or ``cnn``.
+        schemes: scheme names from :func:`isample.schemes.available` (``uniform`` first is
+            the baseline; it is added if missing).
+        optimizers: names from :data:`OPTIMIZERS`.
+        seeds: the measured seeds (model initialisation and sampling).
+        budget: ``"500"`` steps or ``"30s"`` training seconds per measured run.
+        batch_size: examples per training step b.
+        eval_every: evaluate the full training loss and the test accuracy every k steps
+            (and at the end); with a seconds budget, every k steps as well.
+        quality_every: measure kappa on the probe every k steps (0 = never).
+        probe_size: probe examples for kappa (a fixed seeded subset of the training set).
+        tune: tune the learning rate (otherwise the middle of each grid is used).
+        tune_fraction: tuning runs last this fraction of the measured budget.
+        lr_grids: learning-rate grid per optimizer (default :data:`DEFAULT_LR_GRIDS`).
+        tie_rtol: relative tolerance under which validation losses tie (smaller lr wins).
+        device: torch device string.
+        data_seed: seed of the data split (and of the generated dataset).
+        threads: ``torch.set_num_threads`` value used by the CLI (None = unchanged).
+        progress: show tqdm progress bars.
+        quick: the tiny profile (recorded for the report).
+    """
+
+    dataset: str = "digits"
+    model: str = "mlp"
+    schemes: tuple[str, ...] = ("uniform", "kf", "history-is")
+    optimizers: tuple[str, ...] = ("sgd", "rmsprop", "adam")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    budget: str = "400"
+    batch_size: int = 64
+    eval_every: int = 25
+    quality_every: int = 100
+    probe_size: int = 256
+    tune: bool = True
+    tune_fraction: float = 0.5
+    lr_grids: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(DEFAULT_LR_GRIDS))
+    tie_rtol: float = 1e-3
+    device: str = "cpu"
+    data_seed: int = 0
+    threads: int | None = 1
+    progress: bool = True
+    quick: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly copy."""
+        d = asdict(self)
+        d["schemes"] = list(self.schemes)
+        d["optimizers"] = list(self.optimizers)
+        d["seeds"] = list(self.seeds)
+        d["lr_grids"] = {k: list(v) for k, v in self.lr_grids.items()}
+        return d
+
+
+def quick_config(**overrides: Any) -> BenchConfig:
+    """The tiny ``--quick`` profile: 2 seeds, 40 steps, two optimizers, a 2-point grid."""
+    base = BenchConfig(
+        schemes=("uniform", "kf"),
+        optimizers=("sgd", "adam"),
+        seeds=(0, 1),
+        budget="40",
+        eval_every=10,
+        quality_every=20,
+        probe_size=64,
+        lr_grids={"sgd": (0.1, 0.3), "rmsprop": (3e-4, 1e-3), "adam": (1e-3, 3e-3)},
+        quick=True,
+    )
+    for key, value in overrides.items():
+        setattr(base, key, value)
+    return base
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def machine_info(device: str = "cpu") -> dict[str, Any]:
+    """CPU model, core counts, torch / Python versions and the device (for the report)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count()
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "usable_cores": usable,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+    }
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        info["device_name"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, chunk: int = 4096
+) -> tuple[float, float]:
+    """Mean (unweighted) loss and accuracy of ``model`` on ``(x, y)``, in eval mode.
+
+    Returns:
+        ``(mean loss, accuracy in [0, 1])`` as floats.
+    """
+    was_training = model.training
+    model.eval()
+    total, correct = 0.0, 0
+    try:
+        for start in range(0, x.shape[0], chunk):
+            out = model(x[start : start + chunk])
+            target = y[start : start + chunk]
+            total += float(loss_fn(out, target).double().sum())
+            correct += int((out.argmax(1) == target).sum())
+    finally:
+        model.train(was_training)
+    n = max(int(x.shape[0]), 1)
+    return total / n, correct / n
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------- quality probe
+
+
+def quality_candidates(loader: Any, probe_indices: torch.Tensor) -> tuple[dict, dict]:
+    """The scheme's own sampling rule as a :class:`isample.metrics.SamplerQuality` candidate.
+
+    * a pool loader (an object with a ``scorer``) is judged by its scorer on the probe:
+      ``p_i proportional to score_i`` over the probe, as it would be over a pool;
+    * a table loader (a ``sampler`` with ``probabilities()``) by its current table,
+      restricted to the probe and renormalised: the distribution it actually draws from.
+
+    Returns:
+        ``(scorers, probabilities)`` dicts (both empty for uniform or unknown loaders).
+    """
+    scorer = getattr(loader, "scorer", None)
+    if scorer is None:
+        inner = getattr(loader, "loader", None) or getattr(loader, "inner", None)
+        scorer = getattr(inner, "scorer", None)
+    if callable(scorer):
+        return {"scheme": scorer}, {}
+    sampler = getattr(loader, "sampler", None)
+    if sampler is None:
+        inner = getattr(loader, "loader", None) or getattr(loader, "inner", None)
+        sampler = getattr(inner, "sampler", None)
+    probs = getattr(sampler, "probabilities", None)
+    if callable(probs):
+
+        def table_probabilities(model: nn.Module, inputs: Any, targets: Any) -> torch.Tensor:
+            p = torch.as_tensor(probs(), dtype=torch.float64)[probe_indices]
+            total = float(p.sum())
+            return p / total if total > 0 else torch.full_like(p, 1.0 / p.numel())
+
+        return {}, {"scheme": table_probabilities}
+    return {}, {}
+
+
+def _quality_rows(tracker: Any, model: nn.Module, step: int) -> list[dict[str, Any]]:
+    rows = tracker.measure(model, step)
+    keep = ("kappa", "kappa_opt", "q_lin", "q_log", "corr_grad_norm", "ess")
+    return [{"step": step, "geometry": r["geometry"], **{k: r.get(k) for k in keep}} for r in rows]
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def _registry() -> Any:
+    import isample.schemes as schemes
+
+    return schemes
+
+
+def train_run(
+    data: BenchData,
+    config: BenchConfig,
+    scheme: str,
+    optimizer: str,
+    lr: float,
+    seed: int,
+    *,
+    tuning: bool = False,
+    registry: Any = None,
+    on_step: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Train one (scheme, optimizer, lr, seed) and measure it.
+
+    Args:
+        data: the dataset.
+        config: the sweep configuration (model, budget, batch size, cadences, device).
+        scheme: a scheme name of the registry.
+        optimizer: an optimizer name of :data:`OPTIMIZERS`.
+        lr: learning rate.
+        seed: model-initialisation and sampling seed.
+        tuning: a tuning run: budget scaled by ``config.tune_fraction``, only the final
+            validation loss is evaluated, no quality probe.
+        registry: the schemes registry (default :mod:`isample.schemes`).
+        on_step: called with the step count after every step (progress bars).
+
+    Returns:
+        dict with ``scheme``, ``optimizer``, ``seed``, ``lr``, ``diverged``, ``steps``,
+        ``epochs``, ``train_seconds`` (loader + step + feedback), ``loader_seconds``,
+        ``feedback_seconds``, ``forward_examples``, ``backward_examples``,
+        ``scored_examples``, ``compute`` (forward + 2 x backward), ``curve`` (list of
+        eval points: ``step``, ``seconds``, ``forward_examples``, ``backward_examples``,
+        ``compute``, ``train_loss``, ``train_accuracy``, ``test_loss``, ``test_accuracy``;
+        for tuning runs ``val_loss``, ``val_accuracy`` instead), and ``quality`` (rows
+        ``step``, ``geometry``, ``kappa``, ``kappa_opt``, ``q_lin``, ``q_log``,
+        ``corr_grad_norm``, ``ess``).
+    """
+    registry = registry if registry is not None else _registry()
+    device = torch.device(config.device)
+    kind, amount = parse_budget(config.budget)
+    if tuning:
+        amount = max(1, int(round(amount * config.tune_fraction))) if kind == "steps" else amount * config.tune_fraction
+    max_steps = int(amount) if kind == "steps" else None
+    max_seconds = float(amount) if kind == "seconds" else None
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    in_features = int(math.prod(data.input_shape))
+    model = build_model(
+        config.model, in_features, data.num_classes, derive_seed(seed, 1), device, data.image_shape
+    )
+    model.train()
+    opt = make_optimizer(optimizer, model.parameters(), lr)
+    train_ds = TensorDataset(data.x_train, data.y_train)
+    n = len(train_ds)
+    per_epoch = math.ceil(n / config.batch_size)
+    epochs = math.ceil(max_steps / per_epoch) if max_steps is not None else None
+    loader = registry.build(
+        scheme, train_ds, model, loss_fn, config.batch_size, seed=int(seed), epochs=epochs, optimizer=opt
+    )
+    info = registry.describe(scheme)
+    extra_backward = bool(info.get("extra_backward", False)) if isinstance(info, dict) else False
+
+    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    x_eval, y_eval = (data.x_val, data.y_val) if tuning else (data.x_test, data.y_test)
+    x_eval, y_eval = x_eval.to(device), y_eval.to(device)
+
+    tracker = None
+    if not tuning and config.quality_every > 0:
+        probe_gen = torch.Generator().manual_seed(derive_seed(config.data_seed, 2))
+        probe_idx = torch.randperm(n, generator=probe_gen)[: min(config.probe_size, n)]
+        scorers, probabilities = quality_candidates(loader, probe_idx)
+        if scorers or probabilities:
+            from ..metrics import SamplerQuality
+
+            tracker = SamplerQuality(
+                data.x_train[probe_idx],
+                data.y_train[probe_idx],
+                loss_fn,
+                scorers=scorers or None,
+                probabilities=probabilities or None,
+                optimizer=opt,
+                every=config.quality_every,
+            )
+
+    curve: list[dict[str, Any]] = []
+    quality_rows: list[dict[str, Any]] = []
+    step = 0
+    epoch = 0
+    trained = 0
+    loader_s = feedback_s = total_s = 0.0
+    diverged = False
+    # a run of the same (scheme, seed) is deterministic; the clock is the only noise
+
+    def cost() -> tuple[int, int]:
+        scored = int(loader.cost().get("scored_examples", 0)) if hasattr(loader, "cost") else 0
+        return scored, trained + scored
+
+    def record() -> None:
+        nonlocal diverged
+        scored, forward = cost()
+        backward = trained + (scored if extra_backward else 0)
+        point: dict[str, Any] = {
+            "step": step,
+            "seconds": total_s,
+            "forward_examples": forward,
+            "backward_examples": backward,
+            "compute": float(forward + 2 * backward),
+        }
+        if tuning:
+            vl, va = evaluate(model, x_eval, y_eval, loss_fn)
+            point.update(val_loss=vl, val_accuracy=va)
+            bad = not math.isfinite(vl)
+        else:
+            tl, ta = evaluate(model, x_train, y_train, loss_fn)
+            el, ea = evaluate(model, x_eval, y_eval, loss_fn)
+            point.update(train_loss=tl, train_accuracy=ta, test_loss=el, test_accuracy=ea)
+            bad = not math.isfinite(tl)
+        curve.append(point)
+        if bad:
+            diverged = True
+        elif tracker is not None and step % config.quality_every == 0:
+            try:
+                quality_rows.extend(_quality_rows(tracker, model, step))
+            except ValueError:  # non-finite gradients on the probe: treat as divergence
+                diverged = True
+
+    if not tuning:
+        record()
+    done = False
+    while not done and not diverged:
+        _sync(device)
+        t0 = time.perf_counter()
+        loader.set_epoch(epoch)
+        iterator = iter(loader)
+        loader_s += time.perf_counter() - t0
+        total_s += time.perf_counter() - t0
+        produced = False
+        while True:
+            _sync(device)
+            t0 = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                dt = time.perf_counter() - t0
+                loader_s += dt
+                total_s += dt
+                break
+            if device.type != "cpu":
+                batch = batch.to(device, non_blocking=True)
+            _sync(device)
+            t1 = time.perf_counter()
+            with loader.step_context(batch):
+                out = model(batch.inputs)
+                losses = loss_fn(out, batch.targets)
+                (batch.weights * losses).mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            _sync(device)
+            t2 = time.perf_counter()
+            loader.feedback(batch, out.detach(), losses.detach())
+            _sync(device)
+            t3 = time.perf_counter()
+            loader_s += t1 - t0
+            feedback_s += t3 - t2
+            total_s += t3 - t0
+            produced = True
+            step += 1
+            trained += len(batch)
+            if on_step is not None:
+                on_step(step)
+            out_of_budget = (max_steps is not None and step >= max_steps) or (
+                max_seconds is not None and total_s >= max_seconds
+            )
+            if out_of_budget:
+                done = True
+            if tuning:
+                if step % config.eval_every == 0 and not bool(torch.isfinite(losses).all()):
+                    diverged = True
+            elif done or step % config.eval_every == 0:
+                record()
+            if done or diverged:
+                break
+        if not produced and not done:
+            raise RuntimeError(f"Scheme {scheme!r} produced an empty epoch {epoch}; cannot train.")
+        epoch += 1
+    if tuning:
+        record()
+    scored, forward = cost()
+    backward = trained + (scored if extra_backward else 0)
+    return {
+        "scheme": scheme,
+        "optimizer": optimizer,
+        "seed": int(seed),
+        "lr": float(lr),
+        "tuning": bool(tuning),
+        "diverged": bool(diverged),
+        "steps": step,
+        "epochs": epoch,
+        "train_seconds": total_s,
+        "loader_seconds": loader_s,
+        "feedback_seconds": feedback_s,
+        "overhead_share": (loader_s + feedback_s) / total_s if total_s > 0 else math.nan,
+        "forward_examples": forward,
+        "backward_examples": backward,
+        "scored_examples": scored,
+        "trained_examples": trained,
+        "compute": float(forward + 2 * backward),
+        "curve": curve,
+        "quality": quality_rows,
+    }
+
+
+def resolve_schemes(names: Sequence[str], registry: Any = None) -> list[str]:
+    """Check scheme names against the registry; ``uniform`` is put first (the baseline).
+
+    Raises:
+        ValueError: an unknown name (the message lists the valid ones).
+    """
+    registry = registry if registry is not None else _registry()
+    valid = list(registry.available())
+    unknown = [s for s in names if s not in valid]
+    if unknown:
+        raise ValueError(f"Unknown scheme {unknown[0]!r}. Valid schemes: {', '.join(valid)}.")
+    out = ["uniform"] + [s for s in dict.fromkeys(names) if s != "uniform"]
+    if "uniform" not in valid:
+        raise ValueError("The schemes registry has no 'uniform' scheme, the benchmark's baseline.")
+    return out

@@ -1,0 +1,382 @@
+"""Summaries of a sweep and the files written to ``--out``: report.md, results.json, results.csv.
+
+The summary (``results["summary"]``) is computed here from the raw runs with the pure
+functions of :mod:`isample.bench.curves`; the JSON schema is documented in
+``docs/bench.md`` and versioned by :data:`SCHEMA_VERSION`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .curves import interpolate, spread, time_to_target
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "CSV_COLUMNS",
+    "summarize",
+    "write_json",
+    "write_csv",
+    "write_report",
+    "ratio",
+    "jsonable",
+]
+
+#: Version of the results.json layout (bump on any incompatible change).
+SCHEMA_VERSION = 1
+
+#: Columns of results.csv, one row per (scheme, optimizer, seed, evaluation point).
+CSV_COLUMNS = (
+    "scheme",
+    "optimizer",
+    "seed",
+    "lr",
+    "step",
+    "seconds",
+    "forward_examples",
+    "backward_examples",
+    "compute",
+    "train_loss",
+    "train_accuracy",
+    "test_loss",
+    "test_accuracy",
+    "kappa",
+    "kappa_optimizer",
+    "q_log",
+    "diverged",
+)
+
+AXES = {"steps": "step", "seconds": "seconds", "compute": "compute"}
+
+
+def ratio(baseline: float, value: float) -> float:
+    """``baseline / value`` with the conventions of the report.
+
+    ``> 1`` means the scheme needs less (time to target) or reaches a lower loss. ``inf /
+    inf`` and anything with ``nan`` is ``nan``; ``x / inf`` is 0; ``inf / x`` is ``inf``.
+    """
+    a, b = float(baseline), float(value)
+    if math.isnan(a) or math.isnan(b) or (math.isinf(a) and math.isinf(b)):
+        return math.nan
+    if b == 0:
+        return math.inf if a > 0 else math.nan
+    return a / b
+
+
+def _curve(run: dict[str, Any], axis: str) -> tuple[list[float], list[float]]:
+    key = AXES[axis]
+    points = run["curve"]
+    xs = [float(p[key]) for p in points]
+    ys = [float(p["train_loss"]) if p["train_loss"] is not None else math.inf for p in points]
+    return xs, ys
+
+
+def _loss_at(run: dict[str, Any], axis: str, at: float) -> float:
+    xs, ys = _curve(run, axis)
+    if run["diverged"] and at > xs[-1]:
+        return math.inf
+    return interpolate(xs, ys, at)
+
+
+def _ttt(run: dict[str, Any], axis: str, target: float) -> float:
+    xs, ys = _curve(run, axis)
+    return time_to_target(xs, ys, target)
+
+
+def _run_quality(run: dict[str, Any]) -> dict[str, float]:
+    rows = run.get("quality") or []
+    later = [r for r in rows if r["step"] > 0] or rows
+    out = {}
+    for key, pick in (("kappa", lambda g: g == "identity"), ("kappa_optimizer", lambda g: g != "identity")):
+        vals = [r["kappa"] for r in later if pick(r["geometry"]) and r["kappa"] is not None]
+        out[key] = float(np.median(vals)) if vals else math.nan
+    vals = [r["q_log"] for r in later if r["geometry"] == "identity" and r["q_log"] is not None]
+    vals = [v for v in vals if not math.isnan(v)]
+    out["q_log"] = float(np.median(vals)) if vals else math.nan
+    return out
+
+
+def summarize(runs: Sequence[dict[str, Any]], tuning: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per optimizer: reference points, target, and per-scheme medians, spreads and ratios.
+
+    * target loss: median over seeds of uniform's final training loss.
+    * reference points: ``steps`` = the fewest steps any run of this optimizer made (the
+      budget, for a steps budget), ``seconds`` / ``compute`` = the smallest final training
+      seconds / compute of any run of this optimizer (so every curve covers them).
+    * ``loss_at_<axis>``: training loss read off each run's curve at the reference point
+      (log-linear interpolation), median / min / max over seeds; ``ratio_at_<axis>`` =
+      uniform's median / the scheme's median (> 1: the scheme is lower), with
+      ``ratio_at_<axis>_range`` = uniform's median / the scheme's max and min.
+    * ``<axis>_to_target``: first crossing of the target (``inf`` = never), over seeds;
+      ``speedup_<axis>`` = uniform's median / the scheme's median (> 1: faster).
+    * ``overhead_share``: (loader + feedback seconds) / training seconds, over seeds.
+    * ``kappa`` / ``kappa_optimizer`` / ``q_log``: per run the median over probe points
+      (after step 0), then median / min / max over seeds.
+
+    Returns:
+        ``{optimizer: {"target_loss", "reference": {...}, "schemes": {scheme: {...}}}}``.
+    """
+    out: dict[str, Any] = {}
+    optimizers = list(dict.fromkeys(r["optimizer"] for r in runs))
+    for opt in optimizers:
+        mine = [r for r in runs if r["optimizer"] == opt]
+        schemes = list(dict.fromkeys(r["scheme"] for r in mine))
+        by_scheme = {s: [r for r in mine if r["scheme"] == s] for s in schemes}
+        base = by_scheme.get("uniform", by_scheme[schemes[0]])
+        finals = [r["curve"][-1]["train_loss"] if not r["diverged"] else math.inf for r in base]
+        target = spread(finals)["median"]
+        reference = {
+            "steps": float(min(r["curve"][-1]["step"] for r in mine)),
+            "seconds": float(min(r["curve"][-1]["seconds"] for r in mine)),
+            "compute": float(min(r["curve"][-1]["compute"] for r in mine)),
+        }
+        table: dict[str, Any] = {}
+        for s in schemes:
+            rs = by_scheme[s]
+            entry: dict[str, Any] = {
+                "lr": tuning.get(opt, {}).get(s, {}).get("chosen", rs[0]["lr"]),
+                "seeds": [r["seed"] for r in rs],
+                "diverged": int(sum(r["diverged"] for r in rs)),
+                "steps": spread([r["steps"] for r in rs]),
+                "final_train_loss": spread(
+                    [math.inf if r["diverged"] else r["curve"][-1]["train_loss"] for r in rs]
+                ),
+                "final_test_accuracy": spread(
+                    [math.nan if r["diverged"] else r["curve"][-1]["test_accuracy"] for r in rs]
+                ),
+                "train_seconds": spread([r["train_seconds"] for r in rs]),
+                "seconds_per_step": spread([r["train_seconds"] / max(r["steps"], 1) for r in rs]),
+                "compute_per_step": spread([r["compute"] / max(r["steps"], 1) for r in rs]),
+                "overhead_share": spread([r["overhead_share"] for r in rs]),
+                "loader_share": spread([r["loader_seconds"] / r["train_seconds"] for r in rs]),
+                "feedback_share": spread([r["feedback_seconds"] / r["train_seconds"] for r in rs]),
+            }
+            for axis, at in reference.items():
+                entry[f"loss_at_{axis}"] = spread([_loss_at(r, axis, at) for r in rs])
+                if math.isfinite(target):
+                    entry[f"{axis}_to_target"] = spread([_ttt(r, axis, target) for r in rs])
+                else:
+                    entry[f"{axis}_to_target"] = spread([math.nan])
+            q = [_run_quality(r) for r in rs]
+            for key in ("kappa", "kappa_optimizer", "q_log"):
+                entry[key] = spread([v[key] for v in q])
+            table[s] = entry
+        ref = table.get("uniform", table[schemes[0]])
+        for s, entry in table.items():
+            for axis in reference:
+                at = entry[f"loss_at_{axis}"]
+                entry[f"ratio_at_{axis}"] = ratio(ref[f"loss_at_{axis}"]["median"], at["median"])
+                entry[f"ratio_at_{axis}_range"] = [
+                    ratio(ref[f"loss_at_{axis}"]["median"], at["max"]),
+                    ratio(ref[f"loss_at_{axis}"]["median"], at["min"]),
+                ]
+                entry[f"speedup_{axis}"] = ratio(
+                    ref[f"{axis}_to_target"]["median"], entry[f"{axis}_to_target"]["median"]
+                )
+            entry["relative_seconds_per_step"] = ratio(
+                entry["seconds_per_step"]["median"], ref["seconds_per_step"]["median"]
+            )
+        out[opt] = {"target_loss": target, "reference": reference, "schemes": table}
+    return out
+
+
+# --------------------------------------------------------------------------- JSON / CSV
+
+
+def jsonable(value: Any) -> Any:
+    """Recursively convert to strict-JSON values: non-finite floats become "inf", "-inf", "nan"."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return v
+    return value
+
+
+def write_json(results: dict[str, Any], path: Path) -> None:
+    """Write ``results`` as strict JSON (see :func:`jsonable`)."""
+    Path(path).write_text(json.dumps(jsonable(results), indent=1, allow_nan=False) + "\n", encoding="utf-8")
+
+
+def _csv_value(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf"))
+    return v
+
+
+def write_csv(runs: Sequence[dict[str, Any]], path: Path) -> int:
+    """One row per (scheme, optimizer, seed, evaluation point); returns the number of rows.
+
+    ``kappa`` (identity geometry), ``kappa_optimizer`` (the optimizer's preconditioned
+    geometry, adaptive optimizers only) and ``q_log`` are filled at the steps where the
+    quality probe ran, empty elsewhere.
+    """
+    rows = 0
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(CSV_COLUMNS))
+        writer.writeheader()
+        for run in runs:
+            quality: dict[int, dict[str, Any]] = {}
+            for q in run.get("quality") or []:
+                slot = quality.setdefault(q["step"], {})
+                if q["geometry"] == "identity":
+                    slot["kappa"] = q["kappa"]
+                    slot["q_log"] = q["q_log"]
+                else:
+                    slot["kappa_optimizer"] = q["kappa"]
+            for point in run["curve"]:
+                row = {k: point.get(k) for k in CSV_COLUMNS}
+                row.update(scheme=run["scheme"], optimizer=run["optimizer"], seed=run["seed"], lr=run["lr"])
+                row.update(quality.get(point["step"], {}))
+                row["diverged"] = int(run["diverged"])
+                writer.writerow({k: _csv_value(row.get(k)) for k in CSV_COLUMNS})
+                rows += 1
+    return rows
+
+
+# --------------------------------------------------------------------------- Markdown
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    v = float(v)
+    if math.isnan(v):
+        return "-"
+    if math.isinf(v):
+        return "never" if v > 0 else "-inf"
+    if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+        return f"{v:.{digits - 1}e}"
+    return f"{v:.{digits}g}"
+
+
+def _spread_text(s: dict[str, float], digits: int = 3) -> str:
+    if s["n"] == 0:
+        return "-"
+    if s["n"] == 1 or s["min"] == s["max"]:
+        return _fmt(s["median"], digits)
+    return f"{_fmt(s['median'], digits)} [{_fmt(s['min'], digits)}, {_fmt(s['max'], digits)}]"
+
+
+def _ratio_text(value: float, rng: Sequence[float] | None = None) -> str:
+    if math.isnan(value):
+        return "-"
+    if math.isinf(value):
+        return "inf"
+    text = f"{value:.2f}x"
+    if rng is not None and all(math.isfinite(float(r)) for r in rng) and rng[0] != rng[1]:
+        text += f" [{rng[0]:.2f}, {rng[1]:.2f}]"
+    return text
+
+
+def headline_table(summary_opt: dict[str, Any]) -> str:
+    """The Markdown headline table of one optimizer."""
+    head = (
+        "| scheme | lr | final train loss | loss ratio @ equal steps | @ equal time | @ equal compute "
+        "| speed-up to target (steps / time / compute) | test acc | s/step vs uniform | overhead | kappa |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for name, e in summary_opt["schemes"].items():
+        kappa = _spread_text(e["kappa"])
+        if e["kappa_optimizer"]["n"]:
+            kappa += f" (D: {_spread_text(e['kappa_optimizer'])})"
+        if name == "uniform":
+            kappa = "1 (baseline)"
+        speed = " / ".join(_ratio_text(e[f"speedup_{a}"]) for a in ("steps", "seconds", "compute"))
+        diverged = f" ({e['diverged']} diverged)" if e["diverged"] else ""
+        lines.append(
+            f"| {name}{diverged} | {_fmt(e['lr'], 2)} | {_spread_text(e['final_train_loss'])} "
+            f"| {_ratio_text(e['ratio_at_steps'], e['ratio_at_steps_range'])} "
+            f"| {_ratio_text(e['ratio_at_seconds'], e['ratio_at_seconds_range'])} "
+            f"| {_ratio_text(e['ratio_at_compute'], e['ratio_at_compute_range'])} "
+            f"| {speed} | {_spread_text(e['final_test_accuracy'])} "
+            f"| {_ratio_text(e['relative_seconds_per_step'])} "
+            f"| {_fmt(100 * e['overhead_share']['median'], 2)}% | {kappa} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def _tuning_table(tuning: dict[str, dict[str, Any]]) -> str:
+    lines = ["| optimizer | scheme | grid: final validation loss (chosen in bold) | chosen lr |", "|---|---|---|---|"]
+    for opt, per_scheme in tuning.items():
+        for scheme, t in per_scheme.items():
+            cells = []
+            for i, (lr, loss) in enumerate(zip(t["grid"], t["val_loss"])):
+                text = f"{_fmt(lr, 2)}: {'diverged' if t['diverged'][i] else _fmt(loss, 4)}"
+                cells.append(f"**{text}**" if i == t["index"] else text)
+            note = " (all diverged: smallest lr)" if t["all_diverged"] else ("" if t["tuned"] else " (not tuned)")
+            lines.append(f"| {opt} | {scheme} | {'; '.join(cells)} | {_fmt(t['chosen'], 2)}{note} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: dict[str, Any], path: Path) -> None:
+    """Write the Markdown report (headline tables, tuned learning rates, machine, plots)."""
+    cfg = results["config"]
+    m = results["machine"]
+    d = results["dataset"]
+    parts = [
+        "# isample bench report\n",
+        f"Command: `{results['command']}`  \nCreated: {results['created']} (wall time "
+        f"{results['wall_seconds']:.1f} s, isample {results['isample_version']})\n",
+        f"Dataset: **{d['name']}** ({d['description']}); train / val / test = {d['n_train']} / "
+        f"{d['n_val']} / {d['n_test']}. Model: **{cfg['model']}**. Batch size {cfg['batch_size']}, "
+        f"budget {results['budget']['text']} per measured run, seeds {cfg['seeds']}, evaluation every "
+        f"{cfg['eval_every']} steps, kappa probe of {cfg['probe_size']} examples every "
+        f"{cfg['quality_every']} steps.\n",
+        "## Machine\n",
+        f"- CPU: {m['cpu']} ({m['usable_cores']} usable of {m['logical_cores']} logical cores; torch "
+        f"threads {m['torch_threads']})\n- torch {m['torch']}, Python {m['python']}, {m['platform']}\n"
+        f"- device: {m['device']}{' (' + m['device_name'] + ')' if m.get('device_name') else ''}\n",
+        "## Headline\n",
+        "Ratios are uniform / scheme: a **loss ratio > 1** means the scheme reached a *lower* training "
+        "loss than uniform at the same number of steps, wall-clock seconds or compute (forward + 2 x "
+        "backward examples); a **speed-up > 1** means it reached the target (uniform's median final "
+        "training loss) sooner; 'never' = not within the budget. Values are medians over seeds with "
+        "[min, max]. *overhead* = time in the loader (sampling, scoring) and feedback as a share of "
+        "the training step; *kappa* = V_uniform / V_scheme on the probe (identity geometry; D: in the "
+        "optimizer's preconditioned geometry). Curves are read off with log-linear interpolation.\n",
+    ]
+    for opt, s in results["summary"].items():
+        ref = s["reference"]
+        parts.append(
+            f"### {opt}\n\nTarget loss {_fmt(s['target_loss'], 4)}; equal steps = {ref['steps']:.0f}, equal "
+            f"time = {ref['seconds']:.3g} s, equal compute = {ref['compute']:.4g} forward-equivalent "
+            "examples.\n\n" + headline_table(s)
+        )
+    parts.append(
+        "## Tuned learning rates\n\nEach (scheme, optimizer) ran every grid value for "
+        f"{cfg['tune_fraction']:g} of the budget (seed {10000 + cfg['seeds'][0]}); lowest final "
+        f"validation loss wins, losses within a relative {cfg['tie_rtol']:g} of the best tie and the "
+        "smallest tied learning rate is taken; diverged runs are excluded.\n\n" + _tuning_table(results["tuning"])
+    )
+    parts.append("## Plots\n")
+    if results["plots"]:
+        parts.append("\n".join(f"![{Path(p).stem}]({p})" for p in results["plots"]) + "\n")
+    for note in results.get("notes", []):
+        parts.append(f"> Note: {note}\n")
+    parts.append(
+        "\nFiles: `results.json` (schema version "
+        f"{results['schema_version']}), `results.csv` (one row per scheme x optimizer x seed x "
+        "evaluation point). See docs/bench.md for every field.\n"
+    )
+    Path(path).write_text("\n".join(parts), encoding="utf-8")

@@ -1,0 +1,188 @@
+"""Command-line interface: ``isample bench`` (also ``python -m isample bench``).
+
+Example::
+
+    isample bench                                   # default sweep on digits (< 3 min on 2 cores)
+    isample bench --quick --out /tmp/q             # tiny smoke profile
+    isample bench --dataset noisy-imbalanced --schemes uniform,kf,laber --optimizers adam \\
+        --seeds 5 --budget 30s --out results/
+
+See ``docs/bench.md`` for every option, number and output field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main", "build_parser", "config_from_args"]
+
+DEFAULT_SCHEMES = "uniform,kf,history-is"
+
+
+def _csv_list(text: str) -> tuple[str, ...]:
+    items = tuple(s.strip() for s in text.split(",") if s.strip())
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return items
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    """``"3"`` -> (0, 1, 2); ``"0,4,7"`` -> (0, 4, 7)."""
+    try:
+        if "," in text:
+            seeds = tuple(int(s) for s in text.split(",") if s.strip())
+        else:
+            count = int(text)
+            if count < 1:
+                raise ValueError
+            seeds = tuple(range(count))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a seed count >= 1 (e.g. 3) or a comma-separated list (e.g. 0,4,7), got {text!r}"
+        ) from None
+    if any(s < 0 for s in seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be >= 0, got {text!r}")
+    return seeds
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
+    return value
+
+
+def _lr_grid(text: str) -> tuple[str, tuple[float, ...]]:
+    name, _, values = text.partition("=")
+    try:
+        grid = tuple(float(v) for v in values.split(",") if v.strip())
+    except ValueError:
+        grid = ()
+    if not name or not grid or any(v <= 0 for v in grid):
+        raise argparse.ArgumentTypeError(f"expected OPTIMIZER=LR,LR,... with positive values, got {text!r}")
+    return name.strip(), grid
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``isample`` argument parser (sub-command ``bench``)."""
+    parser = argparse.ArgumentParser(prog="isample", description="isample: importance sampling for PyTorch.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    b = sub.add_parser(
+        "bench",
+        help="benchmark sampling schemes x optimizers on a dataset",
+        description="Tune the learning rate of every (scheme, optimizer) on a validation split, then "
+        "measure training loss, test accuracy, wall-clock, compute and sampler quality over seeds; "
+        "writes report.md, results.json, results.csv and PNG plots.",
+    )
+    b.add_argument("--dataset", default=None, help="digits (default), noisy-imbalanced, or module:function")
+    b.add_argument("--model", default=None, help="mlp (default), linear or cnn")
+    b.add_argument("--schemes", type=_csv_list, default=None, help=f"comma list (default {DEFAULT_SCHEMES})")
+    b.add_argument("--optimizers", type=_csv_list, default=None, help="comma list of sgd, rmsprop, adam")
+    b.add_argument("--seeds", type=_seeds, default=None, help="seed count (3) or list (0,4,7)")
+    b.add_argument("--budget", default=None, help="per measured run: steps (400) or seconds (30s)")
+    b.add_argument("--batch-size", type=_positive_int, default=None, help="training batch size (64)")
+    b.add_argument("--eval-every", type=_positive_int, default=None, help="evaluate every k steps (25)")
+    b.add_argument("--quality-every", type=_non_negative_int, default=None, help="kappa probe every k steps (100; 0 = off)")
+    b.add_argument("--probe-size", type=_positive_int, default=None, help="kappa probe examples (256)")
+    b.add_argument("--lr-grid", type=_lr_grid, action="append", default=None, metavar="OPT=LR,LR",
+                   help="override an optimizer's learning-rate grid (repeatable)")
+    b.add_argument("--no-tune", action="store_true", help="skip tuning; use the middle of each grid")
+    b.add_argument("--tune-fraction", type=float, default=None, help="tuning run length / budget (0.5)")
+    b.add_argument("--device", default=None, help="torch device (cpu)")
+    b.add_argument("--threads", type=_non_negative_int, default=None,
+                   help="torch.set_num_threads (default 1; 0 = leave torch's default)")
+    b.add_argument("--out", default="bench_out", help="output folder (bench_out)")
+    b.add_argument("--quick", action="store_true", help="tiny profile for smoke tests")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> object:
+    """The :class:`isample.bench.BenchConfig` described by parsed arguments."""
+    from .bench.harness import BenchConfig, quick_config
+
+    config = quick_config() if args.quick else BenchConfig()
+    if args.dataset is not None:
+        config.dataset = args.dataset
+    if args.model is not None:
+        config.model = args.model
+    if args.schemes is not None:
+        config.schemes = args.schemes
+    if args.optimizers is not None:
+        config.optimizers = args.optimizers
+    if args.seeds is not None:
+        config.seeds = args.seeds
+    if args.budget is not None:
+        config.budget = args.budget
+    if args.batch_size is not None:
+        config.batch_size = args.batch_size
+    if args.eval_every is not None:
+        config.eval_every = args.eval_every
+    if args.quality_every is not None:
+        config.quality_every = args.quality_every
+    if args.probe_size is not None:
+        config.probe_size = args.probe_size
+    if args.lr_grid:
+        grids = dict(config.lr_grids)
+        for name, grid in args.lr_grid:
+            grids[name] = grid
+        config.lr_grids = grids
+    if args.no_tune:
+        config.tune = False
+    if args.tune_fraction is not None:
+        config.tune_fraction = args.tune_fraction
+    if args.device is not None:
+        config.device = args.device
+    if args.threads is not None:
+        config.threads = args.threads or None
+    config.progress = not args.no_progress
+    return config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``isample`` console script.
+
+    Returns:
+        0 on success, 2 on a usage error (unknown scheme / optimizer / dataset / model,
+        bad number); argparse's own errors exit with status 2 as well.
+    """
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    if args.command != "bench":
+        parser.print_help(sys.stderr)
+        return 2
+    import torch
+
+    from .bench.sweep import run_bench
+
+    config = config_from_args(args)
+    previous_threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(int(config.threads))
+    try:
+        results = run_bench(config, args.out, command=["isample", *argv])
+    except (ValueError, ImportError) as exc:
+        print(f"isample bench: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        torch.set_num_threads(previous_threads)
+    print(f"isample bench: wrote {args.out}/report.md, results.json, results.csv"
+          f"{', ' + ', '.join(results['plots']) if results['plots'] else ' (no plots: matplotlib missing)'} "
+          f"in {results['wall_seconds']:.1f} s")
+    return 0

@@ -1,0 +1,164 @@
+"""Scheme loaders that wrap the core loaders: :class:`PoolScheme` and :class:`TableScheme` (private)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from .._validation import check_int
+from ..batch import WeightedBatch
+from ..dataloader import ImportanceDataLoader
+from ..pool_loader import PoolLoader
+from ..scorers import score_dataset
+from ..table_sampler import TableSampler
+from .base import SchemeLoader
+
+__all__ = ["PoolScheme", "TableScheme"]
+
+
+class PoolScheme(SchemeLoader):
+    """A :class:`isample.PoolLoader` behind the scheme protocol; counts B scored examples per step.
+
+    Subclasses build the scorer and the pool loader's configuration.
+    """
+
+    kind = "pool"
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        model: nn.Module,
+        loss_fn: Callable,
+        batch_size: int,
+        seed: int | None,
+        scorer: Callable,
+        **pool_kwargs: Any,
+    ) -> None:
+        super().__init__(dataset, model, loss_fn, batch_size, seed)
+        self.scorer = scorer
+        self.pool = PoolLoader(dataset, model, scorer, self.batch_size, seed=self.seed, **pool_kwargs)
+
+    @property
+    def epoch(self) -> int:
+        return self.pool.epoch
+
+    @property
+    def position(self) -> int:
+        return self.pool.position
+
+    def __len__(self) -> int:
+        return len(self.pool)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.pool.set_epoch(epoch)
+
+    def _batches(self) -> Iterator[WeightedBatch]:
+        for batch in self.pool:
+            self._scored += self.pool.pool_size
+            yield batch
+
+    def update(self, indices: Any, scores: Any) -> None:
+        """Validated and ignored: pools are re-scored at every step."""
+        self.pool.update(indices, scores)
+
+    def _state(self) -> dict[str, Any]:
+        return {"pool": self.pool.state_dict()}
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self.pool.load_state_dict(state["pool"])
+
+
+class TableScheme(SchemeLoader):
+    """A :class:`isample.TableSampler` + :class:`isample.ImportanceDataLoader` behind the scheme protocol.
+
+    ``_begin_epoch(epoch)`` runs once before the first batch of every epoch (re-scoring,
+    re-ranking); ``rescore_every = k`` re-scores the whole dataset with ``score_dataset``
+    at epochs 0, k, 2k, ... (N forwards each, counted in ``cost()``).
+    """
+
+    kind = "table"
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        model: nn.Module,
+        loss_fn: Callable,
+        batch_size: int,
+        seed: int | None,
+        *,
+        rescore_every: int | None = None,
+        scoring_batch_size: int = 1024,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        collate_fn: Callable | None = None,
+        **sampler_kwargs: Any,
+    ) -> None:
+        super().__init__(dataset, model, loss_fn, batch_size, seed)
+        owner = type(self).__name__
+        self.rescore_every = check_int(rescore_every, "rescore_every", owner, minimum=1, allow_none=True)
+        self.scoring_batch_size = check_int(scoring_batch_size, "scoring_batch_size", owner, minimum=1)
+        self.collate_fn = collate_fn
+        self.sampler = TableSampler(self.num_samples, self.batch_size, seed=self.seed, **sampler_kwargs)
+        self.loader = ImportanceDataLoader(
+            dataset, self.sampler, num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate_fn
+        )
+        self._prepared_epoch = -1
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    @property
+    def position(self) -> int:
+        return self.sampler.position
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def _batches(self) -> Iterator[WeightedBatch]:
+        if self.sampler.position == 0 and self._prepared_epoch != self.sampler.epoch:
+            self._begin_epoch(self.sampler.epoch)
+            self._prepared_epoch = self.sampler.epoch
+        yield from self.loader
+
+    def _begin_epoch(self, epoch: int) -> None:
+        if self.rescore_every is not None and epoch % self.rescore_every == 0:
+            self._rescore()
+
+    def _rescore_scorer(self) -> Callable:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _rescore(self) -> torch.Tensor:
+        """Score the whole dataset with the current model and feed the table; returns the scores (N,)."""
+        scores = score_dataset(
+            self.model, self.dataset, self._rescore_scorer(), batch_size=self.scoring_batch_size,
+            collate_fn=self.collate_fn,
+        )
+        self._scored += self.num_samples
+        self._rescored(scores)
+        return scores
+
+    def _rescored(self, scores: torch.Tensor) -> None:
+        self.sampler.update(torch.arange(self.num_samples), scores)
+
+    def update(self, indices: Any, scores: Any) -> None:
+        """Write per-example scores into the table (see :meth:`isample.TableSampler.update`)."""
+        self.sampler.update(indices, scores)
+
+    def probabilities(self) -> torch.Tensor:
+        """The current draw distribution over the N examples (float64 Tensor (N,)); O(N)."""
+        return self.sampler.probabilities()
+
+    def _state(self) -> dict[str, Any]:
+        return {"loader": self.loader.state_dict(), "prepared_epoch": self._prepared_epoch}
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state["loader"])
+        self._prepared_epoch = int(state["prepared_epoch"])

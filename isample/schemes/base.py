@@ -1,0 +1,190 @@
+"""The protocol every scheme loader follows, and a thin shared base class.
+
+A scheme loader is an iterable of :class:`isample.WeightedBatch` with the training-loop
+hooks the benchmark relies on::
+
+    for epoch in range(E):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            with loader.step_context(batch):
+                out = model(batch.inputs)
+                losses = loss_fn(out, batch.targets)           # reduction="none"
+                (batch.weights * losses).mean().backward()
+            opt.step(); opt.zero_grad()
+            loader.feedback(batch, out.detach(), losses.detach())
+
+and cost counters (:meth:`SchemeLoader.cost`) so that comparisons count the scoring work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from .._validation import check_int, check_seed, param_error
+from ..batch import WeightedBatch
+from ..scorers import _check_reduction, model_device
+
+__all__ = ["SchemeLoader", "feedback_arrays"]
+
+
+def feedback_arrays(indices: Any, scores: Any, num_samples: int, owner: str) -> tuple[np.ndarray, np.ndarray]:
+    """Validate ``update(indices, scores)`` arguments; returns int64 and float64 arrays.
+
+    NaN / inf scores are dropped with a ``RuntimeWarning``; lengths must match; indices
+    must lie in ``[0, num_samples)``; negative scores raise ``ValueError``.
+    """
+    idx = _to_numpy(indices, "indices", owner).astype(np.int64, copy=False).ravel()
+    val = _to_numpy(scores, "scores", owner).astype(np.float64, copy=False).ravel()
+    if idx.shape[0] != val.shape[0]:
+        raise ValueError(f"{owner}.update got {idx.shape[0]} indices and {val.shape[0]} scores; lengths must match.")
+    if idx.size and (idx.min() < 0 or idx.max() >= num_samples):
+        bad = idx[(idx < 0) | (idx >= num_samples)][0]
+        raise IndexError(f"{owner}.update got index {int(bad)} outside [0, {num_samples}).")
+    finite = np.isfinite(val)
+    if not finite.all():
+        warnings.warn(
+            f"{owner}.update skipped {int((~finite).sum())} NaN or infinite score(s).", RuntimeWarning, stacklevel=3
+        )
+        idx, val = idx[finite], val[finite]
+    if (val < 0).any():
+        raise ValueError(f"{owner}.update got negative scores (min {val.min():.4g}); scores must be >= 0.")
+    return idx, val
+
+
+def _to_numpy(value: Any, name: str, owner: str) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    if isinstance(value, (np.ndarray, list, tuple)):
+        return np.asarray(value)
+    raise param_error(name, f"{owner}.update", "a Tensor, array or list", value, TypeError)
+
+
+class SchemeLoader:
+    """Base class of the scheme loaders (see the module docstring for the protocol).
+
+    Subclasses implement :meth:`_batches` (one epoch from the current position, updating
+    their own position and rolling the epoch over after its last batch), ``__len__``,
+    :meth:`set_epoch`, :meth:`update` and ``_state`` / ``_load_state``; this class counts
+    costs, moves batches to the model's device and wraps the state.
+
+    Attributes:
+        name: the registry name.
+        kind: ``"pool"``, ``"table"`` or ``"uniform"``.
+        unbiased: whether the weighted batch gradient is unbiased for the full gradient.
+    """
+
+    name = "scheme"
+    kind = "uniform"
+    unbiased = False
+    STATE_VERSION = 1
+
+    def __init__(self, dataset: Dataset, model: nn.Module, loss_fn: Callable, batch_size: int, seed: int | None) -> None:
+        owner = type(self).__name__
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise param_error("dataset", owner, "a map-style Dataset (with __len__ and __getitem__)", dataset, TypeError)
+        if len(dataset) == 0:  # type: ignore[arg-type]
+            raise ValueError(f"The 'dataset' parameter of {owner} is empty (len 0).")
+        if not isinstance(model, nn.Module):
+            raise param_error("model", owner, "a torch.nn.Module", model, TypeError)
+        if not callable(loss_fn):
+            raise param_error("loss_fn", owner, "a callable (outputs, targets) -> per-example losses", loss_fn, TypeError)
+        _check_reduction(loss_fn, owner)
+        self.dataset = dataset
+        self.model = model
+        self.loss_fn = loss_fn
+        self.num_samples = len(dataset)  # type: ignore[arg-type]
+        self.batch_size = check_int(batch_size, "batch_size", owner, minimum=1)
+        self.seed = check_seed(seed, None, owner)
+        self._scored = 0
+        self._trained = 0
+
+    # ------------------------------------------------------------------ protocol
+    def __iter__(self) -> Iterator[WeightedBatch]:
+        for batch in self._batches():
+            self._trained += len(batch)
+            yield self._to_device(batch)
+
+    def _batches(self) -> Iterator[WeightedBatch]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __len__(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int) -> None:  # pragma: no cover - abstract
+        """Set the epoch (its batches are a pure function of the seed, the epoch and the scheme state)."""
+        raise NotImplementedError
+
+    def update(self, indices: Any, scores: Any) -> None:  # pragma: no cover - abstract
+        """Feed back per-example scores of ``indices`` (shape (k,) each)."""
+        raise NotImplementedError
+
+    def feedback(self, batch: WeightedBatch, outputs: Any, losses: torch.Tensor) -> None:
+        """Called by the loop after the backward with detached outputs and per-example losses.
+
+        Default: ``update(batch.indices, losses)``.
+        """
+        self.update(batch.indices, losses)
+
+    def step_context(self, batch: WeightedBatch) -> contextlib.AbstractContextManager:
+        """A context manager the loop wraps around forward + backward (default: does nothing)."""
+        return contextlib.nullcontext()
+
+    def cost(self) -> dict[str, int]:
+        """Cumulative work: ``scored_examples`` (forwarded for scoring outside the training step)
+        and ``trained_examples`` (handed to the training step)."""
+        return {"scored_examples": int(self._scored), "trained_examples": int(self._trained)}
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue identically (the model's state is the caller's)."""
+        return {
+            "scheme": self.name,
+            "version": self.STATE_VERSION,
+            "num_samples": self.num_samples,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "cost": self.cost(),
+            "inner": self._state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; raises ValueError when it belongs to another scheme or dataset size."""
+        for key in ("scheme", "num_samples", "batch_size", "seed", "cost", "inner"):
+            if key not in state:
+                raise KeyError(f"{type(self).__name__} state is missing '{key}'.")
+        if state["scheme"] != self.name:
+            raise ValueError(f"The state was saved by scheme {state['scheme']!r}; this loader is {self.name!r}.")
+        for key in ("num_samples", "batch_size"):
+            if int(state[key]) != getattr(self, key):
+                raise ValueError(
+                    f"{type(self).__name__} state was saved with {key}={state[key]}, "
+                    f"but this loader has {key}={getattr(self, key)}."
+                )
+        self.seed = int(state["seed"])
+        self._scored = int(state["cost"]["scored_examples"])
+        self._trained = int(state["cost"]["trained_examples"])
+        self._load_state(state["inner"])
+
+    def _state(self) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _load_state(self, state: dict[str, Any]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ helpers
+    def _to_device(self, batch: WeightedBatch) -> WeightedBatch:
+        device = model_device(self.model)
+        if batch.weights.device == device:
+            return batch
+        return batch.to(device, non_blocking=True)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(N={self.num_samples}, batch_size={self.batch_size}, seed={self.seed})"
