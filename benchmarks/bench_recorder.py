@@ -15,7 +15,8 @@ Variants:
 * ``vmap_scorer``: ``GradNormScorer`` (per-example autograd via torch.func) on the batch.
 
 Run ``python benchmarks/bench_recorder.py`` (``--quick`` for a smoke run); ``--out DIR``
-writes ``bench_recorder.json`` and ``bench_recorder.md``.
+writes ``bench_recorder.json`` and ``bench_recorder.md``; ``--clock process`` times this
+process's CPU time instead of wall time (steadier on a machine shared with other jobs).
 """
 
 from __future__ import annotations
@@ -94,7 +95,12 @@ class Runner:
 
 
 def bench_batch_size(
-    data: tuple[torch.Tensor, torch.Tensor], batch_size: int, repeats: int, steps: int, seed: int
+    data: tuple[torch.Tensor, torch.Tensor],
+    batch_size: int,
+    repeats: int,
+    steps: int,
+    seed: int,
+    clock: str = "wall",
 ) -> dict:
     x_all, y_all = data
     gen = torch.Generator().manual_seed(seed)
@@ -111,17 +117,18 @@ def bench_batch_size(
             runner.train_step(x, y, w)
         for x, y, w in batches[:2]:
             runner.run(x, y, w)
+    timer = time.perf_counter if clock == "wall" else time.process_time
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     order = list(VARIANTS)
     for r in range(repeats):
         rotated = order[r % len(order) :] + order[: r % len(order)]
         for variant in rotated:
             runner = runners[variant]
-            start = time.perf_counter()
+            start = timer()
             for k in range(steps):
                 x, y, w = batches[(r + k) % n_batches]
                 runner.run(x, y, w)
-            times[variant].append((time.perf_counter() - start) / steps)
+            times[variant].append((timer() - start) / steps)
     medians = {v: statistics.median(t) for v, t in times.items()}
     paired = {
         v: statistics.median(a / b for a, b in zip(times[v], times["step"], strict=True))
@@ -139,7 +146,7 @@ def bench_batch_size(
 def markdown(results: list[dict], meta: dict) -> str:
     lines = [
         f"MLP 64-128-128-10, digits, Adam; torch {meta['torch']}, {meta['threads']} thread(s), "
-        f"{meta['repeats']} repeats x {meta['steps']} steps, medians.",
+        f"{meta['clock']} clock, {meta['repeats']} repeats x {meta['steps']} steps, medians.",
         "",
         "| batch | train step (ms) | + recorder plain | + recorder Adam | LinearGradNormScorer (Adam) "
         "| GradNormScorer (vmap) |",
@@ -170,6 +177,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=20, help="steps per timed block")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "process"],
+        default="wall",
+        help="wall: perf_counter; process: this process's CPU time (less sensitive to other jobs on a shared "
+        "machine; with --threads 1 it is the compute the step costs)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 repeats x 2 steps")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -177,10 +191,13 @@ def main(argv: list[str] | None = None) -> dict:
         args.repeats, args.steps = 3, 2
     torch.set_num_threads(args.threads)
     data = load_digits_tensors()
-    results = [bench_batch_size(data, b, args.repeats, args.steps, args.seed) for b in args.batch_sizes]
+    results = [
+        bench_batch_size(data, b, args.repeats, args.steps, args.seed, args.clock) for b in args.batch_sizes
+    ]
     meta = {
         "torch": torch.__version__,
         "threads": args.threads,
+        "clock": args.clock,
         "repeats": args.repeats,
         "steps": args.steps,
         "machine": platform.machine(),

@@ -120,6 +120,9 @@ def run(optimizer_name: str, checkpoints: list[int], probe_size: int, seed: int,
                     "q_log_loss": by["loss"]["q_log"],
                     "q_lin_loss": by["loss"]["q_lin"],
                     "corr_loss": by["loss"]["corr_grad_norm"],
+                    "zero_p_loss": by["loss"]["zero_p"],
+                    "bias_loss": by["loss"]["bias"],
+                    "sqrt_v_u": float(by["loss"]["v_u"]) ** 0.5,
                     "kappa_ub": by["upper_bound"]["kappa"],
                     "q_log_ub": by["upper_bound"]["q_log"],
                     "q_lin_ub": by["upper_bound"]["q_lin"],
@@ -134,16 +137,26 @@ def run(optimizer_name: str, checkpoints: list[int], probe_size: int, seed: int,
 
 def markdown(rows: list[dict]) -> str:
     head = (
-        "| optimizer | step | train acc | geometry | kappa_opt | kappa loss | Q_log loss | kappa UB | Q_log UB "
-        "| corr(UB, norm) | corr(loss, norm) | tau^2 UB | ESS UB |"
+        "| optimizer | step | train acc | geometry | kappa_opt | kappa loss | Q_log loss "
+        "| kappa UB | Q_log UB | corr(UB, norm) | corr(loss, norm) | tau^2 UB | ESS UB |"
     )
     lines = [head, "|" + " --- |" * 13]
     for r in rows:
         lines.append(
-            f"| {r['optimizer']} | {r['step']} | {r['train_acc']:.3f} | {r['geometry']} | {r['kappa_opt']:.2f} "
-            f"| {r['kappa_loss']:.2f} | {r['q_log_loss']:.2f} | {r['kappa_ub']:.2f} | {r['q_log_ub']:.2f} "
+            f"| {r['optimizer']} | {r['step']} | {r['train_acc']:.3f} | {r['geometry']} "
+            f"| {r['kappa_opt']:.2f} | {r['kappa_loss']:.2f} | {r['q_log_loss']:.2f} "
+            f"| {r['kappa_ub']:.2f} | {r['q_log_ub']:.2f} "
             f"| {r['corr_ub']:.3f} | {r['corr_loss']:.3f} | {r['tau2_ub']:.2f} | {r['ess_ub']:.3f} |"
         )
+    for r in rows:
+        if r["zero_p_loss"]:
+            lines.append(
+                f"\n{r['optimizer']} step {r['step']} ({r['geometry']}): {r['zero_p_loss']} probe "
+                f"examples have float32 loss exactly 0 but a non-zero gradient, so the loss sampler "
+                f"never draws them: "
+                f"variance inf and kappa 0 by convention; the bias norm this causes is {r['bias_loss']:.2e} "
+                f"(uniform one-draw std sqrt(V_u) = {r['sqrt_v_u']:.2e})."
+            )
     return "\n".join(lines)
 
 
@@ -151,7 +164,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short smoke-test profile")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared box)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared box)"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quality_probe.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -180,7 +195,11 @@ def main(argv: list[str] | None = None) -> dict:
             "quick": args.quick,
             "threads": args.threads,
         },
-        "environment": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()},
+        "environment": {
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
         "total_seconds": total,
         "rows": rows,
         "markdown": table,

@@ -267,13 +267,13 @@ def _flat_sq_grad_norms(
         h = h.to(dtype)
     if delta.dtype != dtype:
         delta = delta.to(dtype)
-    d2 = delta.square()
     if weight_scale is None and bias_scale is None:
-        d2_sum = d2.sum(1)
+        d2_sum = torch.linalg.vecdot(delta, delta)
         if not weight:
             return d2_sum if bias else torch.zeros_like(d2_sum)
         h2_sum = torch.linalg.vecdot(h, h)
         return (h2_sum + 1.0) * d2_sum if bias else h2_sum * d2_sum
+    d2 = delta.square()
     total = None
     if weight:
         if weight_scale is None:

@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--schemes", type=_csv_list, default=None, help=f"comma list (default {DEFAULT_SCHEMES})")
     b.add_argument("--optimizers", type=_csv_list, default=None, help="comma list of sgd, rmsprop, adam")
     b.add_argument("--seeds", type=_seeds, default=None, help="seed count (3) or list (0,4,7)")
-    b.add_argument("--budget", default=None, help="per measured run: steps (400) or seconds (30s)")
+    b.add_argument("--budget", default=None, help="per measured run: steps (300) or seconds (30s)")
     b.add_argument("--batch-size", type=_positive_int, default=None, help="training batch size (64)")
     b.add_argument("--eval-every", type=_positive_int, default=None, help="evaluate every k steps (25)")
     b.add_argument("--quality-every", type=_non_negative_int, default=None, help="kappa probe every k steps (100; 0 = off)")
@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="bench_out", help="output folder (bench_out)")
     b.add_argument("--quick", action="store_true", help="tiny profile for smoke tests")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     return parser
 
 
@@ -151,6 +152,7 @@ def config_from_args(args: argparse.Namespace) -> object:
     if args.threads is not None:
         config.threads = args.threads or None
     config.progress = not args.no_progress
+    config.plots = not args.no_plots
     return config
 
 
@@ -182,7 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         torch.set_num_threads(previous_threads)
-    print(f"isample bench: wrote {args.out}/report.md, results.json, results.csv"
-          f"{', ' + ', '.join(results['plots']) if results['plots'] else ' (no plots: matplotlib missing)'} "
-          f"in {results['wall_seconds']:.1f} s")
+    plots = ", " + ", ".join(results["plots"]) if results["plots"] else " (no plots)"
+    print(
+        f"isample bench: wrote {args.out}/report.md, results.json, results.csv{plots} in "
+        f"{results['wall_seconds']:.1f} s wall ({results['cpu_seconds']:.1f} s CPU)"
+    )
     return 0

@@ -62,6 +62,11 @@ class ImportanceDataLoader:
     ``num_workers`` 0 and 2 when the loader is built with the same ``delay``
     (pass ``delay=`` to override).
 
+    Under DDP (``torch.distributed`` initialised, one loader per rank) the sampler draws
+    one global batch per step and this loader yields the rank's shard; :meth:`update`
+    is then a collective (see :class:`TableSampler`). :meth:`state_dict` is exact at
+    the last batch handed out, prefetched batches included (they are redrawn on load).
+
     Example:
         >>> sampler = TableSampler(len(ds), batch_size=64, seed=0)
         >>> loader = ImportanceDataLoader(ds, sampler)
@@ -100,7 +105,9 @@ class ImportanceDataLoader:
             )
         num_workers = check_int(num_workers, "num_workers", owner, minimum=0)
         depth = num_workers * (prefetch_factor if prefetch_factor is not None else 2)
-        sampler.delay = check_int(delay, "delay", owner, minimum=0, allow_none=True) if delay is not None else depth
+        given = check_int(delay, "delay", owner, minimum=0, allow_none=True)
+        sampler.delay = depth if given is None else given
+        sampler.advance(0)  # the loop's consumption, not the draws, moves the sampler's position
         self.dataset = dataset
         self.sampler = sampler
         self._loader = DataLoader(

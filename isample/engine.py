@@ -1,22 +1,29 @@
 """Weighted draws over a table of N non-negative values in O(b log N) per batch of draws and updates.
 
 :class:`SumTree` keeps one float64 value per example in a wide sum tree: every internal node
-holds the sum of its ``fanout`` children, all nodes of one level lie in one contiguous array,
-and all levels share one buffer. A batch of ``b`` draws descends the ``ceil(log_F N)`` levels
-together: at every level it gathers the ``(b, F)`` block of child sums of the current nodes,
-takes a cumulative sum along the rows and picks, per row, the child whose prefix interval
-holds the target. A batch of ``b`` updates writes the leaves and recomputes the ``b`` touched
-parents of every level from their children. Both cost ``O(b F log_F N)`` work in a fixed
-number of vectorised NumPy calls per level; there is no per-example Python loop.
+holds the sum of its ``fanout`` F children, the nodes of one level lie in one contiguous
+array, and all levels share one buffer. Levels shrink by F until one has at most
+``root_width`` nodes (:data:`ROOT_WIDTH`, 4096): that root level is searched with one prefix
+sum over its nodes, which replaces the few small top levels (each a fixed cost of NumPy
+calls) by one short sequential pass.
 
-Memory (float64, fanout F = 16): ``8 (N + N / (F - 1) + F log_F N)`` bytes, about ``8.6 N``,
-well inside the ``24 N`` of a binary tree padded to a power of two.
+A batch of b draws then descends the remaining ``ceil(log_F(N / W))`` levels together: at
+every level it gathers the ``(b, F)`` block of child sums of the current nodes (one row
+gather, contiguous rows), forms the row prefix sums with one small matrix product against a
+0/1 triangle, and takes per row the first child whose prefix end exceeds the target
+(``argmax`` on a boolean block). A batch of u updates writes the leaves and recomputes the u
+touched parents of every level from their children (gather, row sum, scatter). Both cost
+``O(b F log_F N)`` work in a fixed number of vectorised NumPy calls per level; there is no
+per-example Python loop.
+
+Memory: ``8 (N + N / (F - 1) + F log_F N)`` bytes, about ``8.5 N`` for F = 16 (the
+constructor refuses, before allocating, a table larger than the available memory); a binary
+tree padded to a power of two needs up to ``32 N``.
 
 Sums never accumulate rounding drift: an update recomputes each touched parent as the float64
-sum of its children (it never adds a delta), with the same reduction :meth:`SumTree.rebuild`
-uses, so the tree after any sequence of updates is bit-for-bit the tree rebuilt from its
-leaves. A full rebuild still runs automatically every ``rebuild_every`` leaf writes as a
-safeguard.
+sum of its children (it never adds a delta), with the reduction :meth:`SumTree.rebuild` uses,
+so the tree after any sequence of updates is bit-for-bit the tree rebuilt from its leaves. A
+full rebuild still runs every ``rebuild_every`` leaf writes as a safeguard.
 
 The pure functions :func:`tree_layout`, :func:`descend` and :func:`propagate` hold the
 algorithm; :class:`SumTree` holds the buffer and validates input.
@@ -43,6 +50,8 @@ __all__ = [
 
 _OWNER = "SumTree"
 _MAX_FANOUT = 256
+
+_CHUNK = 1 << 16  # targets / updates per vectorised pass: scratch stays O(_CHUNK * F)
 
 #: Largest root level: the first level with at most this many nodes is searched directly.
 ROOT_WIDTH = 4096
@@ -155,7 +164,8 @@ def _descend(levels: list[np.ndarray], fanout: int, t: np.ndarray, exact: bool) 
         prefix = _row_prefix(block)
         above = np.argmax(prefix > t[:, None], axis=1)  # first prefix end > t, in 1..F; 0 if none
         if above.all():
-            t -= prefix.ravel().take(flat + above)  # the prefix before the child is <= t: t stays >= 0
+            if depth:  # the leaf level needs no remaining target
+                t -= prefix.ravel().take(flat + above)  # the prefix before the child is <= t: t >= 0
         else:
             bad = np.flatnonzero(above == 0)  # past the end, or a rounding gap
             child, t_bad = _exact_pick(block[bad], t[bad])
@@ -197,6 +207,10 @@ def descend(levels: list[np.ndarray], fanout: int, targets: np.ndarray) -> np.nd
         int64 array of shape (b,), the leaf indices.
     """
     targets = np.asarray(targets, dtype=np.float64).ravel()
+    if targets.shape[0] > _CHUNK:  # bound the O(b F) scratch memory
+        return np.concatenate(
+            [descend(levels, fanout, targets[i : i + _CHUNK]) for i in range(0, targets.shape[0], _CHUNK)]
+        )
     if targets.shape[0] == 0:
         return np.zeros(0, dtype=np.int64)
     pos = _descend(levels, fanout, targets.copy(), exact=False)
@@ -223,6 +237,10 @@ def propagate(levels: list[np.ndarray], fanout: int, leaf_indices: np.ndarray) -
         fanout: children per node F.
         leaf_indices: int64 array of shape (u,), the written leaves.
     """
+    if leaf_indices.shape[0] > _CHUNK:  # bound the O(u F) scratch memory
+        for i in range(0, leaf_indices.shape[0], _CHUNK):
+            propagate(levels, fanout, leaf_indices[i : i + _CHUNK])
+        return
     node = leaf_indices // fanout
     top = len(levels) - 1
     for depth in range(top):
@@ -340,6 +358,7 @@ class SumTree:
         self._rebuild_every_arg = rebuild_every
         self._rebuild_every = rebuild_every if rebuild_every is not None else max(size, 1 << 16)
         self._root_width = root_width
+        self._value_cap = float(np.finfo(np.float64).max) / size
         lengths = tree_layout(size, fanout, root_width)
         self._buf = np.zeros(sum(lengths), dtype=np.float64)
         self._levels: list[np.ndarray] = []
@@ -374,7 +393,10 @@ class SumTree:
 
     @staticmethod
     def memory_estimate(size: int, fanout: int = 16, *, root_width: int = ROOT_WIDTH) -> int:
-        """Bytes a :class:`SumTree` of ``size`` leaves allocates: its buffer (O(b F) scratch aside).
+        """Bytes a :class:`SumTree` of ``size`` leaves allocates: its buffer.
+
+        Draws and updates add scratch of O(min(b, 65536) F) bytes (b targets or updates per
+        call, processed in chunks of at most 65536), plus their own results.
 
         .. math::
 
@@ -465,10 +487,11 @@ class SumTree:
 
         and the inclusion probability :math:`\\pi_i = P(i \\in \\{i_1, \\dots, i_k\\})` is the
         sum of these over the ordered outcomes holding ``i``. It has no closed form; it
-        satisfies :math:`\\sum_i \\pi_i = k` and :math:`p_i \\le \\pi_i \\le \\min(1, k p_i)`, and
-        for k > 1 it is not proportional to :math:`v_i` (large values are included less
-        often than :math:`k p_i`), so ``1 / (N p_i)`` weights are not exactly unbiased for
-        it. This is the scheme of ``numpy.random.Generator.choice(replace=False, p=...)``.
+        satisfies :math:`\\sum_i \\pi_i = k`, :math:`p_i \\le \\pi_i \\le 1`, is ordered like
+        :math:`v_i`, and for k > 1 is not proportional to :math:`v_i`: large values are
+        included less often than :math:`k p_i`, small ones more often. So ``1 / (N p_i)``
+        weights are not exactly unbiased for it. This is the scheme of
+        ``numpy.random.Generator.choice(replace=False, p=...)``.
 
         It runs in rounds: draw the missing number of indices i.i.d. from the tree, keep the
         new distinct ones in order of first appearance (for i.i.d. draws this is exactly
@@ -491,10 +514,11 @@ class SumTree:
                 fewer than ``count`` values are positive.
         """
         owner = f"{_OWNER}.sample"
-        count = check_int(count, "count", owner, minimum=0)  # type: ignore[assignment]
+        if type(count) is not int or count < 0:
+            count = check_int(count, "count", owner, minimum=0)  # type: ignore[assignment]
         if not isinstance(rng, np.random.Generator):
             raise param_error("rng", owner, "a numpy.random.Generator", rng, TypeError)
-        if not isinstance(replacement, (bool, np.bool_)):
+        if replacement is not True and replacement is not False and not isinstance(replacement, np.bool_):
             raise param_error("replacement", owner, "a bool", replacement, TypeError)
         if count == 0:
             return np.zeros(0, dtype=np.int64)
@@ -540,7 +564,8 @@ class SumTree:
 
         Args:
             indices: integer array-like of shape (u,), entries in [0, size).
-            values: real array-like of shape (u,), or a scalar for all; finite and >= 0.
+            values: real array-like of shape (u,), or a scalar for all; >= 0 and at most
+                ``float64 max / size`` (so the total stays finite).
 
         Raises:
             TypeError: ``indices`` is not integer.
@@ -576,7 +601,8 @@ class SumTree:
         """Replace all N leaves and rebuild the sums in O(N), without a temporary copy of the table.
 
         Args:
-            values: real array-like of shape (N,), finite and >= 0 (any real dtype).
+            values: real array-like of shape (N,), >= 0 and at most ``float64 max / size``
+                (any real dtype).
 
         Raises:
             TypeError: ``values`` is not real.
@@ -677,22 +703,26 @@ class SumTree:
             )
         return idx
 
-    @staticmethod
-    def _check_values(val: np.ndarray, name: str, method: str) -> None:
+    def _check_values(self, val: np.ndarray, name: str, method: str) -> None:
+        # Values up to DBL_MAX / N keep every sum finite. min >= 0 is False for NaN, and
+        # max <= cap is False for NaN and inf: two passes, no temporaries, no warnings.
         if val.size == 0:
             return
-        # Fast path: min >= 0 (False for NaN) and a finite sum (no inf) in two passes.
-        if val.min() >= 0 and math.isfinite(float(val.sum(dtype=np.float64))):
+        cap = self._value_cap
+        lo, hi = val.min(), val.max()
+        if lo >= 0 and hi <= cap:
             return
         where = f"The '{name}' parameter of {_OWNER}.{method}"
-        if np.isnan(val).any():
+        if math.isnan(lo) or math.isnan(hi):
             raise ValueError(f"{where} must not contain NaN.")
-        lo, hi = val.min(), val.max()
         if lo < 0:
             raise ValueError(f"{where} must be >= 0. Got a negative value {lo!r}.")
         if not math.isfinite(hi):
             raise ValueError(f"{where} must be finite. Got {hi!r}.")
-        raise ValueError(f"{where} must have a finite float64 sum; it overflows.")
+        raise ValueError(
+            f"{where} must be at most {cap!r} (the float64 maximum / size, so that the total stays "
+            f"finite). Got {hi!r}."
+        )
 
     def _require_positive_total(self, method: str) -> None:
         if not self._total > 0:

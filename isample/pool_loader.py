@@ -9,6 +9,12 @@ Estimator: pools are consecutive chunks of a stream of random permutations of th
 dataset, so every pool position is uniform over the dataset; within the pool,
 weights ``1 / (B p_i)`` make the batch unbiased for the pool mean, hence for the full
 gradient.
+
+Under DDP (``num_replicas`` R > 1) every rank reads and scores its own pool: step s of
+rank r takes chunk ``s R + r`` of the shared stream (pools of one step are disjoint
+while they lie in one permutation) and draws its b from it with a rank-specific random
+stream. Each rank's weighted gradient is unbiased for the full gradient by the
+argument above, so their average (what DDP's all-reduce computes) is unbiased too.
 """
 
 from __future__ import annotations
@@ -23,8 +29,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from . import distributed as _dist
 from ._random import derive_seed, step_generator
-from ._validation import check_choice, check_float, check_int, check_seed, param_error
+from ._validation import check_choice, check_float, check_int, param_error
 from .batch import WeightedBatch, index_rows, move_to, split_batch
 from .policies import ScorePolicy
 from .scorers import model_device, per_example_losses
@@ -55,29 +62,46 @@ class _IndexedDataset(Dataset):
 
 
 class _PoolStream(Sampler[int]):
-    """The candidate stream of one epoch: concatenated permutations seeded by (seed, epoch)."""
+    """The candidates of one epoch for one rank.
 
-    def __init__(self, num_samples: int, length: int, seed: int) -> None:
+    The global stream concatenates random permutations of the dataset seeded by
+    ``(seed, epoch, block)``; it is cut into chunks of ``pool_size``, and step s of rank r
+    reads chunk ``s * num_replicas + r``. With one replica the chunks are consecutive.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        pool_size: int,
+        num_batches: int,
+        seed: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
         self.num_samples = num_samples
-        self.length = length
+        self.pool_size = pool_size
+        self.num_batches = num_batches
         self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
         self.epoch = 0
-        self.start = 0
+        self.start_step = 0
 
     def __len__(self) -> int:
-        return self.length - self.start
+        return (self.num_batches - self.start_step) * self.pool_size
 
     def __iter__(self) -> Iterator[int]:
-        n = self.num_samples
-        first = self.start // n
-        last = (self.length - 1) // n if self.length else -1
-        for block in range(first, last + 1):
-            g = torch.Generator()
-            g.manual_seed(derive_seed(self.seed, self.epoch, block, 1))
-            perm = torch.randperm(n, generator=g)
-            lo = max(self.start - block * n, 0)
-            hi = min(self.length - block * n, n)
-            yield from perm[lo:hi].tolist()
+        n, size = self.num_samples, self.pool_size
+        cached_block, perm = -1, torch.empty(0, dtype=torch.long)
+        for step in range(self.start_step, self.num_batches):
+            lo = (step * self.num_replicas + self.rank) * size
+            hi = lo + size
+            for block in range(lo // n, (hi - 1) // n + 1):
+                if block != cached_block:
+                    g = torch.Generator()
+                    g.manual_seed(derive_seed(self.seed, self.epoch, block, 1))
+                    perm, cached_block = torch.randperm(n, generator=g), block
+                yield from perm[max(lo - block * n, 0) : min(hi - block * n, n)].tolist()
 
 
 class PoolLoader:
@@ -116,13 +140,22 @@ class PoolLoader:
         num_workers, pin_memory, collate_fn, persistent_workers, prefetch_factor,
             worker_init_fn, multiprocessing_context, timeout: passed to the DataLoader
             that reads the pools.
-        seed, generator: randomness source (one of them; default: a fresh random seed).
+        seed, generator: randomness source (one of them; default: a fresh random seed,
+            rank 0's under DDP).
+        num_replicas: number of data-parallel processes (default: the world size of the
+            initialised default process group, else 1). Each rank reads its own pools
+            (see the module docstring); ``len`` is then ceil(N / (R b)) by default.
+        rank: this process's rank (default: from ``torch.distributed``, else 0).
         check_loss_fn: check on two examples at construction that the scorer returns
             one finite score per example (catches a reduced loss before training).
 
     Yields:
         :class:`WeightedBatch` with inputs and targets on the model's device, indices
         on the CPU and float32 weights on the model's device.
+
+    Under DDP with ``torch.distributed`` initialised, the tau fed to the switch is the
+    mean of the ranks' pool taus (one all-gather of a float per step), so every rank
+    switches importance sampling on at the same step.
 
     References:
         Katharopoulos and Fleuret, ICML 2018 (arXiv:1803.00942).
@@ -164,6 +197,8 @@ class PoolLoader:
         seed: int | None = None,
         generator: torch.Generator | None = None,
         check_loss_fn: bool = True,
+        num_replicas: int | None = None,
+        rank: int | None = None,
     ) -> None:
         owner = "PoolLoader"
         if not isinstance(model, nn.Module):
@@ -171,7 +206,9 @@ class PoolLoader:
         if not callable(scorer):
             raise param_error("scorer", owner, "a callable scorer(model, inputs, targets)", scorer, TypeError)
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
-            raise param_error("dataset", owner, "a map-style Dataset (with __len__ and __getitem__)", dataset, TypeError)
+            raise param_error(
+                "dataset", owner, "a map-style Dataset (with __len__ and __getitem__)", dataset, TypeError
+            )
         self.num_samples = len(dataset)  # type: ignore[arg-type]
         if self.num_samples == 0:
             raise ValueError("The 'dataset' parameter of PoolLoader is empty (len 0).")
@@ -181,31 +218,41 @@ class PoolLoader:
         self.replacement = bool(replacement)
         self.policy = ScorePolicy(power=power, additive=additive, relative=relative, mixing=mixing)
         self.bias_exponent = check_float(bias_exponent, "bias_exponent", owner, minimum=0.0, maximum=1.0)
-        self.max_weight = check_float(max_weight, "max_weight", owner, minimum=0.0, min_inclusive=False, allow_none=True)
+        self.max_weight = check_float(
+            max_weight, "max_weight", owner, minimum=0.0, min_inclusive=False, allow_none=True
+        )
         self.normalize = check_choice(normalize, "normalize", owner, NORMALIZATIONS)
-        self.scoring_batch_size = check_int(scoring_batch_size, "scoring_batch_size", owner, minimum=1, allow_none=True)
+        self.scoring_batch_size = check_int(
+            scoring_batch_size, "scoring_batch_size", owner, minimum=1, allow_none=True
+        )
         self.drop_last = bool(drop_last)
-        default_batches = (self.num_samples // self.batch_size) if self.drop_last else math.ceil(
-            self.num_samples / self.batch_size
+        self.num_replicas, self.rank = _dist.resolve_world(num_replicas, rank, owner)
+        step_size = self.batch_size * self.num_replicas
+        default_batches = (self.num_samples // step_size) if self.drop_last else math.ceil(
+            self.num_samples / step_size
         )
         self.num_batches = check_int(num_batches, "num_batches", owner, minimum=1, allow_none=True) or max(
             default_batches, 1
         )
         if switch is None:
-            threshold = default_tau_threshold(self.pool_size, self.batch_size) if tau_threshold is None else tau_threshold
+            threshold = tau_threshold
+            if threshold is None:
+                threshold = default_tau_threshold(self.pool_size, self.batch_size)
             switch = TauSwitch(threshold, momentum=tau_momentum, always=always)
         self.switch = switch
         self.dataset = dataset
         self.model = model
         self.scorer = scorer
-        self.seed = check_seed(seed, generator, owner)
+        self.seed = _dist.shared_seed(seed, generator, owner, self.num_replicas)
         self.epoch = 0
         self.position = 0
         self.steps = 0
         self.tau_history: list[dict[str, Any]] = []
         self._yielded_at: float | None = None
         self._last_step_seconds: float | None = None
-        self._stream = _PoolStream(self.num_samples, self.num_batches * self.pool_size, self.seed)
+        self._stream = _PoolStream(
+            self.num_samples, self.pool_size, self.num_batches, self.seed, self.num_replicas, self.rank
+        )
         self._loader = DataLoader(
             _IndexedDataset(dataset),
             batch_size=self.pool_size,
@@ -237,7 +284,7 @@ class PoolLoader:
 
     def _iterate(self) -> Iterator[WeightedBatch]:
         self._stream.epoch = self.epoch
-        self._stream.start = self.position * self.pool_size
+        self._stream.start_step = self.position
         epoch = self.epoch
         self._yielded_at = None
         for indices, data in self._loader:
@@ -265,7 +312,9 @@ class PoolLoader:
         b = min(self.batch_size, m)
         finite = bool(torch.isfinite(scores).all())
         if finite and bool((scores < 0).any()):
-            raise ValueError(f"The scorer of PoolLoader returned negative scores (min {float(scores.min()):.4g}).")
+            raise ValueError(
+                f"The scorer of PoolLoader returned negative scores (min {float(scores.min()):.4g})."
+            )
         tau_value = pool_tau(scores) if finite and float(scores.sum()) > 0 else float("nan")
         timing = {
             "score_seconds": score_seconds,
@@ -273,11 +322,16 @@ class PoolLoader:
             "pool_size": m,
             "batch_size": b,
         }
-        on = self.switch.observe(tau_value, timing)
-        self.tau_history.append(
-            {"step": self.steps, "tau": tau_value, "ema": getattr(self.switch, "ema", None), "on": on, **timing}
-        )
-        g = step_generator(self.seed, epoch, step)
+        observed = tau_value
+        if self.num_replicas > 1 and _dist.is_initialized():  # every rank observes the same tau
+            observed = _dist.nanmean(_dist.all_gather_floats(tau_value))
+        on = self.switch.observe(observed, timing)
+        ema = getattr(self.switch, "ema", None)
+        entry = {"step": self.steps, "tau": tau_value, "ema": ema, "on": on, **timing}
+        if self.num_replicas > 1:
+            entry["tau_global"] = observed
+        self.tau_history.append(entry)
+        g = step_generator(self.seed, epoch, step, stream=2 * self.rank)  # stream 1: the candidate stream
         if not finite:
             warnings.warn(
                 f"PoolLoader: {int((~torch.isfinite(scores)).sum())} non-finite scores in a pool; "
@@ -306,9 +360,8 @@ class PoolLoader:
         parts = []
         for start in range(0, m, chunk):
             rows = torch.arange(start, min(start + chunk, m))
-            parts.append(
-                self.scorer(self.model, index_rows(inputs, rows), index_rows(targets, rows) if targets is not None else None)
-            )
+            chunk_targets = index_rows(targets, rows) if targets is not None else None
+            parts.append(self.scorer(self.model, index_rows(inputs, rows), chunk_targets))
         return torch.cat(parts)
 
     def _check_scorer(self) -> None:
@@ -340,13 +393,24 @@ class PoolLoader:
             )
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue bit-identically: seed, epoch, position, switch state."""
+        """Everything needed to continue bit-identically.
+
+        Returns:
+            A dict of ints, floats, lists and dicts (loadable with
+            ``torch.load(weights_only=True)``): seed, epoch, position in the epoch, steps,
+            the switch state (tau EMA and on/off), the tau history and the replica
+            layout. Pools and draws are pure functions of ``(seed, epoch, step, rank)``
+            and the model, so a pool in flight (prefetched by workers) is redrawn
+            identically after loading.
+        """
         return {
             "version": self.STATE_VERSION,
             "num_samples": self.num_samples,
             "batch_size": self.batch_size,
             "pool_size": self.pool_size,
             "num_batches": self.num_batches,
+            "num_replicas": self.num_replicas,
+            "rank": self.rank,
             "seed": self.seed,
             "epoch": self.epoch,
             "position": self.position,
@@ -356,20 +420,34 @@ class PoolLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a state from :meth:`state_dict`; the next batch continues where it left off."""
-        for key in ("num_samples", "batch_size", "pool_size", "num_batches"):
+        """Restore a state from :meth:`state_dict`; the next batch continues where it left off.
+
+        Each rank restores its own view; only the tau history differs between ranks, so
+        a state saved on another rank of the same world size loads too.
+
+        Raises:
+            KeyError: a required key is missing.
+            ValueError: the state was saved with another dataset size, batch size, pool
+                size, number of batches or number of replicas (positions count
+                per-replica steps, so a state cannot be resumed exactly under another
+                world size; start a fresh epoch instead).
+        """
+        for key in ("num_samples", "batch_size", "pool_size", "num_batches", "num_replicas"):
+            if key not in state and key == "num_replicas":
+                continue
             if key not in state:
                 raise KeyError(f"PoolLoader state is missing '{key}'.")
             if state[key] != getattr(self, key):
                 raise ValueError(
-                    f"PoolLoader state was saved with {key}={state[key]}, but this loader has {key}={getattr(self, key)}."
+                    f"PoolLoader state was saved with {key}={state[key]}, but this loader has "
+                    f"{key}={getattr(self, key)}."
                 )
         self.seed = int(state["seed"])
         self._stream.seed = self.seed
+        self.switch.load_state_dict(state["switch"])
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
         self.steps = int(state["steps"])
-        self.switch.load_state_dict(state["switch"])
         self.tau_history = list(state.get("tau_history", []))
 
 

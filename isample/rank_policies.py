@@ -27,6 +27,7 @@ __all__ = [
     "cdf_power_probabilities",
     "top_k_rows",
     "infobatch_plan",
+    "infobatch_kept_count",
 ]
 
 
@@ -36,7 +37,9 @@ def _as_float64(values: torch.Tensor | np.ndarray, name: str, owner: str) -> tor
     if not isinstance(values, torch.Tensor):
         raise TypeError(f"The '{name}' parameter of {owner} must be a Tensor. Got {type(values).__name__}.")
     if values.dim() != 1:
-        raise ValueError(f"The '{name}' parameter of {owner} must have shape (M,). Got {tuple(values.shape)}.")
+        raise ValueError(
+            f"The '{name}' parameter of {owner} must have shape (M,). Got {tuple(values.shape)}."
+        )
     if values.numel() == 0:
         raise ValueError(f"The '{name}' parameter of {owner} is empty.")
     return values.detach().to("cpu", torch.float64)
@@ -201,10 +204,7 @@ def infobatch_plan(
     well_idx = torch.nonzero(well).flatten()
     rest = torch.nonzero(~well).flatten()
     n_well = well_idx.numel()
-    keep = int(round((1.0 - r) * n_well))
-    keep = max(keep, min(n_well, math.ceil(floor * m) - rest.numel()))
-    if n_well:
-        keep = max(keep, 1)  # an inclusion probability of 0 would make the epoch sum biased
+    keep = infobatch_kept_count(n_well, m, r, floor)
     chosen = well_idx[torch.randperm(n_well, generator=generator)[:keep]] if n_well else well_idx
     indices = torch.cat([rest, chosen])
     weights = torch.ones(indices.numel(), dtype=torch.float64)
@@ -212,3 +212,17 @@ def infobatch_plan(
         weights[rest.numel() :] = n_well / keep
     order = torch.randperm(indices.numel(), generator=generator)
     return indices[order], weights[order].to(torch.float32)
+
+
+def infobatch_kept_count(num_well: int, num_samples: int, prune_ratio: float, min_keep: float = 0.0) -> int:
+    """How many of the ``num_well`` below-mean examples InfoBatch keeps (K in :func:`infobatch_plan`).
+
+    ``K = max(1, round((1 - r) |W|))`` (0 when ``|W| = 0``), raised so that at least
+    ``ceil(min_keep * M)`` examples are kept in total. Never 0 for a non-empty W: an
+    inclusion probability of 0 would bias the epoch's sum.
+    """
+    if num_well <= 0:
+        return 0
+    keep = int(round((1.0 - prune_ratio) * num_well))
+    keep = max(keep, min(num_well, math.ceil(min_keep * num_samples) - (num_samples - num_well)))
+    return max(keep, 1)

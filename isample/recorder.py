@@ -183,7 +183,8 @@ def read_scales(optimizer: torch.optim.Optimizer | None, infos: list[LayerInfo])
         return None
     params = [p for info in infos for p in info.params]
     with torch.no_grad():
-        diags = iter(d.square() for d in preconditioner_diagonal(optimizer, params))
+        diags = preconditioner_diagonal(optimizer, params)
+        diags = iter(torch._foreach_mul(diags, diags))
         out = []
         for info in infos:
             w = next(diags) if info.weight else None
@@ -570,11 +571,9 @@ def _unweighted_norms(
 ) -> torch.Tensor:
     """``sqrt(sq) / |factor|`` with ``factor = w_i / b`` (mean) or ``w_i`` (sum); NaN where it is 0."""
     norms = sq.clamp_min(0).sqrt()
+    scale = float(rows) if reduction == "mean" else 1.0
     if weights is None:
-        factor = torch.full_like(norms, 1.0 / rows if reduction == "mean" else 1.0)
-    else:
-        factor = weights.to(device=norms.device, dtype=norms.dtype).abs()
-        if reduction == "mean":
-            factor = factor / rows
-    out = torch.where(factor > 0, norms / factor, torch.full_like(norms, float("nan")))
+        return (norms * scale).to(torch.float32)
+    factor = weights.to(device=norms.device, dtype=norms.dtype).abs()
+    out = torch.where(factor > 0, norms / factor, float("nan")) * scale
     return out.to(torch.float32)

@@ -91,7 +91,9 @@ def _set_training(module: nn.Module, mode: bool) -> None:
         module.training = mode
 
 
-def per_example_losses(loss_fn: LossFn, outputs: Any, targets: Any, owner: str = "the scorer") -> torch.Tensor:
+def per_example_losses(
+    loss_fn: LossFn, outputs: Any, targets: Any, owner: str = "the scorer"
+) -> torch.Tensor:
     """Call ``loss_fn`` and return per-example losses of shape (b,).
 
     Raises:
@@ -99,7 +101,9 @@ def per_example_losses(loss_fn: LossFn, outputs: Any, targets: Any, owner: str =
     """
     losses = loss_fn(outputs, targets)
     if not isinstance(losses, torch.Tensor):
-        raise TypeError(f"loss_fn of {owner} must return a tensor of per-example losses; got {type(losses).__name__}.")
+        raise TypeError(
+            f"loss_fn of {owner} must return a tensor of per-example losses; got {type(losses).__name__}."
+        )
     b = _rows(outputs)
     if losses.dim() == 0:
         raise ValueError(
@@ -136,17 +140,19 @@ def _check_reduction(loss_fn: LossFn, owner: str) -> None:
 def _check_autocast(autocast: Any, autocast_dtype: Any, owner: str) -> tuple[bool | None, torch.dtype]:
     if autocast is not None and not isinstance(autocast, bool):
         raise param_error("autocast", owner, "True, False or None", autocast, TypeError)
+    expected = "torch.bfloat16 or torch.float16"
     if not isinstance(autocast_dtype, torch.dtype):
-        raise param_error("autocast_dtype", owner, "torch.bfloat16 or torch.float16", autocast_dtype, TypeError)
+        raise param_error("autocast_dtype", owner, expected, autocast_dtype, TypeError)
     if autocast_dtype not in AUTOCAST_DTYPES:
-        raise param_error("autocast_dtype", owner, "torch.bfloat16 or torch.float16", autocast_dtype)
+        raise param_error("autocast_dtype", owner, expected, autocast_dtype)
     return autocast, autocast_dtype
 
 
 def _outputs_to_float32(data: Any) -> Any:
     """Cast every reduced-precision floating tensor in (nested) outputs to float32."""
     if isinstance(data, torch.Tensor):
-        return data.float() if data.is_floating_point() and data.dtype != torch.float32 and data.element_size() < 4 else data
+        reduced = data.is_floating_point() and data.element_size() < 4
+        return data.float() if reduced else data
     if isinstance(data, Mapping):
         return type(data)({k: _outputs_to_float32(v) for k, v in data.items()})  # type: ignore[call-arg]
     if isinstance(data, tuple) and hasattr(data, "_fields"):
@@ -229,7 +235,8 @@ class Scorer:
         _warn_non_finite(scores, type(self).__name__, stacklevel=2)
         return scores
 
-    def score(self, model: nn.Module, inputs: Any, targets: Any) -> torch.Tensor:  # pragma: no cover - abstract
+    def score(self, model: nn.Module, inputs: Any, targets: Any) -> torch.Tensor:  # pragma: no cover
+        """Scores of a batch already on the model's device, model in eval mode: Tensor of shape (b,)."""
         raise NotImplementedError
 
     def autocast_enabled(self, device: torch.device) -> bool:
@@ -245,9 +252,16 @@ class Scorer:
         return torch.autocast(device.type, dtype=self.autocast_dtype)
 
     def forward(self, model: nn.Module, inputs: Any) -> Any:
-        """``model(inputs)`` in inference mode (no graph, no version counters), under autocast
-        when enabled; reduced-precision floating outputs are returned as float32."""
-        with torch.inference_mode(), self.autocast_context(model_device(model)):
+        """``model(inputs)`` without a graph, under autocast when enabled.
+
+        Call it inside ``torch.inference_mode()`` (as the built-in scorers do) to skip
+        version counters and view tracking too; keep the work on its outputs inside the
+        same block, where it is cheapest.
+
+        Returns:
+            the model outputs, with reduced-precision floating tensors cast to float32.
+        """
+        with torch.no_grad(), self.autocast_context(model_device(model)):
             outputs = model(inputs)
         return _outputs_to_float32(outputs)
 
@@ -273,8 +287,8 @@ class LossScorer(Scorer):
     name = "loss"
 
     def score(self, model: nn.Module, inputs: Any, targets: Any) -> torch.Tensor:
-        outputs = self.forward(model, inputs)
         with torch.inference_mode():
+            outputs = self.forward(model, inputs)
             losses = per_example_losses(self.loss_fn, outputs, targets, type(self).__name__)
             negative = bool((losses < 0).any())
         if negative:
@@ -285,7 +299,9 @@ class LossScorer(Scorer):
         return losses
 
 
-def upper_bound_closed_form(loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+def upper_bound_closed_form(
+    loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor | None:
     """The Katharopoulos-Fleuret bound ``||d l_i / d z_i||_2`` in closed form, or ``None``.
 
     Known forms (z = outputs, computed in float32 whatever the dtype of z; result of shape (b,)):
@@ -327,7 +343,9 @@ def upper_bound_closed_form(loss_fn: LossFn, outputs: torch.Tensor, targets: tor
                 targets = torch.where(valid, targets, torch.zeros_like(targets))
                 lo, hi = (int(v) for v in torch.aminmax(targets))
             if lo < 0 or hi >= num_classes:
-                raise ValueError(f"Class-index targets must lie in [0, {num_classes}); got min {lo}, max {hi}.")
+                raise ValueError(
+                    f"Class-index targets must lie in [0, {num_classes}); got min {lo}, max {hi}."
+                )
             if eps:
                 probs.sub_(eps / num_classes)
             diff = probs.scatter_(1, targets.unsqueeze(1), -(1.0 - eps), reduce="add")
@@ -402,12 +420,12 @@ class UpperBoundScorer(Scorer):
         if model not in self._checked_models:
             self._checked_models.add(model)
             _warn_fused_activation(model, stacklevel=3)
-        outputs = self.forward(model, inputs)
-        if self.closed_form and isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor):
-            with torch.no_grad():
+        with torch.inference_mode():
+            outputs = self.forward(model, inputs)
+            if self.closed_form and isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor):
                 scores = upper_bound_closed_form(self.loss_fn, outputs, targets)
-            if scores is not None:
-                return scores
+                if scores is not None:
+                    return scores
         return output_gradient_norms(self.loss_fn, outputs, targets, type(self).__name__)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -428,8 +446,8 @@ def _warn_fused_activation(model: nn.Module, stacklevel: int) -> None:
             last = module
     if isinstance(last, (nn.Softmax, nn.LogSoftmax, nn.Sigmoid)):
         warnings.warn(
-            f"The model ends with {type(last).__name__}: UpperBoundScorer differentiates the loss with respect "
-            "to the model output, which should be the last layer's pre-activation (logits).",
+            f"The model ends with {type(last).__name__}: UpperBoundScorer differentiates the loss with "
+            "respect to the model output, which should be the last layer's pre-activation (logits).",
             UserWarning,
             stacklevel=stacklevel + 1,
         )
@@ -578,7 +596,8 @@ def score_dataset(
     batch_size = check_int(batch_size, "batch_size", "score_dataset", minimum=1)
     num_workers = check_int(num_workers, "num_workers", "score_dataset", minimum=0)
     if not callable(scorer):
-        raise param_error("scorer", "score_dataset", "a callable scorer(model, inputs, targets)", scorer, TypeError)
+        expected = "a callable scorer(model, inputs, targets)"
+        raise param_error("scorer", "score_dataset", expected, scorer, TypeError)
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
         raise ValueError("score_dataset got an empty dataset (len 0); there is nothing to score.")

@@ -4,6 +4,10 @@ import pytest
 import torch
 from torch import nn
 
+# Tests use tiny models: one intra-op thread avoids oversubscribing the 2 cores (and the
+# DataLoader workers some tests start), which made small autograd calls ~30x slower.
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

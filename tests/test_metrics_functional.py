@@ -164,7 +164,9 @@ def test_degenerate_equal_norms() -> None:
     q = M.quality(G, p)
     assert q.degenerate and math.isnan(q.q_lin) and math.isnan(q.q_log)
     assert q.kappa_opt == pytest.approx(1.0)
-    assert q.kappa == pytest.approx(np_variance(G.numpy(), np.full(4, 0.25)) / np_variance(G.numpy(), p.numpy()))
+    assert q.kappa == pytest.approx(
+        np_variance(G.numpy(), np.full(4, 0.25)) / np_variance(G.numpy(), p.numpy())
+    )
     # uniform: kappa exactly 1; all-zero gradients: kappa 1 by convention
     assert M.quality(G, torch.full((4,), 0.25, dtype=torch.float64)).kappa == pytest.approx(1.0)
     assert M.quality(torch.zeros(3, 2), torch.full((3,), 1 / 3)).kappa == 1.0
@@ -283,7 +285,9 @@ def test_tau_squared_is_kappa_when_pool_mean_gradient_is_zero(seed: int) -> None
 
 
 @pytest.mark.parametrize("replacement", [True, False])
-@pytest.mark.parametrize("seed, n, big_b, b", [(0, 4, 2, 2), (1, 4, 3, 2), (2, 5, 3, 1), (3, 3, 3, 3), (4, 4, 1, 2)])
+@pytest.mark.parametrize(
+    "seed, n, big_b, b", [(0, 4, 2, 2), (1, 4, 3, 2), (2, 5, 3, 1), (3, 3, 3, 3), (4, 4, 1, 2)]
+)
 def test_two_stage_variance_matches_enumeration(replacement, seed, n, big_b, b) -> None:
     G, _ = _problem(seed, n=n, d=2)
     s = np.random.default_rng(seed + 100).uniform(0.1, 2.0, size=n)
@@ -345,7 +349,9 @@ def test_bias_and_mse_against_enumeration(seed: int) -> None:
     for prob, w in ((p, np.ones(n)), (p_top, np.ones(n)), (p, 1.0 / (n * p))):
         mean, trace = enumerate_minibatch(G, prob, b, w)
         g = G.mean(0)
-        assert M.bias(_t(G), _t(prob), _t(w)) == pytest.approx(float(np.linalg.norm(mean - g)), rel=1e-8, abs=1e-12)
+        assert M.bias(_t(G), _t(prob), _t(w)) == pytest.approx(
+            float(np.linalg.norm(mean - g)), rel=1e-8, abs=1e-12
+        )
         m, var = M.estimator_moments(_t(G), _t(prob), _t(w))
         np.testing.assert_allclose(m.numpy(), mean, rtol=RTOL, atol=1e-12)
         assert var / b == pytest.approx(trace, rel=RTOL)
@@ -365,4 +371,6 @@ def test_biased_scheme_cannot_win_on_variance_alone() -> None:
     _, var = M.estimator_moments(_t(G), _t(p_top), torch.ones(n, dtype=torch.float64))
     assert var == pytest.approx(0.0, abs=1e-12)
     uniform = torch.full((n,), 1.0 / n, dtype=torch.float64)
-    assert M.mse(_t(G), _t(p_top), torch.ones(n, dtype=torch.float64), 4) > M.mse(_t(G), uniform, batch_size=4)
+    assert M.mse(_t(G), _t(p_top), torch.ones(n, dtype=torch.float64), 4) > M.mse(
+        _t(G), uniform, batch_size=4
+    )

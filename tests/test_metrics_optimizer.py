@@ -95,7 +95,9 @@ def test_preconditioned_variance_matches_brute_force(make) -> None:
     p = np.array([0.1, 0.3, 0.2, 0.25, 0.15])
     b = 2
     trace = _enumerated_trace(H, p, b)
-    assert M.preconditioned_variance(G, torch.from_numpy(p), opt, params) / b == pytest.approx(trace, rel=RTOL)
+    assert M.preconditioned_variance(G, torch.from_numpy(p), opt, params) / b == pytest.approx(
+        trace, rel=RTOL
+    )
     norms = np.linalg.norm(H, axis=1)
     np.testing.assert_allclose(
         M.preconditioned_optimal_probabilities(G, opt, params).numpy(), norms / norms.sum(), rtol=RTOL
@@ -115,7 +117,9 @@ def test_identity_geometry_and_errors() -> None:
     x, y = _data(1)
     params = list(model.parameters())
     G = M.per_example_gradients(model, CE, x, y)
-    p = torch.full((5,), 0.2, dtype=torch.float64) + torch.tensor([0.1, -0.1, 0.05, -0.05, 0.0], dtype=torch.float64)
+    p = torch.full((5,), 0.2, dtype=torch.float64) + torch.tensor(
+        [0.1, -0.1, 0.05, -0.05, 0.0], dtype=torch.float64
+    )
     sgd = torch.optim.SGD(params, lr=0.1, momentum=0.9)
     assert M.preconditioned_quality(G, p, sgd, params) == M.quality(G, p)
     assert M.preconditioned_quality(G, p, None, params) == M.quality(G, p)
@@ -159,7 +163,13 @@ def test_scaled_hyperparameters_rules() -> None:
         M.scaled_hyperparameters(adam, 10.0)
     with pytest.raises(ValueError, match="alpha"):
         M.scaled_hyperparameters(rms, 150.0)
-    for bad, err in ((0.0, ValueError), (-2.0, ValueError), (math.inf, ValueError), (True, TypeError), ("2", TypeError)):
+    for bad, err in (
+        (0.0, ValueError),
+        (-2.0, ValueError),
+        (math.inf, ValueError),
+        (True, TypeError),
+        ("2", TypeError),
+    ):
         with pytest.raises(err, match="kappa"):
             M.scaled_hyperparameters(sgd, bad)
     with pytest.raises(TypeError, match="Adagrad"):
@@ -170,7 +180,9 @@ def test_scaled_hyperparameters_rules() -> None:
 
 def test_apply_scaled_hyperparameters_is_atomic_and_undoable() -> None:
     a, b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
-    opt = torch.optim.Adam([{"params": [a], "betas": (0.5, 0.999)}, {"params": [b], "betas": (0.9, 0.99)}], lr=1e-3)
+    opt = torch.optim.Adam(
+        [{"params": [a], "betas": (0.5, 0.999)}, {"params": [b], "betas": (0.9, 0.99)}], lr=1e-3
+    )
     before = [dict(g) for g in opt.param_groups]
     with pytest.raises(ValueError, match="param group 0"):
         M.apply_scaled_hyperparameters(opt, 3.0)  # 1 - 3 * 0.5 < 0 in group 0
@@ -203,14 +215,21 @@ def test_normalisation_effect_closed_forms() -> None:
     adam_ref = _ema_ratio(c, 0.9, 1) / np.sqrt(_ema_ratio(c, 0.999, 2))
     np.testing.assert_allclose(eff.multipliers.numpy(), adam_ref, rtol=1e-9)
     rms_ref = c / np.sqrt(_ema_ratio(c, 0.99, 2))
-    np.testing.assert_allclose(M.normalisation_effect("rmsprop", batches, "max").multipliers.numpy(), rms_ref, rtol=1e-9)
-    np.testing.assert_allclose(M.normalisation_effect("sgd", batches, "max").multipliers.numpy(), c, rtol=1e-12)
+    np.testing.assert_allclose(
+        M.normalisation_effect("rmsprop", batches, "max").multipliers.numpy(), rms_ref, rtol=1e-9
+    )
+    np.testing.assert_allclose(
+        M.normalisation_effect("sgd", batches, "max").multipliers.numpy(), c, rtol=1e-12
+    )
     cm = np.array([1.0 / float(w.double().mean()) for w in batches])
     np.testing.assert_allclose(M.normalisation_effect("sgd", batches, "mean").scales.numpy(), cm, rtol=1e-12)
     # SGD with momentum: the update is the momentum-weighted average of the scales
     sgd = torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1, momentum=0.9)
     mom = M.normalisation_effect(sgd, batches, "max").multipliers.numpy()
-    ref = [sum(0.9 ** (t - k) * c[k] for k in range(t + 1)) / sum(0.9 ** (t - k) for k in range(t + 1)) for t in range(12)]
+    ref = [
+        sum(0.9 ** (t - k) * c[k] for k in range(t + 1)) / sum(0.9 ** (t - k) for k in range(t + 1))
+        for t in range(12)
+    ]
     np.testing.assert_allclose(mom, ref, rtol=1e-9)
     # constant rescale: a learning-rate change for SGD, cancelled by Adam / AdamW / RMSprop
     for name, expected in (("sgd", 2.5), ("adam", 1.0), ("adamw", 1.0), ("rmsprop", 1.0)):

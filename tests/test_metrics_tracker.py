@@ -116,7 +116,13 @@ def test_sampler_quality_rows_match_functional_core() -> None:
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     loss, ub = LossScorer(CE), UpperBoundScorer(CE)
     tracker = M.SamplerQuality(
-        x, y, CE, scorers={"loss": loss, "upper_bound": ub}, probabilities={"oracle": _oracle}, optimizer=opt, every=3
+        x,
+        y,
+        CE,
+        scorers={"loss": loss, "upper_bound": ub},
+        probabilities={"oracle": _oracle},
+        optimizer=opt,
+        every=3,
     )
     assert tracker.update(model, 1) is None and tracker.compute() == []
     rows0 = tracker.update(model, 0)  # before the first optimizer step: identity geometry only
@@ -139,7 +145,9 @@ def test_sampler_quality_rows_match_functional_core() -> None:
     assert r["kappa"] == pytest.approx(q.kappa, rel=1e-9) and r["q_log"] == pytest.approx(q.q_log, rel=1e-9)
     assert r["kappa_opt"] == pytest.approx(q.kappa_opt, rel=1e-9)
     assert r["tau2"] == pytest.approx(M.tau(scores) ** 2, rel=1e-12)
-    assert r["corr_grad_norm"] == pytest.approx(float(np.corrcoef(scores.numpy(), G.norm(dim=1).numpy())[0, 1]))
+    assert r["corr_grad_norm"] == pytest.approx(
+        float(np.corrcoef(scores.numpy(), G.norm(dim=1).numpy())[0, 1])
+    )
     w = 1.0 / (24 * p)
     assert r["ess"] == pytest.approx(M.effective_sample_size(w, p), rel=1e-12)
     assert r["max_weight"] == pytest.approx(float(w.max()), rel=1e-12)
@@ -208,14 +216,26 @@ class IIDLoader:
     """b i.i.d. draws from a known p per batch, seeded; weights as the loader computes them."""
 
     def __init__(self, x, y, p, batch_size, num_batches, seed, weights="unbiased"):
-        self.x, self.y, self.p, self.b, self.t, self.seed, self.weights = x, y, p, batch_size, num_batches, seed, weights
+        self.x, self.y, self.p, self.b, self.t, self.seed, self.weights = (
+            x,
+            y,
+            p,
+            batch_size,
+            num_batches,
+            seed,
+            weights,
+        )
 
     def __iter__(self):
         gen = torch.Generator().manual_seed(self.seed)
         n = len(self.p)
         for _ in range(self.t):
             idx = torch.multinomial(self.p, self.b, replacement=True, generator=gen)
-            w = 1.0 / (n * self.p[idx]) if self.weights == "unbiased" else torch.ones(self.b, dtype=torch.float64)
+            w = (
+                1.0 / (n * self.p[idx])
+                if self.weights == "unbiased"
+                else torch.ones(self.b, dtype=torch.float64)
+            )
             yield WeightedBatch(self.x[idx], self.y[idx], idx, w.float())
 
 
@@ -233,7 +253,9 @@ def test_validate_sampler_passes_for_correct_loader() -> None:
     report = M.validate_sampler(loader, model, CE, x, y, num_batches=400, probabilities=p)
     assert report.passed and report.mean_passed and report.variance_passed
     assert report.num_batches == 400 and report.batch_size == 6
-    assert report.expected_variance == pytest.approx(M.gradient_variance(M.per_example_gradients(model, CE, x, y), p) / 6)
+    assert report.expected_variance == pytest.approx(
+        M.gradient_variance(M.per_example_gradients(model, CE, x, y), p) / 6
+    )
     assert abs(report.empirical_variance / report.expected_variance - 1) < 0.25
     assert 0.0 < report.norm_ratio < 20.0
     assert report.as_dict()["passed"] is True

@@ -22,8 +22,10 @@ split used for learning-rate tuning. User data is used as given (not standardise
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -134,6 +136,27 @@ def _from_arrays(
     )
 
 
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The arrays of ``sklearn.datasets.load_digits()``.
+
+    Read straight from the CSV that scikit-learn bundles (``sklearn/datasets/data/digits.csv.gz``,
+    the file ``load_digits`` itself parses) when it is there, which avoids importing
+    scikit-learn (seconds on a busy machine); otherwise through ``load_digits``.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None:
+        raise ImportError("The 'digits' dataset needs scikit-learn: pip install 'isample[bench]'.")
+    if spec.origin:
+        path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            table = np.loadtxt(path, delimiter=",")
+            return table[:, :-1].astype(np.float64), table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits  # pragma: no cover - layout changed
+
+    raw = load_digits()  # pragma: no cover
+    return np.asarray(raw.data, dtype=np.float64), np.asarray(raw.target, dtype=np.int64)  # pragma: no cover
+
+
 def load_digits_data(seed: int = 0) -> BenchData:
     """scikit-learn's bundled digits (no download), split 60/20/20 and standardised.
 
@@ -143,15 +166,7 @@ def load_digits_data(seed: int = 0) -> BenchData:
     Returns:
         :class:`BenchData` with 64 features (8x8 pixels) and 10 classes.
     """
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as exc:  # pragma: no cover - sklearn is in the bench extra
-        raise ImportError(
-            "The 'digits' dataset needs scikit-learn: pip install 'isample[bench]'."
-        ) from exc
-    raw = load_digits()
-    x = np.asarray(raw.data, dtype=np.float64)
-    y = np.asarray(raw.target, dtype=np.int64)
+    x, y = _digits_arrays()
     split = _stratified_split(y, (0.6, 0.2, 0.2), np.random.default_rng(seed))
     return _from_arrays(
         "digits",

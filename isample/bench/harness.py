@@ -64,9 +64,9 @@ OPTIMIZERS: dict[str, Callable[[Any, float], torch.optim.Optimizer]] = {
 
 #: Learning-rate grids searched per optimizer (half-decade steps around common defaults).
 DEFAULT_LR_GRIDS: dict[str, tuple[float, ...]] = {
-    "sgd": (0.03, 0.1, 0.3, 1.0),
-    "rmsprop": (1e-4, 3e-4, 1e-3, 3e-3),
-    "adam": (3e-4, 1e-3, 3e-3, 1e-2),
+    "sgd": (0.1, 0.3, 1.0),
+    "rmsprop": (3e-4, 1e-3, 3e-3),
+    "adam": (1e-3, 3e-3, 1e-2),
 }
 
 #: Seed offset of the tuning runs, so the learning rate is never chosen on a measured run.
@@ -144,6 +144,7 @@ class BenchConfig:
         data_seed: seed of the data split (and of the generated dataset).
         threads: ``torch.set_num_threads`` value used by the CLI (None = unchanged).
         progress: show tqdm progress bars.
+        plots: draw the PNG plots (needs matplotlib).
         quick: the tiny profile (recorded for the report).
     """
 
@@ -152,7 +153,7 @@ class BenchConfig:
     schemes: tuple[str, ...] = ("uniform", "kf", "history-is")
     optimizers: tuple[str, ...] = ("sgd", "rmsprop", "adam")
     seeds: tuple[int, ...] = (0, 1, 2)
-    budget: str = "400"
+    budget: str = "300"
     batch_size: int = 64
     eval_every: int = 25
     quality_every: int = 100
@@ -165,6 +166,7 @@ class BenchConfig:
     data_seed: int = 0
     threads: int | None = 1
     progress: bool = True
+    plots: bool = True
     quick: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -199,7 +201,7 @@ def quick_config(**overrides: Any) -> BenchConfig:
 
 
 def machine_info(device: str = "cpu") -> dict[str, Any]:
-    """CPU model, core counts, torch / Python versions and the device (for the report)."""
+    """CPU model, core counts, torch / Python versions, the device and the 1/5/15-minute load average."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
@@ -223,6 +225,10 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
         "platform": platform.platform(),
         "device": str(device),
     }
+    try:
+        info["load_average"] = [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        info["load_average"] = None
     if str(device).startswith("cuda") and torch.cuda.is_available():
         info["device_name"] = torch.cuda.get_device_name(torch.device(device))
     return info
@@ -305,6 +311,17 @@ def _quality_rows(tracker: Any, model: nn.Module, step: int) -> list[dict[str, A
 # --------------------------------------------------------------------------- one run
 
 
+def scheme_overrides(scheme: str, data: BenchData) -> dict[str, Any]:
+    """Extra ``build`` arguments a scheme needs from the benchmark.
+
+    ``rho-loss`` needs a holdout set to train its irreducible-loss model on: the
+    validation split is used (it is also the tuning split; the test split stays unseen).
+    """
+    if scheme == "rho-loss":
+        return {"holdout": TensorDataset(data.x_val, data.y_val)}
+    return {}
+
+
 def _registry() -> Any:
     import isample.schemes as schemes
 
@@ -341,7 +358,9 @@ def train_run(
         dict with ``scheme``, ``optimizer``, ``seed``, ``lr``, ``diverged``, ``steps``,
         ``epochs``, ``train_seconds`` (loader + step + feedback), ``loader_seconds``,
         ``feedback_seconds``, ``forward_examples``, ``backward_examples``,
-        ``scored_examples``, ``compute`` (forward + 2 x backward), ``curve`` (list of
+        ``scored_examples``, ``compute`` (forward + 2 x backward), ``is_on_share`` (pool
+        schemes with a tau switch: share of steps with importance sampling on; else nan),
+        ``curve`` (list of
         eval points: ``step``, ``seconds``, ``forward_examples``, ``backward_examples``,
         ``compute``, ``train_loss``, ``train_accuracy``, ``test_loss``, ``test_accuracy``;
         for tuning runs ``val_loss``, ``val_accuracy`` instead), and ``quality`` (rows
@@ -367,7 +386,15 @@ def train_run(
     per_epoch = math.ceil(n / config.batch_size)
     epochs = math.ceil(max_steps / per_epoch) if max_steps is not None else None
     loader = registry.build(
-        scheme, train_ds, model, loss_fn, config.batch_size, seed=int(seed), epochs=epochs, optimizer=opt
+        scheme,
+        train_ds,
+        model,
+        loss_fn,
+        config.batch_size,
+        seed=int(seed),
+        epochs=epochs,
+        optimizer=opt,
+        **scheme_overrides(scheme, data),
     )
     info = registry.describe(scheme)
     extra_backward = bool(info.get("extra_backward", False)) if isinstance(info, dict) else False
@@ -499,6 +526,8 @@ def train_run(
         record()
     scored, forward = cost()
     backward = trained + (scored if extra_backward else 0)
+    history = getattr(getattr(loader, "pool", None), "tau_history", None)
+    is_on = [bool(h.get("on")) for h in history] if isinstance(history, list) and history else []
     return {
         "scheme": scheme,
         "optimizer": optimizer,
@@ -517,6 +546,7 @@ def train_run(
         "scored_examples": scored,
         "trained_examples": trained,
         "compute": float(forward + 2 * backward),
+        "is_on_share": sum(is_on) / len(is_on) if is_on else math.nan,
         "curve": curve,
         "quality": quality_rows,
     }

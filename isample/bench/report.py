@@ -27,6 +27,7 @@ __all__ = [
     "write_report",
     "ratio",
     "jsonable",
+    "upper_median",
 ]
 
 #: Version of the results.json layout (bump on any incompatible change).
@@ -103,10 +104,23 @@ def _run_quality(run: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def upper_median(values: Sequence[float]) -> float:
+    """The median, taking the upper of the two middle values for an even count.
+
+    Used for the target loss: with it at least half of uniform's seeds reach the target
+    within the budget, so uniform's median time-to-target is finite.
+    """
+    v = np.sort(np.asarray([float(u) for u in values if not math.isnan(float(u))], dtype=np.float64))
+    if v.size == 0:
+        return math.nan
+    return float(v[v.size // 2])
+
+
 def summarize(runs: Sequence[dict[str, Any]], tuning: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Per optimizer: reference points, target, and per-scheme medians, spreads and ratios.
 
-    * target loss: median over seeds of uniform's final training loss.
+    * target loss: median over seeds of uniform's final training loss (upper median for an
+      even number of seeds, see :func:`upper_median`).
     * reference points: ``steps`` = the fewest steps any run of this optimizer made (the
       budget, for a steps budget), ``seconds`` / ``compute`` = the smallest final training
       seconds / compute of any run of this optimizer (so every curve covers them).
@@ -131,7 +145,7 @@ def summarize(runs: Sequence[dict[str, Any]], tuning: dict[str, dict[str, Any]])
         by_scheme = {s: [r for r in mine if r["scheme"] == s] for s in schemes}
         base = by_scheme.get("uniform", by_scheme[schemes[0]])
         finals = [r["curve"][-1]["train_loss"] if not r["diverged"] else math.inf for r in base]
-        target = spread(finals)["median"]
+        target = upper_median(finals)
         reference = {
             "steps": float(min(r["curve"][-1]["step"] for r in mine)),
             "seconds": float(min(r["curve"][-1]["seconds"] for r in mine)),
@@ -157,6 +171,7 @@ def summarize(runs: Sequence[dict[str, Any]], tuning: dict[str, dict[str, Any]])
                 "overhead_share": spread([r["overhead_share"] for r in rs]),
                 "loader_share": spread([r["loader_seconds"] / r["train_seconds"] for r in rs]),
                 "feedback_share": spread([r["feedback_seconds"] / r["train_seconds"] for r in rs]),
+                "is_on_share": spread([r.get("is_on_share", math.nan) for r in rs]),
             }
             for axis, at in reference.items():
                 entry[f"loss_at_{axis}"] = spread([_loss_at(r, axis, at) for r in rs])
@@ -264,8 +279,10 @@ def _fmt(v: Any, digits: int = 3) -> str:
         return "-"
     if math.isinf(v):
         return "never" if v > 0 else "-inf"
-    if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+    if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e7):
         return f"{v:.{digits - 1}e}"
+    if abs(v) >= 10 ** digits:
+        return f"{v:.0f}"
     return f"{v:.{digits}g}"
 
 
@@ -292,8 +309,8 @@ def headline_table(summary_opt: dict[str, Any]) -> str:
     """The Markdown headline table of one optimizer."""
     head = (
         "| scheme | lr | final train loss | loss ratio @ equal steps | @ equal time | @ equal compute "
-        "| speed-up to target (steps / time / compute) | test acc | s/step vs uniform | overhead | kappa |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| speed-up to target (steps / time / compute) | test acc | overhead | kappa |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for name, e in summary_opt["schemes"].items():
@@ -302,7 +319,10 @@ def headline_table(summary_opt: dict[str, Any]) -> str:
             kappa += f" (D: {_spread_text(e['kappa_optimizer'])})"
         if name == "uniform":
             kappa = "1 (baseline)"
-        speed = " / ".join(_ratio_text(e[f"speedup_{a}"]) for a in ("steps", "seconds", "compute"))
+        speed = " / ".join(
+            "never" if e[f"{a}_to_target"]["median"] == math.inf else _ratio_text(e[f"speedup_{a}"])
+            for a in ("steps", "seconds", "compute")
+        )
         diverged = f" ({e['diverged']} diverged)" if e["diverged"] else ""
         lines.append(
             f"| {name}{diverged} | {_fmt(e['lr'], 2)} | {_spread_text(e['final_train_loss'])} "
@@ -310,8 +330,32 @@ def headline_table(summary_opt: dict[str, Any]) -> str:
             f"| {_ratio_text(e['ratio_at_seconds'], e['ratio_at_seconds_range'])} "
             f"| {_ratio_text(e['ratio_at_compute'], e['ratio_at_compute_range'])} "
             f"| {speed} | {_spread_text(e['final_test_accuracy'])} "
-            f"| {_ratio_text(e['relative_seconds_per_step'])} "
-            f"| {_fmt(100 * e['overhead_share']['median'], 2)}% | {kappa} |"
+            f"| {_pct(e['overhead_share']['median'])} | {kappa} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def _pct(v: float) -> str:
+    return "-" if math.isnan(v) else f"{100 * v:.0f}%"
+
+
+def details_table(summary_opt: dict[str, Any]) -> str:
+    """Absolute per-step costs, shares, time-to-target values and Q_log of one optimizer."""
+    head = (
+        "| scheme | ms / step | vs uniform | compute / step | loader share | feedback share | IS on "
+        "| Q_log | steps to target | seconds to target | compute to target |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for name, e in summary_opt["schemes"].items():
+        ms = dict(e["seconds_per_step"])
+        ms.update({k: 1000 * ms[k] for k in ("median", "min", "max")})
+        lines.append(
+            f"| {name} | {_spread_text(ms)} | {_ratio_text(e['relative_seconds_per_step'])} "
+            f"| {_fmt(e['compute_per_step']['median'], 4)} | {_pct(e['loader_share']['median'])} "
+            f"| {_pct(e['feedback_share']['median'])} | {_pct(e['is_on_share']['median'])} "
+            f"| {_spread_text(e['q_log'], 2)} | {_spread_text(e['steps_to_target'])} "
+            f"| {_spread_text(e['seconds_to_target'])} | {_spread_text(e['compute_to_target'])} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -337,7 +381,8 @@ def write_report(results: dict[str, Any], path: Path) -> None:
     parts = [
         "# isample bench report\n",
         f"Command: `{results['command']}`  \nCreated: {results['created']} (wall time "
-        f"{results['wall_seconds']:.1f} s, isample {results['isample_version']})\n",
+        f"{results['wall_seconds']:.1f} s, CPU time {results['cpu_seconds']:.1f} s, isample "
+        f"{results['isample_version']})\n",
         f"Dataset: **{d['name']}** ({d['description']}); train / val / test = {d['n_train']} / "
         f"{d['n_val']} / {d['n_test']}. Model: **{cfg['model']}**. Batch size {cfg['batch_size']}, "
         f"budget {results['budget']['text']} per measured run, seeds {cfg['seeds']}, evaluation every "
@@ -346,7 +391,10 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         "## Machine\n",
         f"- CPU: {m['cpu']} ({m['usable_cores']} usable of {m['logical_cores']} logical cores; torch "
         f"threads {m['torch_threads']})\n- torch {m['torch']}, Python {m['python']}, {m['platform']}\n"
-        f"- device: {m['device']}{' (' + m['device_name'] + ')' if m.get('device_name') else ''}\n",
+        f"- device: {m['device']}{' (' + m['device_name'] + ')' if m.get('device_name') else ''}\n"
+        f"- load average (1/5/15 min) at start {m.get('load_average_start')}, at end "
+        f"{m.get('load_average_end')}: above the core count, other processes shared the CPUs and "
+        "wall-clock figures are noisier\n",
         "## Headline\n",
         "Ratios are uniform / scheme: a **loss ratio > 1** means the scheme reached a *lower* training "
         "loss than uniform at the same number of steps, wall-clock seconds or compute (forward + 2 x "
@@ -361,7 +409,7 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         parts.append(
             f"### {opt}\n\nTarget loss {_fmt(s['target_loss'], 4)}; equal steps = {ref['steps']:.0f}, equal "
             f"time = {ref['seconds']:.3g} s, equal compute = {ref['compute']:.4g} forward-equivalent "
-            "examples.\n\n" + headline_table(s)
+            "examples.\n\n" + headline_table(s) + "\nDetails:\n\n" + details_table(s)
         )
     parts.append(
         "## Tuned learning rates\n\nEach (scheme, optimizer) ran every grid value for "

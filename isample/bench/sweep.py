@@ -103,6 +103,8 @@ def run_bench(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    cpu_started = time.process_time()
+    load_start = machine_info(config.device)["load_average"]
     data = load_dataset(config.dataset, config.data_seed)
     kind, amount = parse_budget(config.budget)
 
@@ -151,7 +153,9 @@ def run_bench(
     summary = summarize(runs, tuning)
     notes = []
     plots: list[str] = []
-    if matplotlib_available():
+    if not config.plots:
+        notes.append("plots were switched off (--no-plots).")
+    elif matplotlib_available():
         plots = write_plots(runs, out)
     else:
         notes.append(
@@ -173,6 +177,7 @@ def run_bench(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command or "isample bench",
         "wall_seconds": math.nan,
+        "cpu_seconds": math.nan,
         "config": config.to_dict(),
         "budget": {"kind": kind, "amount": amount, "text": _budget_text(kind, amount)},
         "machine": machine_info(config.device),
@@ -185,6 +190,9 @@ def run_bench(
         "notes": notes,
     }
     results["wall_seconds"] = time.perf_counter() - started
+    results["cpu_seconds"] = time.process_time() - cpu_started
+    results["machine"]["load_average_start"] = load_start
+    results["machine"]["load_average_end"] = results["machine"].pop("load_average")
     write_csv(runs, out / "results.csv")
     write_report(results, out / "report.md")
     write_json(results, out / "results.json")

@@ -21,7 +21,7 @@ from torch import nn
 from .._validation import check_int, param_error
 from ..batch import batch_size_of
 from ..preconditioner import NoOptimizerStateError, is_identity_geometry
-from .functional import effective_sample_size, quality, tau
+from .functional import bias, effective_sample_size, quality, tau
 from .optimizer import flat_preconditioner
 from .per_example import per_example_gradients, select_parameters
 
@@ -58,7 +58,10 @@ class SamplerQuality:
     with the exact gradient norms ``||g_i||``, or ``||D g_i||`` in the optimizer geometry),
     ``tau2`` (``tau(scores)**2``, the scorer's own estimate of kappa; ``None`` for
     probability candidates), ``ess`` (normalised Kish ESS of the weights ``1/(n p_i)``
-    under p, a stability diagnostic) and ``max_weight`` (``max_i 1/(n p_i)``).
+    under p, a stability diagnostic), ``max_weight`` (``max_i 1/(n p_i)``), ``zero_p``
+    (how many probe examples have ``p_i = 0`` but a non-zero gradient: such a sampler never
+    draws them, so its variance is ``inf`` and kappa 0 by convention) and ``bias`` (the norm
+    of the resulting bias of the unbiased-weight estimate, :func:`bias`; 0 when ``zero_p = 0``).
 
     The optimizer geometry (``D g`` with ``D`` from the optimizer's state) is added when
     an adaptive optimizer is given; at an update before its first step (empty state)
@@ -199,6 +202,8 @@ class SamplerQuality:
                 row = {"step": step, "candidate": name, "geometry": geometry}
                 row.update(q.as_dict())
                 row["corr_grad_norm"] = _pearson(values, norms)
+                row["zero_p"] = int(((~support) & (norms > 0)).sum())
+                row["bias"] = bias(grads, p)
                 row.update(diag)
                 new_rows.append(row)
         self._rows.extend(new_rows)

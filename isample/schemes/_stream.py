@@ -20,7 +20,9 @@ from .._random import derive_seed
 __all__ = ["epoch_permutation", "RowReader", "cat_rows"]
 
 
-def epoch_permutation(num_samples: int, seed: int, epoch: int, block: int = 0, stream: int = 0) -> torch.Tensor:
+def epoch_permutation(
+    num_samples: int, seed: int, epoch: int, block: int = 0, stream: int = 0
+) -> torch.Tensor:
     """A random permutation of ``range(num_samples)``, a pure function of its arguments (LongTensor)."""
     g = torch.Generator()
     g.manual_seed(derive_seed(seed, epoch, block, stream))
@@ -28,7 +30,7 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int, block: int = 0, s
 
 
 class _Source(Sampler[int]):
-    """Index source of :class:`RowReader`: an explicit tensor, or a (possibly unbounded) permutation stream."""
+    """Index source of :class:`RowReader`: an explicit tensor, or a (maybe unbounded) permutation stream."""
 
     def __init__(self, num_samples: int) -> None:
         self.num_samples = num_samples

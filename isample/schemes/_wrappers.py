@@ -138,7 +138,10 @@ class TableScheme(SchemeLoader):
     def _rescore(self) -> torch.Tensor:
         """Score the whole dataset with the current model and feed the table; returns the scores (N,)."""
         scores = score_dataset(
-            self.model, self.dataset, self._rescore_scorer(), batch_size=self.scoring_batch_size,
+            self.model,
+            self.dataset,
+            self._rescore_scorer(),
+            batch_size=self.scoring_batch_size,
             collate_fn=self.collate_fn,
         )
         self._scored += self.num_samples

@@ -44,14 +44,18 @@ def feedback_arrays(indices: Any, scores: Any, num_samples: int, owner: str) -> 
     idx = _to_numpy(indices, "indices", owner).astype(np.int64, copy=False).ravel()
     val = _to_numpy(scores, "scores", owner).astype(np.float64, copy=False).ravel()
     if idx.shape[0] != val.shape[0]:
-        raise ValueError(f"{owner}.update got {idx.shape[0]} indices and {val.shape[0]} scores; lengths must match.")
+        raise ValueError(
+            f"{owner}.update got {idx.shape[0]} indices and {val.shape[0]} scores; lengths must match."
+        )
     if idx.size and (idx.min() < 0 or idx.max() >= num_samples):
         bad = idx[(idx < 0) | (idx >= num_samples)][0]
         raise IndexError(f"{owner}.update got index {int(bad)} outside [0, {num_samples}).")
     finite = np.isfinite(val)
     if not finite.all():
         warnings.warn(
-            f"{owner}.update skipped {int((~finite).sum())} NaN or infinite score(s).", RuntimeWarning, stacklevel=3
+            f"{owner}.update skipped {int((~finite).sum())} NaN or infinite score(s).",
+            RuntimeWarning,
+            stacklevel=3,
         )
         idx, val = idx[finite], val[finite]
     if (val < 0).any():
@@ -86,16 +90,22 @@ class SchemeLoader:
     unbiased = False
     STATE_VERSION = 1
 
-    def __init__(self, dataset: Dataset, model: nn.Module, loss_fn: Callable, batch_size: int, seed: int | None) -> None:
+    def __init__(
+        self, dataset: Dataset, model: nn.Module, loss_fn: Callable, batch_size: int, seed: int | None
+    ) -> None:
         owner = type(self).__name__
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
-            raise param_error("dataset", owner, "a map-style Dataset (with __len__ and __getitem__)", dataset, TypeError)
+            raise param_error(
+                "dataset", owner, "a map-style Dataset (with __len__ and __getitem__)", dataset, TypeError
+            )
         if len(dataset) == 0:  # type: ignore[arg-type]
             raise ValueError(f"The 'dataset' parameter of {owner} is empty (len 0).")
         if not isinstance(model, nn.Module):
             raise param_error("model", owner, "a torch.nn.Module", model, TypeError)
         if not callable(loss_fn):
-            raise param_error("loss_fn", owner, "a callable (outputs, targets) -> per-example losses", loss_fn, TypeError)
+            raise param_error(
+                "loss_fn", owner, "a callable (outputs, targets) -> per-example losses", loss_fn, TypeError
+            )
         _check_reduction(loss_fn, owner)
         self.dataset = dataset
         self.model = model
@@ -161,7 +171,9 @@ class SchemeLoader:
             if key not in state:
                 raise KeyError(f"{type(self).__name__} state is missing '{key}'.")
         if state["scheme"] != self.name:
-            raise ValueError(f"The state was saved by scheme {state['scheme']!r}; this loader is {self.name!r}.")
+            raise ValueError(
+                f"The state was saved by scheme {state['scheme']!r}; this loader is {self.name!r}."
+            )
         for key in ("num_samples", "batch_size"):
             if int(state[key]) != getattr(self, key):
                 raise ValueError(

@@ -1,4 +1,4 @@
-"""History importance sampling fed by exact per-example gradient norms recorded during the training backward."""
+"""History importance sampling fed by per-example gradient norms recorded in the training backward."""
 
 from __future__ import annotations
 
@@ -81,11 +81,25 @@ class HistoryGradNorm(TableScheme):
         from ..recorder import GradNormRecorder  # written in parallel: imported lazily
 
         super().__init__(
-            dataset, model, loss_fn, batch_size, seed,
-            rescore_every=rescore_every, scoring_batch_size=scoring_batch_size, num_workers=num_workers,
-            pin_memory=pin_memory, collate_fn=collate_fn, num_batches=num_batches, drop_last=drop_last,
-            mixing=mixing, power=power, additive=additive, relative=relative, bias_exponent=bias_exponent,
-            max_weight=max_weight, initial_score=initial_score,
+            dataset,
+            model,
+            loss_fn,
+            batch_size,
+            seed,
+            rescore_every=rescore_every,
+            scoring_batch_size=scoring_batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            collate_fn=collate_fn,
+            num_batches=num_batches,
+            drop_last=drop_last,
+            mixing=mixing,
+            power=power,
+            additive=additive,
+            relative=relative,
+            bias_exponent=bias_exponent,
+            max_weight=max_weight,
+            initial_score=initial_score,
         )
         self.layers = layers
         self.optimizer = optimizer

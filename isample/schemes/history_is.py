@@ -102,11 +102,25 @@ class HistoryIS(TableScheme):
     ) -> None:
         self.score = check_choice(score, "score", type(self).__name__, SCORES)
         super().__init__(
-            dataset, model, loss_fn, batch_size, seed,
-            rescore_every=rescore_every, scoring_batch_size=scoring_batch_size, num_workers=num_workers,
-            pin_memory=pin_memory, collate_fn=collate_fn, num_batches=num_batches, drop_last=drop_last,
-            mixing=mixing, power=power, additive=additive, relative=relative, bias_exponent=bias_exponent,
-            max_weight=max_weight, initial_score=initial_score,
+            dataset,
+            model,
+            loss_fn,
+            batch_size,
+            seed,
+            rescore_every=rescore_every,
+            scoring_batch_size=scoring_batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            collate_fn=collate_fn,
+            num_batches=num_batches,
+            drop_last=drop_last,
+            mixing=mixing,
+            power=power,
+            additive=additive,
+            relative=relative,
+            bias_exponent=bias_exponent,
+            max_weight=max_weight,
+            initial_score=initial_score,
         )
         self.unbiased = bias_exponent == 1.0 and max_weight is None
 

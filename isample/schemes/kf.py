@@ -83,13 +83,26 @@ class KatharopoulosFleuret(PoolScheme):
         replacement: bool = True,
     ) -> None:
         options: dict[str, Any] = dict(
-            presample=presample, tau_threshold=tau_threshold, tau_momentum=tau_momentum, always=always,
-            power=power, additive=additive, relative=relative, mixing=mixing,
-            scoring_batch_size=scoring_batch_size, num_batches=num_batches, drop_last=drop_last,
-            num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate_fn, max_weight=max_weight,
+            presample=presample,
+            tau_threshold=tau_threshold,
+            tau_momentum=tau_momentum,
+            always=always,
+            power=power,
+            additive=additive,
+            relative=relative,
+            mixing=mixing,
+            scoring_batch_size=scoring_batch_size,
+            num_batches=num_batches,
+            drop_last=drop_last,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            collate_fn=collate_fn,
+            max_weight=max_weight,
             replacement=replacement,
         )
-        super().__init__(dataset, model, loss_fn, batch_size, seed, UpperBoundScorer(loss_fn, closed_form), **options)
+        super().__init__(
+            dataset, model, loss_fn, batch_size, seed, UpperBoundScorer(loss_fn, closed_form), **options
+        )
 
     @property
     def switch(self) -> Any:

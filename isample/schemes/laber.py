@@ -71,8 +71,20 @@ class LaBER(PoolScheme):
         collate_fn: Callable | None = None,
     ) -> None:
         options: dict[str, Any] = dict(
-            presample=presample, always=True, power=power, additive=additive, relative=relative, mixing=mixing,
-            scoring_batch_size=scoring_batch_size, num_batches=num_batches, drop_last=drop_last,
-            num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate_fn, normalize="none",
+            presample=presample,
+            always=True,
+            power=power,
+            additive=additive,
+            relative=relative,
+            mixing=mixing,
+            scoring_batch_size=scoring_batch_size,
+            num_batches=num_batches,
+            drop_last=drop_last,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            collate_fn=collate_fn,
+            normalize="none",
         )
-        super().__init__(dataset, model, loss_fn, batch_size, seed, UpperBoundScorer(loss_fn, closed_form), **options)
+        super().__init__(
+            dataset, model, loss_fn, batch_size, seed, UpperBoundScorer(loss_fn, closed_form), **options
+        )

@@ -88,10 +88,20 @@ class OnlineBatchSelection(TableScheme):
         self.epochs = epochs
         self.unbiased = bool(unbiased)
         super().__init__(
-            dataset, model, loss_fn, batch_size, seed,
-            rescore_every=rescore_every, scoring_batch_size=scoring_batch_size, num_workers=num_workers,
-            pin_memory=pin_memory, collate_fn=collate_fn, num_batches=num_batches, drop_last=drop_last,
-            mixing=0.0, bias_exponent=1.0 if self.unbiased else 0.0,
+            dataset,
+            model,
+            loss_fn,
+            batch_size,
+            seed,
+            rescore_every=rescore_every,
+            scoring_batch_size=scoring_batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            collate_fn=collate_fn,
+            num_batches=num_batches,
+            drop_last=drop_last,
+            mixing=0.0,
+            bias_exponent=1.0 if self.unbiased else 0.0,
         )
         self.losses = np.full(self.num_samples, np.nan)
 

@@ -82,9 +82,19 @@ class PoolLinearGradNorm(PoolScheme):
             big_b = max(b, int(round(presample * b)))
             tau_threshold = (2.0 * big_b + 3.0 * b) / (3.0 * b)
         options: dict[str, Any] = dict(
-            presample=presample, always=always, tau_threshold=tau_threshold, tau_momentum=tau_momentum,
-            power=power, additive=additive, relative=relative, mixing=mixing,
-            scoring_batch_size=scoring_batch_size, num_batches=num_batches, drop_last=drop_last,
-            num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate_fn,
+            presample=presample,
+            always=always,
+            tau_threshold=tau_threshold,
+            tau_momentum=tau_momentum,
+            power=power,
+            additive=additive,
+            relative=relative,
+            mixing=mixing,
+            scoring_batch_size=scoring_batch_size,
+            num_batches=num_batches,
+            drop_last=drop_last,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            collate_fn=collate_fn,
         )
         super().__init__(dataset, model, loss_fn, batch_size, seed, scorer, **options)

@@ -1,4 +1,4 @@
-"""Selective Backprop (Jiang et al. 2019): keep candidates with probability CDF(loss)^beta, queue them into batches."""
+"""Selective Backprop (Jiang et al. 2019): keep candidates with probability CDF(loss)^beta, queue them."""
 
 from __future__ import annotations
 
@@ -103,15 +103,20 @@ class SelectiveBackprop(SchemeLoader):
         self.s_min = check_float(s_min, "s_min", owner, minimum=0.0, maximum=1.0)
         self.history_size = check_int(history_size, "history_size", owner, minimum=1)
         self.uniform_epochs = check_int(uniform_epochs, "uniform_epochs", owner, minimum=0)
-        self.chunk_size = check_int(chunk_size, "chunk_size", owner, minimum=1, allow_none=True) or self.batch_size
+        self.chunk_size = (
+            check_int(chunk_size, "chunk_size", owner, minimum=1, allow_none=True) or self.batch_size
+        )
         self.staleness = check_int(staleness, "staleness", owner, minimum=1, allow_none=True)
         self.num_batches = check_int(num_batches, "num_batches", owner, minimum=1, allow_none=True) or max(
             math.ceil(self.num_samples / self.batch_size), 1
         )
         self.scorer = LossScorer(loss_fn)
         self.reader = RowReader(
-            dataset, self.chunk_size, num_workers=check_int(num_workers, "num_workers", owner, minimum=0),
-            pin_memory=bool(pin_memory), collate_fn=collate_fn,
+            dataset,
+            self.chunk_size,
+            num_workers=check_int(num_workers, "num_workers", owner, minimum=0),
+            pin_memory=bool(pin_memory),
+            collate_fn=collate_fn,
         )
         self.epoch = 0
         self.position = 0
@@ -203,7 +208,9 @@ class SelectiveBackprop(SchemeLoader):
         prob = torch.ones(c, dtype=torch.float64)
         if bool(finite.any()) and self._history:
             prob[finite] = cdf_power_probabilities(losses[finite], self.history(), self.beta, self.s_min)
-        u = torch.rand(c, generator=step_generator(self.seed, epoch, chunk_no, _STREAM + 1), dtype=torch.float64)
+        u = torch.rand(
+            c, generator=step_generator(self.seed, epoch, chunk_no, _STREAM + 1), dtype=torch.float64
+        )
         kept = u < prob
         self.last_selection = {"indices": indices, "losses": losses, "probabilities": prob, "kept": kept}
         return kept
@@ -219,8 +226,15 @@ class SelectiveBackprop(SchemeLoader):
         need = np.nonzero(~fresh)[0]
         if need.size:
             rows = torch.from_numpy(need)
-            scores = self.scorer(self.model, index_rows(inputs, rows), index_rows(targets, rows) if targets is not None
-                                 else None).to("cpu", torch.float64).numpy()
+            scores = (
+                self.scorer(
+                    self.model,
+                    index_rows(inputs, rows),
+                    index_rows(targets, rows) if targets is not None else None,
+                )
+                .to("cpu", torch.float64)
+                .numpy()
+            )
             values[need] = scores
             self._table[idx[need]] = scores
             self._table_epoch[idx[need]] = epoch
@@ -256,7 +270,9 @@ class SelectiveBackprop(SchemeLoader):
         self._consumed = int(state["consumed"])
         self._chunks = int(state["chunks"])
         self._batch_epoch = int(state["batch_epoch"])
-        self._history = collections.deque(torch.as_tensor(state["history"]).tolist(), maxlen=self.history_size)
+        self._history = collections.deque(
+            torch.as_tensor(state["history"]).tolist(), maxlen=self.history_size
+        )
         self._queue_idx = torch.as_tensor(state["queue"], dtype=torch.long).clone()
         self._queue_data = None  # re-read from the dataset on the next iteration
         if self._table is not None:

@@ -64,8 +64,11 @@ class Uniform(SchemeLoader):
         n, b = self.num_samples, self.batch_size
         self.num_batches = max(n // b if self.drop_last else math.ceil(n / b), 1)
         self.reader = RowReader(
-            dataset, b, num_workers=check_int(num_workers, "num_workers", "Uniform", minimum=0),
-            pin_memory=bool(pin_memory), collate_fn=collate_fn,
+            dataset,
+            b,
+            num_workers=check_int(num_workers, "num_workers", "Uniform", minimum=0),
+            pin_memory=bool(pin_memory),
+            collate_fn=collate_fn,
         )
         self.epoch = 0
         self.position = 0
@@ -93,7 +96,9 @@ class Uniform(SchemeLoader):
     def update(self, indices: Any, scores: Any) -> None:
         """Validated (same length) and ignored."""
         if len(indices) != len(scores):
-            raise ValueError(f"Uniform.update got {len(indices)} indices and {len(scores)} scores; lengths must match.")
+            raise ValueError(
+                f"Uniform.update got {len(indices)} indices and {len(scores)} scores; lengths must match."
+            )
 
     def _state(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "position": self.position}

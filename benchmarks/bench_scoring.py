@@ -1,0 +1,338 @@
+"""Scoring throughput: the scorers against a plain no-grad forward of the same batch.
+
+Part 1 (per-call cost). For each model and batch size, every variant runs on the same
+batch; variants are interleaved within each repeat (order rotated), each timed over
+``--inner`` calls after a warm-up, and the figure is the median over ``--repeats``
+repeats. Ratios are against the plain ``torch.no_grad()`` forward measured in the same
+run (model in eval mode, set once outside the timer). The scorers are called on the model
+in train mode, as a loader calls them mid-training, so their figures include switching to
+eval mode and back, moving inputs, the closed form and the non-finite check. On CUDA,
+``torch.cuda.synchronize()`` brackets every timer.
+
+Variants:
+
+* ``forward``: ``with torch.no_grad(): model(x)`` (the baseline).
+* ``forward_inference``: ``with torch.inference_mode(): model(x)`` (for reference).
+* ``upper_bound``: ``UpperBoundScorer(CE)(model, x, y)`` (closed form).
+* ``loss``: ``LossScorer(CE)(model, x, y)``.
+* ``grad_norm``: ``GradNormScorer(CE, chunk_size=64)``: per-example gradients, timed over
+  fewer calls (it costs about one backward per example).
+* on CUDA also ``upper_bound_fp32``: ``UpperBoundScorer(CE, autocast=False)`` (the default
+  there is a bf16 forward).
+
+Models: ``mlp`` 64-128-128-10, ``mlp_wide`` 784-512-512-10, ``cnn`` two 3x3 conv layers
+(16 and 32 channels, each followed by ReLU and 2x2 max-pool) and a linear layer on 1x28x28.
+
+Part 2 (loading overlapped with scoring). A ``PoolLoader`` (batch 64, presample 4, the
+``mlp_wide`` model, ``UpperBoundScorer``) over a dataset whose ``__getitem__`` sleeps
+``--item-cost-us`` microseconds (simulated decoding or I/O), with a training step per
+batch, run with ``num_workers`` 0 and 2 (persistent workers, started in a warm-up epoch).
+With workers the next pools load while the main process scores and trains. The same for
+``score_dataset``. Figures are medians over ``--epochs`` epochs.
+
+Run ``python benchmarks/bench_scoring.py`` (``--quick`` for a smoke run). Writes
+``benchmarks/results/scoring.json`` (or ``--out``) and prints Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from isample import GradNormScorer, LossScorer, PoolLoader, UpperBoundScorer, score_dataset
+
+MODELS = {
+    "mlp": ((64,), (256, 1024)),
+    "mlp_wide": ((784,), (256, 1024)),
+    "cnn": ((1, 28, 28), (256,)),
+}
+TARGET_RATIO = 1.10
+
+
+def make_model(name: str, seed: int = 0) -> nn.Module:
+    """The benchmark models, with a seeded initialisation (global RNG untouched)."""
+    if name == "mlp":
+        model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    elif name == "mlp_wide":
+        model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+    elif name == "cnn":
+        model = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 7 * 7, 10),
+        )
+    else:
+        raise ValueError(f"unknown model {name!r}")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            fan_in = p[0].numel() if p.dim() > 1 else p.shape[0]
+            p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) / fan_in**0.5)
+    return model
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_variants(
+    fns: dict[str, Callable[[], Any]],
+    device: torch.device,
+    repeats: int,
+    inner: dict[str, int],
+    warmup: int = 3,
+) -> dict[str, dict[str, float]]:
+    """Median seconds per call (wall and this thread's CPU time) of interleaved variants."""
+    for name, fn in fns.items():
+        for _ in range(warmup if inner[name] > 1 else 1):
+            fn()
+    _sync(device)
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    order = list(fns)
+    for r in range(repeats):
+        for name in order[r % len(order) :] + order[: r % len(order)]:
+            fn, n = fns[name], inner[name]
+            _sync(device)
+            c0, w0 = time.thread_time(), time.perf_counter()
+            for _ in range(n):
+                fn()
+            _sync(device)
+            w1, c1 = time.perf_counter(), time.thread_time()
+            wall[name].append((w1 - w0) / n)
+            cpu[name].append((c1 - c0) / n)
+    return {
+        k: {"wall_s": statistics.median(wall[k]), "cpu_s": statistics.median(cpu[k]), "calls": inner[k] * repeats}
+        for k in fns
+    }
+
+
+def bench_model(name: str, batch: int, device: torch.device, repeats: int, inner: int, grad_norm: bool) -> dict:
+    shape, _ = MODELS[name]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, *shape, generator=gen)
+    y = torch.randint(0, 10, (batch,), generator=gen)
+    base = make_model(name).to(device).eval()
+    scored = make_model(name).to(device).train()  # scorers see a model mid-training
+    x_dev, y_dev = x.to(device), y.to(device)
+    ce = nn.CrossEntropyLoss(reduction="none")
+    ub, loss, gn = UpperBoundScorer(ce), LossScorer(ce), GradNormScorer(ce, chunk_size=64)
+
+    def forward() -> None:
+        with torch.no_grad():
+            base(x_dev)
+
+    def forward_inference() -> None:
+        with torch.inference_mode():
+            base(x_dev)
+
+    fns: dict[str, Callable[[], Any]] = {
+        "forward": forward,
+        "forward_inference": forward_inference,
+        "upper_bound": lambda: ub(scored, x_dev, y_dev),
+        "loss": lambda: loss(scored, x_dev, y_dev),
+    }
+    if device.type == "cuda":
+        ub32 = UpperBoundScorer(ce, autocast=False)
+        fns["upper_bound_fp32"] = lambda: ub32(scored, x_dev, y_dev)
+    counts = {k: inner for k in fns}
+    if grad_norm:
+        fns["grad_norm"] = lambda: gn(scored, x_dev, y_dev)
+        counts["grad_norm"] = 1
+    times = time_variants(fns, device, repeats, counts)
+    ref = times["forward"]
+    for entry in times.values():
+        entry["ratio_wall"] = entry["wall_s"] / ref["wall_s"]
+        entry["ratio_cpu"] = entry["cpu_s"] / ref["cpu_s"] if ref["cpu_s"] > 0 else float("nan")
+    return {"model": name, "batch": batch, "variants": times}
+
+
+class SlowDataset(Dataset):
+    """``(x_i, y_i)`` from tensors, each item costing ``item_cost_s`` of sleep (simulated I/O)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, item_cost_s: float) -> None:
+        self.x, self.y, self.item_cost_s = x, y, item_cost_s
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.item_cost_s > 0:
+            time.sleep(self.item_cost_s)
+        return self.x[i], self.y[i]
+
+
+def bench_overlap(
+    device: torch.device, n: int, num_batches: int, epochs: int, item_cost_us: float, workers_list: tuple = (0, 2)
+) -> dict:
+    gen = torch.Generator().manual_seed(2)
+    ds = SlowDataset(torch.randn(n, 784, generator=gen), torch.randint(0, 10, (n,), generator=gen), item_cost_us * 1e-6)
+    ce = nn.CrossEntropyLoss(reduction="none")
+    rows = []
+    for workers in workers_list:
+        model = make_model("mlp_wide").to(device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        loader = PoolLoader(
+            ds,
+            model,
+            UpperBoundScorer(ce),
+            batch_size=64,
+            presample=4.0,
+            always=True,
+            num_batches=num_batches,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=device.type == "cuda",
+            seed=0,
+        )
+        epoch_s, score_s = [], []
+        for epoch in range(epochs + 1):  # epoch 0 starts the workers: not timed
+            loader.set_epoch(epoch)
+            _sync(device)
+            start = time.perf_counter()
+            history_start = len(loader.tau_history)
+            for batch in loader:
+                losses = ce(model(batch.inputs), batch.targets)
+                (batch.weights * losses).mean().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            _sync(device)
+            if epoch:
+                epoch_s.append(time.perf_counter() - start)
+                score_s.append(sum(h["score_seconds"] for h in loader.tau_history[history_start:]))
+        del loader
+        sd_s = []
+        model.eval()
+        for rep in range(epochs + 1):
+            start = time.perf_counter()
+            score_dataset(model, ds, UpperBoundScorer(ce), batch_size=256, num_workers=workers)
+            if rep:
+                sd_s.append(time.perf_counter() - start)
+        rows.append(
+            {
+                "num_workers": workers,
+                "pool_epoch_s": statistics.median(epoch_s),
+                "pool_score_s": statistics.median(score_s),
+                "score_dataset_s": statistics.median(sd_s),
+            }
+        )
+    for row in rows:
+        row["pool_speedup"] = rows[0]["pool_epoch_s"] / row["pool_epoch_s"]
+        row["score_dataset_speedup"] = rows[0]["score_dataset_s"] / row["score_dataset_s"]
+    pools_items = num_batches * 256
+    return {
+        "n": n,
+        "num_batches": num_batches,
+        "batch_size": 64,
+        "pool_size": 256,
+        "item_cost_us": item_cost_us,
+        "pool_load_sleep_s": pools_items * item_cost_us * 1e-6,
+        "score_dataset_sleep_s": n * item_cost_us * 1e-6,
+        "rows": rows,
+    }
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        "| model | batch | variant | median ms/call | ratio vs no-grad forward (wall) | ratio (thread CPU) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for case in result["cases"]:
+        for variant, t in case["variants"].items():
+            lines.append(
+                f"| {case['model']} | {case['batch']} | {variant} | {t['wall_s'] * 1e3:.3f} | "
+                f"{t['ratio_wall']:.3f} | {t['ratio_cpu']:.3f} |"
+            )
+    lines.append("")
+    lines.append(f"UpperBoundScorer target: <= {TARGET_RATIO:.2f}x the no-grad forward.")
+    for case in result["cases"]:
+        t = case["variants"]["upper_bound"]
+        ok = "met" if t["ratio_wall"] <= TARGET_RATIO else "NOT met"
+        lines.append(f"- {case['model']} b={case['batch']}: {t['ratio_wall']:.3f}x (wall) -> {ok}")
+    ov = result.get("overlap")
+    if ov:
+        lines += [
+            "",
+            f"Loading overlapped with scoring: {ov['n']} items, {ov['item_cost_us']:.0f} us sleep per item; "
+            f"PoolLoader {ov['num_batches']} batches of {ov['batch_size']} from pools of {ov['pool_size']} "
+            f"(sleep alone {ov['pool_load_sleep_s']:.2f} s/epoch), training step per batch; "
+            f"score_dataset batch 256 (sleep alone {ov['score_dataset_sleep_s']:.2f} s).",
+            "",
+            "| num_workers | PoolLoader epoch s | of which scoring s | speed-up | score_dataset s | speed-up |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in ov["rows"]:
+            lines.append(
+                f"| {row['num_workers']} | {row['pool_epoch_s']:.3f} | {row['pool_score_s']:.3f} | "
+                f"{row['pool_speedup']:.2f} | {row['score_dataset_s']:.3f} | {row['score_dataset_speedup']:.2f} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (default 1)")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--inner", type=int, default=10, help="calls per timed block")
+    parser.add_argument("--no-grad-norm", action="store_true", help="skip GradNormScorer")
+    parser.add_argument("--item-cost-us", type=float, default=100.0)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--no-overlap", action="store_true", help="skip part 2 (loading overlap)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "scoring.json"))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu" and args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        cases = [("mlp", 32)]
+        repeats, inner = 3, 2
+        overlap = {"n": 256, "num_batches": 2, "epochs": 1, "item_cost_us": 0.0, "workers_list": (0,)}
+    else:
+        cases = [(name, b) for name, (_, batches) in MODELS.items() for b in batches]
+        repeats, inner = args.repeats, args.inner
+        overlap = {"n": 4096, "num_batches": 16, "epochs": args.epochs, "item_cost_us": args.item_cost_us}
+    result: dict[str, Any] = {
+        "benchmark": "scoring",
+        "device": str(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "inner": inner,
+        "quick": args.quick,
+        "target_ratio": TARGET_RATIO,
+        "cases": [],
+    }
+    for name, batch in cases:
+        result["cases"].append(bench_model(name, batch, device, repeats, inner, not args.no_grad_norm))
+    if not args.no_overlap:
+        result["overlap"] = bench_overlap(device, **overlap)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(markdown(result))
+    print(f"\nwrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

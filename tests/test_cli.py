@@ -1,0 +1,102 @@
+"""The ``isample`` command line: argument parsing, typo errors, and the ``python -m`` entry point."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from isample.bench.harness import BenchConfig
+from isample.bench.report import SCHEMA_VERSION
+from isample.cli import build_parser, config_from_args, main
+
+
+def _config(*argv: str) -> BenchConfig:
+    return config_from_args(build_parser().parse_args(["bench", *argv]))
+
+
+def test_defaults_and_overrides():
+    cfg = _config()
+    assert cfg.dataset == "digits" and cfg.model == "mlp"
+    assert cfg.schemes == ("uniform", "kf", "history-is")
+    assert cfg.optimizers == ("sgd", "rmsprop", "adam")
+    assert cfg.seeds == (0, 1, 2) and cfg.progress is True and cfg.threads == 1
+    cfg = _config("--seeds", "0,4,7", "--budget", "30s", "--schemes", "uniform, laber", "--optimizers", "adam",
+                  "--batch-size", "32", "--lr-grid", "adam=0.001,0.01", "--no-tune", "--threads", "0",
+                  "--no-progress", "--dataset", "noisy-imbalanced", "--model", "cnn")
+    assert cfg.seeds == (0, 4, 7) and cfg.budget == "30s" and cfg.schemes == ("uniform", "laber")
+    assert cfg.optimizers == ("adam",) and cfg.batch_size == 32 and cfg.lr_grids["adam"] == (0.001, 0.01)
+    assert cfg.tune is False and cfg.threads is None and cfg.progress is False
+    assert cfg.dataset == "noisy-imbalanced" and cfg.model == "cnn"
+    assert _config("--seeds", "2").seeds == (0, 1)
+
+
+def test_quick_profile_is_small():
+    cfg = _config("--quick")
+    assert cfg.quick and len(cfg.seeds) == 2 and int(cfg.budget) <= 50
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--seeds", "0"], ["--seeds", "a"], ["--batch-size", "0"], ["--lr-grid", "adam"], ["--lr-grid", "adam=-1"]],
+)
+def test_bad_numbers_exit_with_usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["bench", *argv])
+    assert info.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "expected"),
+    [
+        ("--schemes", "uniform,kff", "Valid schemes: "),
+        ("--optimizers", "sgd,adamw", "Valid optimizers: adam, rmsprop, sgd"),
+        ("--dataset", "mnist", "Valid datasets: digits, noisy-imbalanced"),
+        ("--model", "resnet", "Valid models: cnn, linear, mlp"),
+        ("--budget", "ten", "steps (e.g. 500) or seconds (e.g. 30s)"),
+    ],
+)
+def test_typos_list_valid_names(flag, value, expected, capsys, tmp_path):
+    code = main(["bench", flag, value, "--out", str(tmp_path / "x"), "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert expected in err and repr(value.split(",")[-1]) in err
+    assert not (tmp_path / "x" / "results.json").exists()
+
+
+def test_unknown_scheme_message_lists_every_registered_scheme(capsys, tmp_path):
+    import isample.schemes as schemes
+
+    assert main(["bench", "--schemes", "kff", "--out", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    for name in schemes.available():
+        assert name in err
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "bench" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_python_dash_m_entry_point(tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "isample", "bench", "--quick", "--budget", "10", "--optimizers", "adam",
+           "--no-plots", "--quality-every", "0", "--seeds", "1", "--lr-grid", "adam=0.003", "--out", str(out),
+           "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["schema_version"] == SCHEMA_VERSION
+    assert results["command"].startswith("isample bench --quick")
+    assert {r["scheme"] for r in results["runs"]} == {"uniform", "kf"}
+    assert (out / "report.md").is_file() and (out / "results.csv").is_file()
