@@ -51,16 +51,18 @@ MULTINOMIAL_LIMIT = 2**24
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _block_time(fn: Callable[[], object], calls: int) -> float:
+def _block_time(fn: Callable[[], object], calls: int) -> tuple[float, float]:
+    """(wall-clock, process CPU) seconds per call over ``calls`` calls."""
+    cpu = time.process_time()
     start = time.perf_counter()
     for _ in range(calls):
         fn()
-    return (time.perf_counter() - start) / calls
+    return (time.perf_counter() - start) / calls, (time.process_time() - cpu) / calls
 
 
 def _calls_per_block(fn: Callable[[], object], budget_s: float) -> int:
     """Calls per block so that a block takes about ``budget_s`` (at least 1)."""
-    one = _block_time(fn, 1)
+    one = _block_time(fn, 1)[0]
     return max(1, min(2000, int(budget_s / max(one, 1e-7))))
 
 
@@ -73,22 +75,25 @@ def time_interleaved(
         for _ in range(3):  # warm-up
             fn()
         calls[name] = _calls_per_block(fn, budget_s)
-    samples: dict[str, list[float]] = {name: [] for name in methods}
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in methods}
     names = list(methods)
     for rep in range(repeats):
         order = names[rep % len(names) :] + names[: rep % len(names)]
         for name in order:
             samples[name].append(_block_time(methods[name], calls[name]))
-    return {
-        name: {
-            "median_s": statistics.median(vals),
-            "min_s": min(vals),
-            "max_s": max(vals),
+    out = {}
+    for name, vals in samples.items():
+        wall = [w for w, _ in vals]
+        cpu = [c for _, c in vals]
+        out[name] = {
+            "median_s": statistics.median(wall),
+            "min_s": min(wall),
+            "max_s": max(wall),
+            "cpu_median_s": statistics.median(cpu),
             "calls_per_block": calls[name],
             "blocks": len(vals),
         }
-        for name, vals in samples.items()
-    }
+    return out
 
 
 def engine_methods(tree: SumTree, rng: np.random.Generator) -> dict[str, Callable[[], object]]:
@@ -207,8 +212,11 @@ def run_size(n: int, fanout: int, repeats: int, budget_s: float, seed: int) -> d
     methods = engine_methods(tree, rng)
     base, notes = baseline_methods(n, values, seed)
     methods.update(base)
+    load_start = os.getloadavg()[0]
     timings = time_interleaved(methods, repeats, budget_s)
+    load_end = os.getloadavg()[0]
     step = timings["sumtree_step"]["median_s"]
+    cpu_step = timings["sumtree_step"]["cpu_median_s"]
     ratios = {}
     for name in ("multinomial", "weighted_random_sampler"):
         if name in timings:
@@ -216,6 +224,10 @@ def run_size(n: int, fanout: int, repeats: int, budget_s: float, seed: int) -> d
     for name in ("batch_sampler",):
         if name in timings:
             ratios[f"sumtree_step_over_{name}"] = step / timings[name]["median_s"]
+    for name in ("multinomial", "batch_sampler"):
+        if name in timings:
+            ratios[f"cpu_{name}_over_sumtree_step"] = timings[name]["cpu_median_s"] / cpu_step
+            ratios[f"cpu_sumtree_step_over_{name}"] = cpu_step / timings[name]["cpu_median_s"]
     if "table_sampler" in timings:
         ratios["table_sampler_over_sumtree_step"] = timings["table_sampler"]["median_s"] / step
         if "batch_sampler" in timings:
@@ -229,6 +241,7 @@ def run_size(n: int, fanout: int, repeats: int, budget_s: float, seed: int) -> d
         "n": n,
         "levels": levels,
         "build_s": build_s,
+        "loadavg_1min": [load_start, load_end],
         "timings": timings,
         "ratios": ratios,
         "notes": notes,
@@ -259,6 +272,26 @@ def markdown(results: list[dict], memory: list[dict]) -> str:
         cells += [_ratio(r, "sumtree_step_over_batch_sampler"), _us(t.get("table_sampler"))]
         cells += [_ratio(r, "table_sampler_over_batch_sampler")]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Process CPU time per call (not wall-clock; torch may use several threads):",
+        "",
+        "| N | SumTree draw+set CPU (us) | multinomial CPU (us) | multinomial / SumTree"
+        " | BatchSampler CPU (us) | SumTree / BatchSampler | load avg (1 min) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for res in results:
+        t, r = res["timings"], res["ratios"]
+
+        def cpu(name: str, timings: dict = t) -> str:
+            return f"{timings[name]['cpu_median_s'] * 1e6:,.1f}" if name in timings else "-"
+
+        load = "{:.1f} -> {:.1f}".format(*res["loadavg_1min"])
+        lines.append(
+            f"| {res['n']:.0e} | {cpu('sumtree_step')} | {cpu('multinomial')}"
+            f" | {_ratio(r, 'cpu_multinomial_over_sumtree_step')} | {cpu('batch_sampler')}"
+            f" | {_ratio(r, 'cpu_sumtree_step_over_batch_sampler')} | {load} |"
+        )
     if memory:
         lines += [
             "",

@@ -62,9 +62,13 @@ TARGET_RATIO = 1.10
 def make_model(name: str, seed: int = 0) -> nn.Module:
     """The benchmark models, with a seeded initialisation (global RNG untouched)."""
     if name == "mlp":
-        model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+        model = nn.Sequential(
+            nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
+        )
     elif name == "mlp_wide":
-        model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+        model = nn.Sequential(
+            nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+        )
     elif name == "cnn":
         model = nn.Sequential(
             nn.Conv2d(1, 16, 3, padding=1),
@@ -118,12 +122,19 @@ def time_variants(
             wall[name].append((w1 - w0) / n)
             cpu[name].append((c1 - c0) / n)
     return {
-        k: {"wall_s": statistics.median(wall[k]), "cpu_s": statistics.median(cpu[k]), "calls": inner[k] * repeats}
+        k: {
+            "wall_s": statistics.median(wall[k]),
+            "wall_best_s": min(wall[k]),
+            "cpu_s": statistics.median(cpu[k]),
+            "calls": inner[k] * repeats,
+        }
         for k in fns
     }
 
 
-def bench_model(name: str, batch: int, device: torch.device, repeats: int, inner: int, grad_norm: bool) -> dict:
+def bench_model(
+    name: str, batch: int, device: torch.device, repeats: int, inner: int, grad_norm: bool
+) -> dict:
     shape, _ = MODELS[name]
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, *shape, generator=gen)
@@ -159,6 +170,7 @@ def bench_model(name: str, batch: int, device: torch.device, repeats: int, inner
     ref = times["forward"]
     for entry in times.values():
         entry["ratio_wall"] = entry["wall_s"] / ref["wall_s"]
+        entry["ratio_wall_best"] = entry["wall_best_s"] / ref["wall_best_s"]
         entry["ratio_cpu"] = entry["cpu_s"] / ref["cpu_s"] if ref["cpu_s"] > 0 else float("nan")
     return {"model": name, "batch": batch, "variants": times}
 
@@ -179,10 +191,17 @@ class SlowDataset(Dataset):
 
 
 def bench_overlap(
-    device: torch.device, n: int, num_batches: int, epochs: int, item_cost_us: float, workers_list: tuple = (0, 2)
+    device: torch.device,
+    n: int,
+    num_batches: int,
+    epochs: int,
+    item_cost_us: float,
+    workers_list: tuple = (0, 2),
 ) -> dict:
     gen = torch.Generator().manual_seed(2)
-    ds = SlowDataset(torch.randn(n, 784, generator=gen), torch.randint(0, 10, (n,), generator=gen), item_cost_us * 1e-6)
+    ds = SlowDataset(
+        torch.randn(n, 784, generator=gen), torch.randint(0, 10, (n,), generator=gen), item_cost_us * 1e-6
+    )
     ce = nn.CrossEntropyLoss(reduction="none")
     rows = []
     for workers in workers_list:
@@ -250,21 +269,25 @@ def bench_overlap(
 
 def markdown(result: dict) -> str:
     lines = [
-        "| model | batch | variant | median ms/call | ratio vs no-grad forward (wall) | ratio (thread CPU) |",
-        "|---|---|---|---|---|---|",
+        "| model | batch | variant | median ms/call | ratio (median wall) | ratio (best wall) "
+        "| ratio (median thread CPU) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for case in result["cases"]:
         for variant, t in case["variants"].items():
             lines.append(
                 f"| {case['model']} | {case['batch']} | {variant} | {t['wall_s'] * 1e3:.3f} | "
-                f"{t['ratio_wall']:.3f} | {t['ratio_cpu']:.3f} |"
+                f"{t['ratio_wall']:.3f} | {t['ratio_wall_best']:.3f} | {t['ratio_cpu']:.3f} |"
             )
     lines.append("")
-    lines.append(f"UpperBoundScorer target: <= {TARGET_RATIO:.2f}x the no-grad forward.")
+    lines.append(f"UpperBoundScorer target: <= {TARGET_RATIO:.2f}x the no-grad forward (ratios of medians).")
     for case in result["cases"]:
         t = case["variants"]["upper_bound"]
         ok = "met" if t["ratio_wall"] <= TARGET_RATIO else "NOT met"
-        lines.append(f"- {case['model']} b={case['batch']}: {t['ratio_wall']:.3f}x (wall) -> {ok}")
+        lines.append(
+            f"- {case['model']} b={case['batch']}: {t['ratio_wall']:.3f}x (median wall) -> {ok}; "
+            f"best-of-repeats {t['ratio_wall_best']:.3f}x, thread CPU {t['ratio_cpu']:.3f}x"
+        )
     ov = result.get("overlap")
     if ov:
         lines += [
@@ -274,13 +297,15 @@ def markdown(result: dict) -> str:
             f"(sleep alone {ov['pool_load_sleep_s']:.2f} s/epoch), training step per batch; "
             f"score_dataset batch 256 (sleep alone {ov['score_dataset_sleep_s']:.2f} s).",
             "",
-            "| num_workers | PoolLoader epoch s | of which scoring s | speed-up | score_dataset s | speed-up |",
+            "| num_workers | PoolLoader epoch s | of which scoring s | speed-up "
+            "| score_dataset s | speed-up |",
             "|---|---|---|---|---|---|",
         ]
         for row in ov["rows"]:
             lines.append(
                 f"| {row['num_workers']} | {row['pool_epoch_s']:.3f} | {row['pool_score_s']:.3f} | "
-                f"{row['pool_speedup']:.2f} | {row['score_dataset_s']:.3f} | {row['score_dataset_speedup']:.2f} |"
+                f"{row['pool_speedup']:.2f} | {row['score_dataset_s']:.3f} | "
+                f"{row['score_dataset_speedup']:.2f} |"
             )
     return "\n".join(lines)
 

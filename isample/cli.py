@@ -97,15 +97,30 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--budget", default=None, help="per measured run: steps (300) or seconds (30s)")
     b.add_argument("--batch-size", type=_positive_int, default=None, help="training batch size (64)")
     b.add_argument("--eval-every", type=_positive_int, default=None, help="evaluate every k steps (25)")
-    b.add_argument("--quality-every", type=_non_negative_int, default=None, help="kappa probe every k steps (100; 0 = off)")
+    b.add_argument(
+        "--quality-every",
+        type=_non_negative_int,
+        default=None,
+        help="kappa probe every k steps (100; 0 = off)",
+    )
     b.add_argument("--probe-size", type=_positive_int, default=None, help="kappa probe examples (256)")
-    b.add_argument("--lr-grid", type=_lr_grid, action="append", default=None, metavar="OPT=LR,LR",
-                   help="override an optimizer's learning-rate grid (repeatable)")
+    b.add_argument(
+        "--lr-grid",
+        type=_lr_grid,
+        action="append",
+        default=None,
+        metavar="OPT=LR,LR",
+        help="override an optimizer's learning-rate grid (repeatable)",
+    )
     b.add_argument("--no-tune", action="store_true", help="skip tuning; use the middle of each grid")
     b.add_argument("--tune-fraction", type=float, default=None, help="tuning run length / budget (0.5)")
     b.add_argument("--device", default=None, help="torch device (cpu)")
-    b.add_argument("--threads", type=_non_negative_int, default=None,
-                   help="torch.set_num_threads (default 1; 0 = leave torch's default)")
+    b.add_argument(
+        "--threads",
+        type=_non_negative_int,
+        default=None,
+        help="torch.set_num_threads (default 1; 0 = leave torch's default)",
+    )
     b.add_argument("--out", default="bench_out", help="output folder (bench_out)")
     b.add_argument("--quick", action="store_true", help="tiny profile for smoke tests")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")

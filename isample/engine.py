@@ -300,6 +300,11 @@ class SumTree:
     :data:`ROOT_WIDTH` nodes) is searched with one prefix sum; see the module docstring for
     the algorithm, the memory bound and why sums do not drift.
 
+    References:
+        Schaul, Quan, Antonoglou and Silver, "Prioritized Experience Replay", ICLR 2016,
+        arXiv 1511.05952 (the binary sum tree for proportional sampling; this is an F-ary,
+        batch-vectorised variant).
+
     Args:
         size: number of leaves N (int >= 1).
         fanout: children per node F (int in [2, 256], default 16).
@@ -396,7 +401,9 @@ class SumTree:
         """Bytes a :class:`SumTree` of ``size`` leaves allocates: its buffer.
 
         Draws and updates add scratch of O(min(b, 65536) F) bytes (b targets or updates per
-        call, processed in chunks of at most 65536), plus their own results.
+        call, processed in chunks of at most 65536), plus their own results. Whenever
+        ``root_width >= fanout`` (always with the defaults) the buffer is at most ``24 N``
+        bytes, three float64 words per leaf.
 
         .. math::
 
@@ -498,6 +505,11 @@ class SumTree:
         successive sampling), set their leaves to zero, repeat until ``count`` are kept,
         then restore the leaves. The tree is left bit-for-bit unchanged.
 
+        References:
+            Efraimidis and Spirakis, "Weighted random sampling with a reservoir", Information
+            Processing Letters 97(5), 2006 (their algorithm A-ES draws from this same
+            successive-sampling distribution).
+
         Args:
             count: number of indices (int >= 0).
             rng: the NumPy generator to draw from.
@@ -590,8 +602,12 @@ class SumTree:
         if not (leaves.take(idx) == val).all():
             # Repeated indices with different values: NumPy promises no order for repeated
             # fancy assignment, so write the last occurrence of each index explicitly.
-            uniq, last_rev = np.unique(idx[::-1], return_index=True)
-            leaves[uniq] = val[::-1][last_rev]
+            order = np.argsort(idx, kind="stable")  # equal indices keep their call order
+            ordered = idx.take(order)
+            last = np.empty(ordered.shape[0], dtype=bool)
+            last[-1] = True
+            np.not_equal(ordered[1:], ordered[:-1], out=last[:-1])
+            leaves[ordered[last]] = val.take(order[last])
         self._propagate(idx)
         self._writes += idx.shape[0]
         if self._writes >= self._rebuild_every:

@@ -178,7 +178,9 @@ class TableSampler(Sampler[list[tuple[int, float]]]):
         :class:`ImportanceDataLoader` calls this; it keeps ``position`` (for resume) and
         the tags of delayed updates exact when batches are drawn ahead (prefetching).
         Without it, a batch counts as consumed when it is drawn (exact for
-        ``torchdata``'s ``StatefulDataLoader`` and a single-process ``DataLoader``).
+        ``torchdata``'s ``StatefulDataLoader`` and a single-process ``DataLoader``). The
+        first call switches from counting draws to counting ``advance`` calls, so call
+        ``advance(0)`` before the first draw when driving the sampler by hand.
         """
         if not self._tracked:  # first call: from now on only advance() moves the position
             self._tracked = True

@@ -134,7 +134,9 @@ def _scores(indices: torch.Tensor, step: int) -> torch.Tensor:
 
 def _cpu(batch: Any) -> WeightedBatch:
     assert isinstance(batch, WeightedBatch), f"expected a WeightedBatch, got {type(batch).__name__}"
-    return WeightedBatch(_to_cpu(batch.inputs), _to_cpu(batch.targets), batch.indices.cpu(), batch.weights.cpu())
+    return WeightedBatch(
+        _to_cpu(batch.inputs), _to_cpu(batch.targets), batch.indices.cpu(), batch.weights.cpu()
+    )
 
 
 def _to_cpu(data: Any) -> Any:
@@ -168,7 +170,9 @@ def _same_stream(a: list[WeightedBatch], b: list[WeightedBatch], what: str) -> N
     for step, (x, y) in enumerate(zip(a, b, strict=True)):
         assert torch.equal(x.indices, y.indices), f"{what}: indices differ at batch {step}"
         assert torch.equal(x.weights, y.weights), f"{what}: weights differ at batch {step}"
-        assert _equal(x.inputs, y.inputs) and _equal(x.targets, y.targets), f"{what}: rows differ at batch {step}"
+        assert _equal(x.inputs, y.inputs) and _equal(x.targets, y.targets), (
+            f"{what}: rows differ at batch {step}"
+        )
 
 
 def _rows_match(batches: list[WeightedBatch], dataset: Dataset, collate: Callable, what: str) -> None:
@@ -219,7 +223,8 @@ def sampler_checks(
         for step, batch in enumerate(_batches(build())):
             k = batch.indices.shape[0]
             assert batch.indices.dtype == torch.long and batch.indices.dim() == 1, (
-                f"indices of batch {step} must be a 1-D LongTensor, got {batch.indices.dtype} {tuple(batch.indices.shape)}"
+                f"indices of batch {step} must be a 1-D LongTensor, got {batch.indices.dtype} "
+                f"{tuple(batch.indices.shape)}"
             )
             assert batch.weights.dtype == torch.float32 and batch.weights.shape == (k,), (
                 f"weights of batch {step} must be float32 of shape ({k},), got {batch.weights.dtype} "
@@ -232,7 +237,9 @@ def sampler_checks(
         loader = build()
         for epoch in range(2):
             count = len(_batches(loader))
-            assert count == len(loader), f"pass {epoch} yielded {count} batches but len(loader) = {len(loader)}"
+            assert count == len(loader), (
+                f"pass {epoch} yielded {count} batches but len(loader) = {len(loader)}"
+            )
             assert count > 0, "the loader yielded no batch"
 
     def check_indices_in_range() -> None:
@@ -335,7 +342,8 @@ def sampler_checks(
         batches = _batches(build(data), feedback=True)
         for step, x in enumerate(batches):
             assert isinstance(x.inputs, Mapping) and "input_ids" in x.inputs, (
-                f"dict items: batch {step} inputs should be a dict with 'input_ids', got {type(x.inputs).__name__}"
+                f"dict items: batch {step} inputs should be a dict with 'input_ids', "
+                f"got {type(x.inputs).__name__}"
             )
             assert "labels" not in x.inputs, "dict items: 'labels' must be split off as the targets"
         _rows_match(batches, data, _default_collate, "dict items")
@@ -432,7 +440,9 @@ def check_sampler(
     """
     unknown = sorted(set(skip) - set(CHECKS))
     if unknown:
-        raise ValueError(f"The 'skip' parameter of check_sampler names unknown checks {unknown}; known: {CHECKS}.")
+        raise ValueError(
+            f"The 'skip' parameter of check_sampler names unknown checks {unknown}; known: {CHECKS}."
+        )
     ran = []
     for name, check in sampler_checks(make_loader, dataset, batch_size=batch_size, seed=seed):
         if name in skip:
@@ -455,9 +465,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _distributed_entry(rank: int, fn: Callable, world_size: int, port: int, backend: str, timeout: float, args: tuple):
+def _distributed_entry(
+    rank: int, fn: Callable, world_size: int, port: int, backend: str, timeout: float, args: tuple
+):
     os.environ.update(
-        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": str(world_size)}
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+        }
     )
     torch.distributed.init_process_group(
         backend,

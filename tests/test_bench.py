@@ -159,8 +159,13 @@ def test_select_learning_rate_diverged_excluded_and_all_diverged():
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("500", ("steps", 500)), (300, ("steps", 300)), ("30s", ("seconds", 30.0)), ("2.5 sec", ("seconds", 2.5)),
-     ("40 steps", ("steps", 40))],
+    [
+        ("500", ("steps", 500)),
+        (300, ("steps", 300)),
+        ("30s", ("seconds", 30.0)),
+        ("2.5 sec", ("seconds", 2.5)),
+        ("40 steps", ("steps", 40)),
+    ],
 )
 def test_parse_budget(text, expected):
     assert parse_budget(text) == expected
@@ -198,7 +203,12 @@ def test_noisy_imbalanced_has_noise_and_imbalance():
 
 def _user_data():
     g = torch.Generator().manual_seed(0)
-    return torch.randn(50, 4, generator=g), torch.arange(50) % 3, torch.randn(20, 4, generator=g), torch.arange(20) % 3
+    return (
+        torch.randn(50, 4, generator=g),
+        torch.arange(50) % 3,
+        torch.randn(20, 4, generator=g),
+        torch.arange(20) % 3,
+    )
 
 
 def _user_datasets():
@@ -252,6 +262,7 @@ def _synthetic_run(scheme, seed, rate, sec_per_step, compute_per_step, steps=100
             {
                 "step": s,
                 "seconds": s * sec_per_step,
+                "cpu_seconds": s * sec_per_step / 2,
                 "forward_examples": 0,
                 "backward_examples": 0,
                 "compute": s * compute_per_step,
@@ -262,11 +273,31 @@ def _synthetic_run(scheme, seed, rate, sec_per_step, compute_per_step, steps=100
             }
         )
     return {
-        "scheme": scheme, "optimizer": "sgd", "seed": seed, "lr": 0.1, "diverged": diverged, "steps": steps,
-        "train_seconds": steps * sec_per_step, "loader_seconds": 0.1 * steps * sec_per_step,
-        "feedback_seconds": 0.0, "overhead_share": 0.1, "compute": steps * compute_per_step,
-        "curve": curve, "quality": [{"step": 20, "geometry": "identity", "kappa": 2.0, "kappa_opt": 4.0,
-                                     "q_lin": 0.5, "q_log": 0.5, "corr_grad_norm": 0.9, "ess": 0.8}],
+        "scheme": scheme,
+        "optimizer": "sgd",
+        "seed": seed,
+        "lr": 0.1,
+        "diverged": diverged,
+        "steps": steps,
+        "train_seconds": steps * sec_per_step,
+        "train_cpu_seconds": steps * sec_per_step / 2,
+        "loader_seconds": 0.1 * steps * sec_per_step,
+        "feedback_seconds": 0.0,
+        "overhead_share": 0.1,
+        "compute": steps * compute_per_step,
+        "curve": curve,
+        "quality": [
+            {
+                "step": 20,
+                "geometry": "identity",
+                "kappa": 2.0,
+                "kappa_opt": 4.0,
+                "q_lin": 0.5,
+                "q_log": 0.5,
+                "corr_grad_norm": 0.9,
+                "ess": 0.8,
+            }
+        ],
     }
 
 
@@ -277,7 +308,12 @@ def test_summarize_known_ratios():
     runs += [_synthetic_run("is", k, 0.02, 2e-3, 384.0) for k in range(3)]
     s = summarize(runs, {"sgd": {"uniform": {"chosen": 0.1}, "is": {"chosen": 0.3}}})["sgd"]
     assert s["target_loss"] == pytest.approx(math.exp(-1.0))
-    assert s["reference"] == {"steps": 100.0, "seconds": pytest.approx(0.1), "compute": 19200.0}
+    assert s["reference"] == {
+        "steps": 100.0,
+        "seconds": pytest.approx(0.1),
+        "cpu_seconds": pytest.approx(0.05),
+        "compute": 19200.0,
+    }
     e = s["schemes"]["is"]
     assert e["lr"] == 0.3
     assert e["ratio_at_steps"] == pytest.approx(math.exp(1.0))  # e^-1 / e^-2
@@ -286,6 +322,7 @@ def test_summarize_known_ratios():
     assert e["steps_to_target"]["median"] == pytest.approx(50.0)
     assert e["speedup_steps"] == pytest.approx(2.0)
     assert e["speedup_seconds"] == pytest.approx(1.0)
+    assert e["ratio_at_cpu_seconds"] == pytest.approx(1.0)
     assert e["relative_seconds_per_step"] == pytest.approx(2.0)
     assert e["kappa"]["median"] == 2.0
     assert s["schemes"]["uniform"]["ratio_at_steps"] == 1.0
@@ -311,8 +348,22 @@ schemes = pytest.importorskip("isample.schemes")
 def _check_results(out, config_schemes, optimizers, seeds):
     results = json.loads((out / "results.json").read_text())
     assert results["schema_version"] == SCHEMA_VERSION
-    for key in ("isample_version", "created", "command", "wall_seconds", "config", "budget", "machine",
-                "dataset", "schemes", "tuning", "runs", "summary", "plots", "notes"):
+    for key in (
+        "isample_version",
+        "created",
+        "command",
+        "wall_seconds",
+        "config",
+        "budget",
+        "machine",
+        "dataset",
+        "schemes",
+        "tuning",
+        "runs",
+        "summary",
+        "plots",
+        "notes",
+    ):
         assert key in results, key
     for key in ("cpu", "logical_cores", "torch", "device"):
         assert key in results["machine"]
@@ -324,10 +375,24 @@ def _check_results(out, config_schemes, optimizers, seeds):
         assert t["chosen"] in t["grid"] and len(t["val_loss"]) == len(t["grid"])
         for name in config_schemes:
             e = results["summary"][opt]["schemes"][name]
-            for key in ("lr", "final_train_loss", "final_test_accuracy", "loss_at_steps", "loss_at_seconds",
-                        "loss_at_compute", "ratio_at_steps", "ratio_at_seconds", "ratio_at_compute",
-                        "steps_to_target", "seconds_to_target", "compute_to_target", "speedup_steps",
-                        "overhead_share", "kappa", "q_log"):
+            for key in (
+                "lr",
+                "final_train_loss",
+                "final_test_accuracy",
+                "loss_at_steps",
+                "loss_at_seconds",
+                "loss_at_compute",
+                "ratio_at_steps",
+                "ratio_at_seconds",
+                "ratio_at_compute",
+                "steps_to_target",
+                "seconds_to_target",
+                "compute_to_target",
+                "speedup_steps",
+                "overhead_share",
+                "kappa",
+                "q_log",
+            ):
                 assert key in e, key
     for run in results["runs"]:
         assert run["steps"] == int(results["budget"]["amount"])
@@ -402,3 +467,47 @@ def test_seconds_budget_stops_on_wall_clock():
     assert run["train_seconds"] >= 0.05
     assert run["train_seconds"] < 0.05 + 0.5  # stops within a step (plus a slow machine's margin)
     assert run["curve"][-1]["step"] == run["steps"]
+
+
+def test_probe_quality_matches_sampler_quality():
+    # ProbeQuality (norms -> quality_from_norms, float32 gradients) against the metrics
+    # tracker (full float64 gradient matrix), identity and Adam geometry.
+    from torch import nn
+
+    from isample.bench.harness import ProbeQuality
+    from isample.metrics import SamplerQuality
+    from isample.scorers import UpperBoundScorer
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(48, 6, generator=g), torch.randint(0, 3, (48,), generator=g)
+    model = build_model("mlp", 6, 3, seed=1)
+    ce = nn.CrossEntropyLoss(reduction="none")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        ce(model(x), y).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    scorer = UpperBoundScorer(ce)
+
+    def probabilities(m, inputs, targets):
+        s = scorer(m, inputs, targets).double()
+        return s / s.sum()
+
+    mine = ProbeQuality(x, y, ce, probabilities, opt).measure(model, 7)
+    ref = SamplerQuality(x, y, ce, scorers={"s": scorer}, optimizer=opt, every=1).measure(model, 7)
+    assert [r["geometry"] for r in mine] == [r["geometry"] for r in ref] == ["identity", "adam"]
+    for a, b in zip(mine, ref, strict=True):
+        for key in ("kappa", "kappa_opt", "q_lin", "q_log", "corr_grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    assert mine[0]["kappa"] > 1.0
+
+
+@pytest.mark.slow
+def test_digits_reader_equals_load_digits():
+    from sklearn.datasets import load_digits
+
+    from isample.bench.datasets import _digits_arrays
+
+    x, y = _digits_arrays()
+    raw = load_digits()
+    assert np.array_equal(x, raw.data) and np.array_equal(y, raw.target)

@@ -25,9 +25,28 @@ def test_defaults_and_overrides():
     assert cfg.schemes == ("uniform", "kf", "history-is")
     assert cfg.optimizers == ("sgd", "rmsprop", "adam")
     assert cfg.seeds == (0, 1, 2) and cfg.progress is True and cfg.threads == 1
-    cfg = _config("--seeds", "0,4,7", "--budget", "30s", "--schemes", "uniform, laber", "--optimizers", "adam",
-                  "--batch-size", "32", "--lr-grid", "adam=0.001,0.01", "--no-tune", "--threads", "0",
-                  "--no-progress", "--dataset", "noisy-imbalanced", "--model", "cnn")
+    cfg = _config(
+        "--seeds",
+        "0,4,7",
+        "--budget",
+        "30s",
+        "--schemes",
+        "uniform, laber",
+        "--optimizers",
+        "adam",
+        "--batch-size",
+        "32",
+        "--lr-grid",
+        "adam=0.001,0.01",
+        "--no-tune",
+        "--threads",
+        "0",
+        "--no-progress",
+        "--dataset",
+        "noisy-imbalanced",
+        "--model",
+        "cnn",
+    )
     assert cfg.seeds == (0, 4, 7) and cfg.budget == "30s" and cfg.schemes == ("uniform", "laber")
     assert cfg.optimizers == ("adam",) and cfg.batch_size == 32 and cfg.lr_grids["adam"] == (0.001, 0.01)
     assert cfg.tune is False and cfg.threads is None and cfg.progress is False
@@ -42,7 +61,13 @@ def test_quick_profile_is_small():
 
 @pytest.mark.parametrize(
     "argv",
-    [["--seeds", "0"], ["--seeds", "a"], ["--batch-size", "0"], ["--lr-grid", "adam"], ["--lr-grid", "adam=-1"]],
+    [
+        ["--seeds", "0"],
+        ["--seeds", "a"],
+        ["--batch-size", "0"],
+        ["--lr-grid", "adam"],
+        ["--lr-grid", "adam=-1"],
+    ],
 )
 def test_bad_numbers_exit_with_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as info:
@@ -89,9 +114,27 @@ def test_python_dash_m_entry_point(tmp_path):
     env = dict(os.environ)
     src = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "isample", "bench", "--quick", "--budget", "10", "--optimizers", "adam",
-           "--no-plots", "--quality-every", "0", "--seeds", "1", "--lr-grid", "adam=0.003", "--out", str(out),
-           "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "isample",
+        "bench",
+        "--quick",
+        "--budget",
+        "10",
+        "--optimizers",
+        "adam",
+        "--no-plots",
+        "--quality-every",
+        "0",
+        "--seeds",
+        "1",
+        "--lr-grid",
+        "adam=0.003",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "wrote" in proc.stdout

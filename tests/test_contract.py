@@ -40,7 +40,9 @@ def make_pool(dataset, *, batch_size, seed, **options):
 
 
 def make_pool_with_switch(dataset, *, batch_size, seed, **options):  # uniform warm-up, then the tau switch
-    return PoolLoader(dataset, DictMLP(), UpperBoundScorer(CE), batch_size, presample=3.0, seed=seed, **options)
+    return PoolLoader(
+        dataset, DictMLP(), UpperBoundScorer(CE), batch_size, presample=3.0, seed=seed, **options
+    )
 
 
 DATASET = torch.utils.data.TensorDataset(*make_classification(22))
@@ -49,7 +51,9 @@ CASES = [
     pytest.param(kind, name, check, id=f"{kind}-{name}")
     for kind, factory in FACTORIES.items()
     for name, check in sampler_checks(factory, DATASET, batch_size=4)
-    if not (kind == "pool_switch" and name in ("pickle_spawn", "persistent_workers"))  # same code path as "pool"
+    if not (
+        kind == "pool_switch" and name in ("pickle_spawn", "persistent_workers")
+    )  # same code path as "pool"
 ]
 
 

@@ -71,11 +71,22 @@ def train(loader, ddp, opt, steps, log, *, nan_rank=None, checkpoint=None, die_a
         if nan_rank == rank:
             scores[0] = float("nan")
         loader.update(batch.indices, scores)
-        log.append({"indices": batch.indices.clone(), "weights": batch.weights.clone(), "grads": grads,
-                    "before": before, "scores": scores})
+        log.append(
+            {
+                "indices": batch.indices.clone(),
+                "weights": batch.weights.clone(),
+                "grads": grads,
+                "before": before,
+                "scores": scores,
+            }
+        )
         if checkpoint is not None and len(log) % checkpoint[1] == 0:
-            state = {"loader": loader.state_dict(), "model": ddp.module.state_dict(), "opt": opt.state_dict(),
-                     "step": len(log)}
+            state = {
+                "loader": loader.state_dict(),
+                "model": ddp.module.state_dict(),
+                "opt": opt.state_dict(),
+                "step": len(log),
+            }
             path = Path(checkpoint[0], f"ckpt_rank{rank}.pt")
             torch.save(state, str(path) + ".tmp")
             os.replace(str(path) + ".tmp", path)  # atomic: a crash never leaves half a checkpoint
@@ -120,15 +131,20 @@ def scenarios(rank, world, out):
         ddp, opt = ddp_setup()
         loader = make_loader(kind, ds, ddp.module, seed)
         log = train(loader, ddp, opt, STEPS, [])
-        extra = {"table": loader.sampler.state_dict()["table"]} if kind == "table" else {
-            "tau_history": loader.tau_history}
+        extra = (
+            {"table": loader.sampler.state_dict()["table"]}
+            if kind == "table"
+            else {"tau_history": loader.tau_history}
+        )
         save(out, f"{kind}_full", rank, {"log": log, "params": flat(ddp.parameters()), **extra})
         # interrupted at CUT, resumed from a checkpoint into fresh objects
         ddp, opt = ddp_setup()
         loader = make_loader(kind, ds, ddp.module, seed)
         log = train(loader, ddp, opt, CUT, [])
         path = Path(out, f"{kind}_cut_rank{rank}.pt")
-        torch.save({"loader": loader.state_dict(), "model": ddp.module.state_dict(), "opt": opt.state_dict()}, path)
+        torch.save(
+            {"loader": loader.state_dict(), "model": ddp.module.state_dict(), "opt": opt.state_dict()}, path
+        )
         del ddp, opt, loader
         state = torch.load(path, weights_only=True)
         ddp, opt = ddp_setup(seed=99)
@@ -145,8 +161,16 @@ def scenarios(rank, world, out):
         warnings.simplefilter("always")
         log = train(loader, ddp, opt, 12, [], nan_rank=1)
         train(loader, ddp, opt, 13, log)  # the 13th update stays in each rank's buffer
-    save(out, "nan", rank, {"log": log, "state": loader.state_dict(),
-                            "warnings": [str(w.message) for w in caught if w.category is RuntimeWarning]})
+    save(
+        out,
+        "nan",
+        rank,
+        {
+            "log": log,
+            "state": loader.state_dict(),
+            "warnings": [str(w.message) for w in caught if w.category is RuntimeWarning],
+        },
+    )
     # killed run: checkpoints every CKPT_EVERY steps, rank 1 dies at step DIE_AT
     ddp, opt = ddp_setup()
     loader = make_loader("table", ds, ddp.module, 4, sync_every=2)
@@ -167,15 +191,27 @@ def restart(rank, world, out):
     loader = make_loader("table", ds, ddp.module, 4, sync_every=2)
     loader.load_state_dict(state["loader"])
     log = train(loader, ddp, opt, STEPS - state["step"], [])
-    save(out, "restart", rank, {"reference": reference, "log": log, "step": state["step"],
-                                "params": flat(ddp.parameters()), "ref_params": ref_params})
+    save(
+        out,
+        "restart",
+        rank,
+        {
+            "reference": reference,
+            "log": log,
+            "step": state["step"],
+            "params": flat(ddp.parameters()),
+            "ref_params": ref_params,
+        },
+    )
 
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     # rank 1 dies; the launcher reports it (or rank 0's broken collective, whichever it sees first)
-    with pytest.raises((torch.multiprocessing.ProcessExitedException, torch.multiprocessing.ProcessRaisedException)):
+    with pytest.raises(
+        (torch.multiprocessing.ProcessExitedException, torch.multiprocessing.ProcessRaisedException)
+    ):
         run_distributed(scenarios, WORLD, (str(out),))
     assert (out / "died").exists() and (out / "ckpt_rank0.pt").exists() and (out / "ckpt_rank1.pt").exists()
     run_distributed(restart, WORLD, (str(out),))
@@ -218,7 +254,9 @@ def test_table_ddp_tables_identical_shards_cover_global_batch_gradient_matches(r
         ref, _ = model_and_opt()
         torch.nn.utils.vector_to_parameters(shards[0]["before"], ref.parameters())
         (weights * CE(ref(x[glob]), y[glob])).mean().backward()
-        torch.testing.assert_close(shards[0]["grads"], flat(p.grad for p in ref.parameters()), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(
+            shards[0]["grads"], flat(p.grad for p in ref.parameters()), rtol=1e-12, atol=1e-14
+        )
     torch.testing.assert_close(ranks[0]["params"], flat(model.parameters()), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(loader.sampler.state_dict()["table"], ranks[0]["table"], rtol=1e-10, atol=0)
 
@@ -251,7 +289,7 @@ def test_pool_ddp_ranks_read_their_own_pools_and_switch_together(records):
 @pytest.mark.slow
 def test_nan_scores_on_one_rank_do_not_desynchronise_tables(records):
     ranks = records("nan")
-    s0, s1 = ranks[0]["state"], ranks[1]["state"]
+    s0, s1 = ranks[0]["state"]["sampler"], ranks[1]["state"]["sampler"]
     assert torch.equal(s0["table"], s1["table"]) and torch.equal(s0["visited"], s1["visited"])
     assert bool(torch.isfinite(s0["table"]).all())
     # both ranks warned about the same dropped entries (one per step of rank 1, gathered every 2 steps)
@@ -279,8 +317,107 @@ def test_killed_rank_resumes_from_checkpoint(records):
     for rank in range(WORLD):
         r = ranks[rank]
         assert r["step"] == CKPT_EVERY
-        same_logs(r["reference"][r["step"]:], r["log"])
+        same_logs(r["reference"][r["step"] :], r["log"])
         assert torch.equal(r["params"], r["ref_params"])
 
 
 # ---------------------------------------------------------------- single process, explicit replicas
+
+
+def test_world_resolution_and_bad_input():
+    s = TableSampler(10, 2, seed=0)
+    assert (s.num_replicas, s.rank, s.global_batch_size) == (1, 0, 2)
+    with pytest.raises(ValueError, match="'rank' parameter of TableSampler must be an int in \\[0, 1\\]"):
+        TableSampler(10, 2, seed=0, num_replicas=2, rank=2)
+    with pytest.raises(TypeError, match="'num_replicas' parameter of PoolLoader"):
+        PoolLoader(dataset(), make_mlp().double(), UpperBoundScorer(CE), 2, num_replicas=True)
+    with pytest.raises(ValueError, match="'sync_every' parameter of TableSampler"):
+        TableSampler(10, 2, seed=0, sync_every=0)
+    with pytest.raises(ValueError, match="needs a 'seed' shared by every rank"):
+        TableSampler(10, 2, num_replicas=2, rank=0)
+    explicit = TableSampler(10, 2, seed=0, num_replicas=2, rank=1)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        explicit.update(torch.tensor([1]), torch.tensor([1.0]))
+
+
+def test_table_shards_are_the_halves_of_the_single_process_global_batch():
+    single = TableSampler(50, 8, seed=3, power=0.5)
+    single.update(torch.arange(50), torch.linspace(0.1, 3.0, 50))
+    state = single.state_dict()
+    shards = []
+    for rank in range(2):
+        s = TableSampler(50, 4, seed=3, power=0.5, num_replicas=2, rank=rank)
+        s.load_state_dict({**state, "batch_size": 4, "num_replicas": 2})
+        assert len(s) == len(single) == 7  # ceil(50 / 8) steps per epoch on every rank
+        shards.append(list(s))
+    for step, batch in enumerate(single):
+        assert shards[0][step] + shards[1][step] == batch
+
+
+def test_pool_ranks_read_disjoint_chunks_of_one_stream():
+    """presample 1 and the switch off: a batch is its whole pool, so pools are visible."""
+    ds = dataset()
+    model = make_mlp().double()
+
+    def pools(**kw):
+        loader = PoolLoader(
+            ds, model, UpperBoundScorer(CE), 5, presample=1.0, seed=2, tau_threshold=1e9, **kw
+        )
+        return [sorted(batch.indices.tolist()) for batch in loader]
+
+    single = pools(num_batches=8)  # 8 pools of 5 = one permutation of the 40 examples
+    ranks = [pools(num_replicas=2, rank=r) for r in range(2)]  # 4 steps each
+    assert len(ranks[0]) == len(ranks[1]) == 4
+    assert [p for step in zip(*ranks, strict=True) for p in step] == single  # chunk s R + r
+    assert sorted(i for p in single for i in p) == list(range(N))
+
+
+def test_pool_rank_average_is_unbiased():
+    """Average over ranks of the weighted linear-regression gradient vs the full gradient."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(20, generator=g, dtype=torch.float64)
+    w = torch.randn(3, generator=g, dtype=torch.float64)
+    G = 2 * (x @ w - y)[:, None] * x
+
+    def scorer(model, inputs, targets):
+        return inputs.abs().sum(1).float() + 0.1
+
+    ds = torch.utils.data.TensorDataset(x, y)
+    per_rank = []
+    for rank in range(2):
+        loader = PoolLoader(
+            ds,
+            nn.Linear(3, 1),
+            scorer,
+            4,
+            presample=2.5,
+            always=True,
+            seed=1,
+            num_batches=700,
+            num_replicas=2,
+            rank=rank,
+        )
+        per_rank.append(
+            np.array([(b.weights.double()[:, None] * G[b.indices]).mean(0).numpy() for b in loader])
+        )
+    est = (per_rank[0] + per_rank[1]) / 2
+    se = est.std(0, ddof=1) / np.sqrt(est.shape[0])
+    z = np.abs(est.mean(0) - G.mean(0).numpy()) / se
+    assert z.max() < 4.5, z
+
+
+def test_other_world_size_is_refused_with_a_clear_error():
+    s = TableSampler(20, 2, seed=0, num_replicas=2, rank=0)
+    with pytest.raises(ValueError, match="num_replicas=2; this sampler has num_replicas=1.*re-shard"):
+        TableSampler(20, 2, seed=0).load_state_dict(s.state_dict())
+    ds = dataset()
+    pool = PoolLoader(ds, make_mlp().double(), UpperBoundScorer(CE), 2, seed=0, num_replicas=2, rank=1)
+    other = PoolLoader(
+        ds, make_mlp().double(), UpperBoundScorer(CE), 2, seed=0, num_batches=10, num_replicas=4
+    )
+    with pytest.raises(ValueError, match="num_replicas=2, but this loader has num_replicas=4"):
+        other.load_state_dict(pool.state_dict())
+    same_world = PoolLoader(ds, make_mlp().double(), UpperBoundScorer(CE), 2, seed=5, num_replicas=2, rank=0)
+    same_world.load_state_dict(pool.state_dict())  # another rank's state: only the tau history differs
+    assert same_world.seed == 0 and same_world.rank == 0

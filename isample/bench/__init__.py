@@ -22,27 +22,25 @@ from .report import SCHEMA_VERSION, summarize
 from .sweep import run_bench, validate_config
 from .tuning import tune_learning_rate
 
-__all__ = sorted(
-    [
-        "BenchConfig",
-        "BenchData",
-        "SCHEMA_VERSION",
-        "available_datasets",
-        "available_models",
-        "available_optimizers",
-        "build_model",
-        "compute_units",
-        "interpolate",
-        "load_dataset",
-        "parse_budget",
-        "quick_config",
-        "run_bench",
-        "select_learning_rate",
-        "spread",
-        "summarize",
-        "time_to_target",
-        "train_run",
-        "tune_learning_rate",
-        "validate_config",
-    ]
-)
+__all__ = [
+    "BenchConfig",
+    "BenchData",
+    "SCHEMA_VERSION",
+    "available_datasets",
+    "available_models",
+    "available_optimizers",
+    "build_model",
+    "compute_units",
+    "interpolate",
+    "load_dataset",
+    "parse_budget",
+    "quick_config",
+    "run_bench",
+    "select_learning_rate",
+    "spread",
+    "summarize",
+    "time_to_target",
+    "train_run",
+    "tune_learning_rate",
+    "validate_config",
+]

@@ -88,7 +88,9 @@ class BenchData:
         }
 
 
-def _stratified_split(y: np.ndarray, fractions: tuple[float, ...], rng: np.random.Generator) -> list[np.ndarray]:
+def _stratified_split(
+    y: np.ndarray, fractions: tuple[float, ...], rng: np.random.Generator
+) -> list[np.ndarray]:
     """Split indices into len(fractions) parts, per class, in the given proportions."""
     parts: list[list[np.ndarray]] = [[] for _ in fractions]
     edges = np.cumsum((0.0,) + tuple(fractions))
@@ -246,8 +248,10 @@ def _as_tensors(obj: Any, what: str, hook: str) -> tuple[torch.Tensor, torch.Ten
         xs = torch.stack([torch.as_tensor(it[0]) for it in items])
         ys = torch.as_tensor([int(it[1]) for it in items])
         return xs, ys
-    raise TypeError(f"The dataset hook {hook!r} returned a {what} of type {type(obj).__name__}; "
-                    "expected tensors, arrays or a map-style dataset of (input, label) pairs.")
+    raise TypeError(
+        f"The dataset hook {hook!r} returned a {what} of type {type(obj).__name__}; "
+        "expected tensors, arrays or a map-style dataset of (input, label) pairs."
+    )
 
 
 def load_user_dataset(spec: str, seed: int = 0) -> BenchData:

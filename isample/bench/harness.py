@@ -85,7 +85,9 @@ def make_optimizer(name: str, params: Any, lr: float) -> torch.optim.Optimizer:
         ValueError: unknown name (the message lists the valid ones).
     """
     if name not in OPTIMIZERS:
-        raise ValueError(f"Unknown optimizer {name!r}. Valid optimizers: {', '.join(available_optimizers())}.")
+        raise ValueError(
+            f"Unknown optimizer {name!r}. Valid optimizers: {', '.join(available_optimizers())}."
+        )
     return OPTIMIZERS[name](params, float(lr))
 
 
@@ -269,8 +271,10 @@ def _sync(device: torch.device) -> None:
 # --------------------------------------------------------------------------- quality probe
 
 
-def quality_candidates(loader: Any, probe_indices: torch.Tensor) -> tuple[dict, dict]:
-    """The scheme's own sampling rule as a :class:`isample.metrics.SamplerQuality` candidate.
+def quality_candidates(
+    loader: Any, probe_indices: torch.Tensor
+) -> Callable[[nn.Module, Any, Any], torch.Tensor] | None:
+    """The scheme's own sampling rule on the probe, as a function returning probabilities.
 
     * a pool loader (an object with a ``scorer``) is judged by its scorer on the probe:
       ``p_i proportional to score_i`` over the probe, as it would be over a pool;
@@ -278,18 +282,19 @@ def quality_candidates(loader: Any, probe_indices: torch.Tensor) -> tuple[dict, 
       restricted to the probe and renormalised: the distribution it actually draws from.
 
     Returns:
-        ``(scorers, probabilities)`` dicts (both empty for uniform or unknown loaders).
+        ``f(model, inputs, targets) -> float64 Tensor (n,)`` summing to 1, or ``None`` for
+        uniform and unknown loaders.
     """
     scorer = getattr(loader, "scorer", None)
-    if scorer is None:
-        inner = getattr(loader, "loader", None) or getattr(loader, "inner", None)
-        scorer = getattr(inner, "scorer", None)
     if callable(scorer):
-        return {"scheme": scorer}, {}
+
+        def scorer_probabilities(model: nn.Module, inputs: Any, targets: Any) -> torch.Tensor:
+            s = scorer(model, inputs, targets).detach().to("cpu", torch.float64)
+            total = float(s.sum())
+            return s / total if total > 0 else torch.full_like(s, 1.0 / s.numel())
+
+        return scorer_probabilities
     sampler = getattr(loader, "sampler", None)
-    if sampler is None:
-        inner = getattr(loader, "loader", None) or getattr(loader, "inner", None)
-        sampler = getattr(inner, "sampler", None)
     probs = getattr(sampler, "probabilities", None)
     if callable(probs):
 
@@ -298,14 +303,72 @@ def quality_candidates(loader: Any, probe_indices: torch.Tensor) -> tuple[dict, 
             total = float(p.sum())
             return p / total if total > 0 else torch.full_like(p, 1.0 / p.numel())
 
-        return {}, {"scheme": table_probabilities}
-    return {}, {}
+        return table_probabilities
+    return None
 
 
-def _quality_rows(tracker: Any, model: nn.Module, step: int) -> list[dict[str, Any]]:
-    rows = tracker.measure(model, step)
-    keep = ("kappa", "kappa_opt", "q_lin", "q_log", "corr_grad_norm", "ess")
-    return [{"step": step, "geometry": r["geometry"], **{k: r.get(k) for k in keep}} for r in rows]
+class ProbeQuality:
+    """kappa, kappa_opt, Q_lin, Q_log of a sampler on a fixed probe (thin; maths in isample.metrics).
+
+    Every call computes the exact per-example gradients ``G`` (n, P) of the probe
+    (:func:`isample.metrics.per_example_gradients`), their norms and mean, and hands them
+    to :func:`isample.metrics.quality_from_norms`, in the identity geometry and, for
+    RMSprop / Adam once they have state, in the preconditioned geometry ``D g_i``
+    (:func:`isample.metrics.flat_preconditioner`). This is the quantity
+    :class:`isample.metrics.SamplerQuality` reports, without its extra diagnostics (bias,
+    ESS, estimator moments), which cost about ten times the gradients themselves.
+    """
+
+    def __init__(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        loss_fn: Callable,
+        candidate: Callable,
+        optimizer: torch.optim.Optimizer | None,
+    ) -> None:
+        self.inputs = inputs
+        self.targets = targets
+        self.loss_fn = loss_fn
+        self.candidate = candidate
+        self.optimizer = optimizer
+
+    def measure(self, model: nn.Module, step: int) -> list[dict[str, Any]]:
+        """Rows ``{step, geometry, kappa, kappa_opt, q_lin, q_log, corr_grad_norm}``."""
+        from ..metrics import flat_preconditioner, per_example_gradients, quality_from_norms
+        from ..preconditioner import NoOptimizerStateError, is_identity_geometry
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        G = per_example_gradients(model, self.loss_fn, self.inputs, self.targets, 64, params).detach().cpu()
+        if not bool(torch.isfinite(G).all()):
+            raise ValueError(f"non-finite per-example gradients on the probe at step {step}")
+        p = self.candidate(model, self.inputs, self.targets)
+        geometries: list[tuple[str, torch.Tensor]] = [("identity", G)]
+        if not is_identity_geometry(self.optimizer):
+            try:
+                d = flat_preconditioner(self.optimizer, params).to(G.dtype)
+                geometries.append((type(self.optimizer).__name__.lower(), G * d))
+            except NoOptimizerStateError:
+                pass
+        rows = []
+        for name, grads in geometries:
+            norms = grads.norm(dim=1).to(torch.float64)
+            mean = grads.to(torch.float64).mean(0)
+            q = quality_from_norms(norms, float(mean @ mean), p)
+            x, y = p - p.mean(), norms - norms.mean()
+            den = float(x.norm() * y.norm())
+            rows.append(
+                {
+                    "step": step,
+                    "geometry": name,
+                    "kappa": q.kappa,
+                    "kappa_opt": q.kappa_opt,
+                    "q_lin": q.q_lin,
+                    "q_log": q.q_log,
+                    "corr_grad_norm": float(x @ y) / den if den > 0 else math.nan,
+                }
+            )
+        return rows
 
 
 # --------------------------------------------------------------------------- one run
@@ -356,22 +419,27 @@ def train_run(
 
     Returns:
         dict with ``scheme``, ``optimizer``, ``seed``, ``lr``, ``diverged``, ``steps``,
-        ``epochs``, ``train_seconds`` (loader + step + feedback), ``loader_seconds``,
+        ``epochs``, ``train_seconds`` (wall-clock of loader + step + feedback),
+        ``train_cpu_seconds`` (process CPU time of the same regions), ``loader_seconds``,
         ``feedback_seconds``, ``forward_examples``, ``backward_examples``,
         ``scored_examples``, ``compute`` (forward + 2 x backward), ``is_on_share`` (pool
         schemes with a tau switch: share of steps with importance sampling on; else nan),
         ``curve`` (list of
-        eval points: ``step``, ``seconds``, ``forward_examples``, ``backward_examples``,
+        eval points: ``step``, ``seconds``, ``cpu_seconds``, ``forward_examples``, ``backward_examples``,
         ``compute``, ``train_loss``, ``train_accuracy``, ``test_loss``, ``test_accuracy``;
         for tuning runs ``val_loss``, ``val_accuracy`` instead), and ``quality`` (rows
         ``step``, ``geometry``, ``kappa``, ``kappa_opt``, ``q_lin``, ``q_log``,
-        ``corr_grad_norm``, ``ess``).
+        ``corr_grad_norm``; see :class:`ProbeQuality`).
     """
     registry = registry if registry is not None else _registry()
     device = torch.device(config.device)
     kind, amount = parse_budget(config.budget)
     if tuning:
-        amount = max(1, int(round(amount * config.tune_fraction))) if kind == "steps" else amount * config.tune_fraction
+        amount = (
+            max(1, int(round(amount * config.tune_fraction)))
+            if kind == "steps"
+            else amount * config.tune_fraction
+        )
     max_steps = int(amount) if kind == "steps" else None
     max_seconds = float(amount) if kind == "seconds" else None
     loss_fn = nn.CrossEntropyLoss(reduction="none")
@@ -397,7 +465,9 @@ def train_run(
         **scheme_overrides(scheme, data),
     )
     info = registry.describe(scheme)
+    # scoring with a backward pass (gradient-norm scorers) costs a backward per scored example
     extra_backward = bool(info.get("extra_backward", False)) if isinstance(info, dict) else False
+    extra_backward = extra_backward or bool(getattr(getattr(loader, "scorer", None), "extra_backward", False))
 
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     x_eval, y_eval = (data.x_val, data.y_val) if tuning else (data.x_test, data.y_test)
@@ -407,18 +477,14 @@ def train_run(
     if not tuning and config.quality_every > 0:
         probe_gen = torch.Generator().manual_seed(derive_seed(config.data_seed, 2))
         probe_idx = torch.randperm(n, generator=probe_gen)[: min(config.probe_size, n)]
-        scorers, probabilities = quality_candidates(loader, probe_idx)
-        if scorers or probabilities:
-            from ..metrics import SamplerQuality
-
-            tracker = SamplerQuality(
-                data.x_train[probe_idx],
-                data.y_train[probe_idx],
+        candidate = quality_candidates(loader, probe_idx)
+        if candidate is not None:
+            tracker = ProbeQuality(
+                data.x_train[probe_idx].to(device),
+                data.y_train[probe_idx].to(device),
                 loss_fn,
-                scorers=scorers or None,
-                probabilities=probabilities or None,
-                optimizer=opt,
-                every=config.quality_every,
+                candidate,
+                opt,
             )
 
     curve: list[dict[str, Any]] = []
@@ -426,7 +492,7 @@ def train_run(
     step = 0
     epoch = 0
     trained = 0
-    loader_s = feedback_s = total_s = 0.0
+    loader_s = feedback_s = total_s = cpu_s = 0.0
     diverged = False
     # a run of the same (scheme, seed) is deterministic; the clock is the only noise
 
@@ -441,6 +507,7 @@ def train_run(
         point: dict[str, Any] = {
             "step": step,
             "seconds": total_s,
+            "cpu_seconds": cpu_s,
             "forward_examples": forward,
             "backward_examples": backward,
             "compute": float(forward + 2 * backward),
@@ -459,7 +526,7 @@ def train_run(
             diverged = True
         elif tracker is not None and step % config.quality_every == 0:
             try:
-                quality_rows.extend(_quality_rows(tracker, model, step))
+                quality_rows.extend(tracker.measure(model, step))
             except ValueError:  # non-finite gradients on the probe: treat as divergence
                 diverged = True
 
@@ -468,21 +535,23 @@ def train_run(
     done = False
     while not done and not diverged:
         _sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loader.set_epoch(epoch)
         iterator = iter(loader)
         loader_s += time.perf_counter() - t0
         total_s += time.perf_counter() - t0
+        cpu_s += time.process_time() - c0
         produced = False
         while True:
             _sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 batch = next(iterator)
             except StopIteration:
                 dt = time.perf_counter() - t0
                 loader_s += dt
                 total_s += dt
+                cpu_s += time.process_time() - c0
                 break
             if device.type != "cpu":
                 batch = batch.to(device, non_blocking=True)
@@ -499,6 +568,7 @@ def train_run(
             loader.feedback(batch, out.detach(), losses.detach())
             _sync(device)
             t3 = time.perf_counter()
+            cpu_s += time.process_time() - c0
             loader_s += t1 - t0
             feedback_s += t3 - t2
             total_s += t3 - t0
@@ -538,6 +608,7 @@ def train_run(
         "steps": step,
         "epochs": epoch,
         "train_seconds": total_s,
+        "train_cpu_seconds": cpu_s,
         "loader_seconds": loader_s,
         "feedback_seconds": feedback_s,
         "overhead_share": (loader_s + feedback_s) / total_s if total_s > 0 else math.nan,

@@ -56,8 +56,12 @@ def _median_curve(runs: Sequence[dict[str, Any]], key: str) -> tuple[np.ndarray,
         ys = []
         for r in runs:
             xs = [p[key] for p in r["curve"]]
-            ls = [p["train_loss"] if p["train_loss"] is not None and math.isfinite(p["train_loss"]) else math.inf
-                  for p in r["curve"]]
+            ls = [
+                p["train_loss"]
+                if p["train_loss"] is not None and math.isfinite(p["train_loss"])
+                else math.inf
+                for p in r["curve"]
+            ]
             ys.append(interpolate(xs, ls, x) if x >= xs[0] else math.nan)
         ys = [y for y in ys if not math.isnan(y)]
         vals.append(float(np.median(ys)) if ys else math.nan)
@@ -88,10 +92,14 @@ def write_plots(runs: Sequence[dict[str, Any]], out_dir: Path) -> list[str]:
     schemes = list(dict.fromkeys(r["scheme"] for r in runs))
     colours = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(schemes)}
     written = []
-    labels = {"seconds": "training seconds", "step": "optimizer steps", "compute": "forward-equivalent examples"}
+    labels = {
+        "seconds": "training seconds",
+        "step": "optimizer steps",
+        "compute": "forward-equivalent examples",
+    }
     for key, fname in (("seconds", PLOT_FILES[0]), ("step", PLOT_FILES[1]), ("compute", PLOT_FILES[2])):
         fig, axes = plt.subplots(1, len(optimizers), figsize=(4.5 * len(optimizers), 3.6), squeeze=False)
-        for ax, opt in zip(axes[0], optimizers):
+        for ax, opt in zip(axes[0], optimizers, strict=True):
             for s in schemes:
                 mine = [r for r in runs if r["optimizer"] == opt and r["scheme"] == s]
                 if not mine:
@@ -113,20 +121,34 @@ def write_plots(runs: Sequence[dict[str, Any]], out_dir: Path) -> list[str]:
         plt.close(fig)
         written.append(fname)
     fig, axes = plt.subplots(1, len(optimizers), figsize=(4.5 * len(optimizers), 3.6), squeeze=False)
-    for ax, opt in zip(axes[0], optimizers):
+    for ax, opt in zip(axes[0], optimizers, strict=True):
         drawn = False
         for s in schemes:
             for i, r in enumerate(r for r in runs if r["optimizer"] == opt and r["scheme"] == s):
                 for geometry, style in (("identity", "-"), ("other", "--")):
-                    rows = [q for q in r.get("quality") or [] if (q["geometry"] == "identity") == (geometry == "identity")]
-                    rows = [q for q in rows if q["kappa"] is not None and math.isfinite(q["kappa"]) and q["kappa"] > 0]
+                    rows = [
+                        q
+                        for q in r.get("quality") or []
+                        if (q["geometry"] == "identity") == (geometry == "identity")
+                    ]
+                    rows = [
+                        q
+                        for q in rows
+                        if q["kappa"] is not None and math.isfinite(q["kappa"]) and q["kappa"] > 0
+                    ]
                     if not rows:
                         continue
                     label = None
                     if i == 0:
                         label = s if geometry == "identity" else f"{s} (optimizer geometry)"
-                    ax.plot([q["step"] for q in rows], [q["kappa"] for q in rows], style, color=colours[s],
-                            alpha=0.7, label=label)
+                    ax.plot(
+                        [q["step"] for q in rows],
+                        [q["kappa"] for q in rows],
+                        style,
+                        color=colours[s],
+                        alpha=0.7,
+                        label=label,
+                    )
                     drawn = True
         ax.axhline(1.0, color="grey", linewidth=0.8)
         _log_y(ax)

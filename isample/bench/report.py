@@ -41,6 +41,7 @@ CSV_COLUMNS = (
     "lr",
     "step",
     "seconds",
+    "cpu_seconds",
     "forward_examples",
     "backward_examples",
     "compute",
@@ -54,7 +55,7 @@ CSV_COLUMNS = (
     "diverged",
 )
 
-AXES = {"steps": "step", "seconds": "seconds", "compute": "compute"}
+AXES = {"steps": "step", "seconds": "seconds", "cpu_seconds": "cpu_seconds", "compute": "compute"}
 
 
 def ratio(baseline: float, value: float) -> float:
@@ -122,8 +123,9 @@ def summarize(runs: Sequence[dict[str, Any]], tuning: dict[str, dict[str, Any]])
     * target loss: median over seeds of uniform's final training loss (upper median for an
       even number of seeds, see :func:`upper_median`).
     * reference points: ``steps`` = the fewest steps any run of this optimizer made (the
-      budget, for a steps budget), ``seconds`` / ``compute`` = the smallest final training
-      seconds / compute of any run of this optimizer (so every curve covers them).
+      budget, for a steps budget), ``seconds`` / ``cpu_seconds`` / ``compute`` = the smallest
+      final training wall-clock seconds / CPU seconds / compute of any run of this optimizer
+      (so every curve covers them).
     * ``loss_at_<axis>``: training loss read off each run's curve at the reference point
       (log-linear interpolation), median / min / max over seeds; ``ratio_at_<axis>`` =
       uniform's median / the scheme's median (> 1: the scheme is lower), with
@@ -146,11 +148,7 @@ def summarize(runs: Sequence[dict[str, Any]], tuning: dict[str, dict[str, Any]])
         base = by_scheme.get("uniform", by_scheme[schemes[0]])
         finals = [r["curve"][-1]["train_loss"] if not r["diverged"] else math.inf for r in base]
         target = upper_median(finals)
-        reference = {
-            "steps": float(min(r["curve"][-1]["step"] for r in mine)),
-            "seconds": float(min(r["curve"][-1]["seconds"] for r in mine)),
-            "compute": float(min(r["curve"][-1]["compute"] for r in mine)),
-        }
+        reference = {axis: float(min(r["curve"][-1][key] for r in mine)) for axis, key in AXES.items()}
         table: dict[str, Any] = {}
         for s in schemes:
             rs = by_scheme[s]
@@ -167,6 +165,7 @@ def summarize(runs: Sequence[dict[str, Any]], tuning: dict[str, dict[str, Any]])
                 ),
                 "train_seconds": spread([r["train_seconds"] for r in rs]),
                 "seconds_per_step": spread([r["train_seconds"] / max(r["steps"], 1) for r in rs]),
+                "cpu_seconds_per_step": spread([r["train_cpu_seconds"] / max(r["steps"], 1) for r in rs]),
                 "compute_per_step": spread([r["compute"] / max(r["steps"], 1) for r in rs]),
                 "overhead_share": spread([r["overhead_share"] for r in rs]),
                 "loader_share": spread([r["loader_seconds"] / r["train_seconds"] for r in rs]),
@@ -184,7 +183,7 @@ def summarize(runs: Sequence[dict[str, Any]], tuning: dict[str, dict[str, Any]])
                 entry[key] = spread([v[key] for v in q])
             table[s] = entry
         ref = table.get("uniform", table[schemes[0]])
-        for s, entry in table.items():
+        for entry in table.values():
             for axis in reference:
                 at = entry[f"loss_at_{axis}"]
                 entry[f"ratio_at_{axis}"] = ratio(ref[f"loss_at_{axis}"]["median"], at["median"])
@@ -195,9 +194,8 @@ def summarize(runs: Sequence[dict[str, Any]], tuning: dict[str, dict[str, Any]])
                 entry[f"speedup_{axis}"] = ratio(
                     ref[f"{axis}_to_target"]["median"], entry[f"{axis}_to_target"]["median"]
                 )
-            entry["relative_seconds_per_step"] = ratio(
-                entry["seconds_per_step"]["median"], ref["seconds_per_step"]["median"]
-            )
+            for key in ("seconds_per_step", "cpu_seconds_per_step"):
+                entry[f"relative_{key}"] = ratio(entry[key]["median"], ref[key]["median"])
         out[opt] = {"target_loss": target, "reference": reference, "schemes": table}
     return out
 
@@ -281,7 +279,7 @@ def _fmt(v: Any, digits: int = 3) -> str:
         return "never" if v > 0 else "-inf"
     if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e7):
         return f"{v:.{digits - 1}e}"
-    if abs(v) >= 10 ** digits:
+    if abs(v) >= 10**digits:
         return f"{v:.0f}"
     return f"{v:.{digits}g}"
 
@@ -308,9 +306,10 @@ def _ratio_text(value: float, rng: Sequence[float] | None = None) -> str:
 def headline_table(summary_opt: dict[str, Any]) -> str:
     """The Markdown headline table of one optimizer."""
     head = (
-        "| scheme | lr | final train loss | loss ratio @ equal steps | @ equal time | @ equal compute "
-        "| speed-up to target (steps / time / compute) | test acc | overhead | kappa |\n"
-        "|---|---|---|---|---|---|---|---|---|---|\n"
+        "| scheme | lr | final train loss | loss ratio @ equal steps | @ equal wall time | @ equal CPU time "
+        "| @ equal compute | speed-up to target (steps / wall / CPU / compute) | test acc | overhead "
+        "| kappa |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for name, e in summary_opt["schemes"].items():
@@ -321,13 +320,14 @@ def headline_table(summary_opt: dict[str, Any]) -> str:
             kappa = "1 (baseline)"
         speed = " / ".join(
             "never" if e[f"{a}_to_target"]["median"] == math.inf else _ratio_text(e[f"speedup_{a}"])
-            for a in ("steps", "seconds", "compute")
+            for a in ("steps", "seconds", "cpu_seconds", "compute")
         )
         diverged = f" ({e['diverged']} diverged)" if e["diverged"] else ""
         lines.append(
             f"| {name}{diverged} | {_fmt(e['lr'], 2)} | {_spread_text(e['final_train_loss'])} "
             f"| {_ratio_text(e['ratio_at_steps'], e['ratio_at_steps_range'])} "
             f"| {_ratio_text(e['ratio_at_seconds'], e['ratio_at_seconds_range'])} "
+            f"| {_ratio_text(e['ratio_at_cpu_seconds'], e['ratio_at_cpu_seconds_range'])} "
             f"| {_ratio_text(e['ratio_at_compute'], e['ratio_at_compute_range'])} "
             f"| {speed} | {_spread_text(e['final_test_accuracy'])} "
             f"| {_pct(e['overhead_share']['median'])} | {kappa} |"
@@ -342,16 +342,19 @@ def _pct(v: float) -> str:
 def details_table(summary_opt: dict[str, Any]) -> str:
     """Absolute per-step costs, shares, time-to-target values and Q_log of one optimizer."""
     head = (
-        "| scheme | ms / step | vs uniform | compute / step | loader share | feedback share | IS on "
-        "| Q_log | steps to target | seconds to target | compute to target |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| scheme | wall ms / step | vs uniform | CPU ms / step | vs uniform | compute / step "
+        "| loader share | feedback share | IS on | Q_log | steps to target | wall s to target "
+        "| compute to target |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for name, e in summary_opt["schemes"].items():
-        ms = dict(e["seconds_per_step"])
-        ms.update({k: 1000 * ms[k] for k in ("median", "min", "max")})
+        ms, cpu = dict(e["seconds_per_step"]), dict(e["cpu_seconds_per_step"])
+        for d in (ms, cpu):
+            d.update({k: 1000 * d[k] for k in ("median", "min", "max")})
         lines.append(
             f"| {name} | {_spread_text(ms)} | {_ratio_text(e['relative_seconds_per_step'])} "
+            f"| {_spread_text(cpu)} | {_ratio_text(e['relative_cpu_seconds_per_step'])} "
             f"| {_fmt(e['compute_per_step']['median'], 4)} | {_pct(e['loader_share']['median'])} "
             f"| {_pct(e['feedback_share']['median'])} | {_pct(e['is_on_share']['median'])} "
             f"| {_spread_text(e['q_log'], 2)} | {_spread_text(e['steps_to_target'])} "
@@ -361,14 +364,21 @@ def details_table(summary_opt: dict[str, Any]) -> str:
 
 
 def _tuning_table(tuning: dict[str, dict[str, Any]]) -> str:
-    lines = ["| optimizer | scheme | grid: final validation loss (chosen in bold) | chosen lr |", "|---|---|---|---|"]
+    lines = [
+        "| optimizer | scheme | grid: final validation loss (chosen in bold) | chosen lr |",
+        "|---|---|---|---|",
+    ]
     for opt, per_scheme in tuning.items():
         for scheme, t in per_scheme.items():
             cells = []
-            for i, (lr, loss) in enumerate(zip(t["grid"], t["val_loss"])):
+            for i, (lr, loss) in enumerate(zip(t["grid"], t["val_loss"], strict=True)):
                 text = f"{_fmt(lr, 2)}: {'diverged' if t['diverged'][i] else _fmt(loss, 4)}"
                 cells.append(f"**{text}**" if i == t["index"] else text)
-            note = " (all diverged: smallest lr)" if t["all_diverged"] else ("" if t["tuned"] else " (not tuned)")
+            note = (
+                " (all diverged: smallest lr)"
+                if t["all_diverged"]
+                else ("" if t["tuned"] else " (not tuned)")
+            )
             lines.append(f"| {opt} | {scheme} | {'; '.join(cells)} | {_fmt(t['chosen'], 2)}{note} |")
     return "\n".join(lines) + "\n"
 
@@ -397,7 +407,8 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         "wall-clock figures are noisier\n",
         "## Headline\n",
         "Ratios are uniform / scheme: a **loss ratio > 1** means the scheme reached a *lower* training "
-        "loss than uniform at the same number of steps, wall-clock seconds or compute (forward + 2 x "
+        "loss than uniform at the same number of steps, wall-clock seconds, process CPU seconds (less "
+        "sensitive than wall-clock to other processes on a shared machine) or compute (forward + 2 x "
         "backward examples); a **speed-up > 1** means it reached the target (uniform's median final "
         "training loss) sooner; 'never' = not within the budget. Values are medians over seeds with "
         "[min, max]. *overhead* = time in the loader (sampling, scoring) and feedback as a share of "
@@ -408,14 +419,15 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         ref = s["reference"]
         parts.append(
             f"### {opt}\n\nTarget loss {_fmt(s['target_loss'], 4)}; equal steps = {ref['steps']:.0f}, equal "
-            f"time = {ref['seconds']:.3g} s, equal compute = {ref['compute']:.4g} forward-equivalent "
-            "examples.\n\n" + headline_table(s) + "\nDetails:\n\n" + details_table(s)
+            f"wall time = {ref['seconds']:.3g} s, equal CPU time = {ref['cpu_seconds']:.3g} s, equal "
+            f"compute = {ref['compute']:.0f} forward-equivalent examples.\n\n" + headline_table(s) + "\nDetails:\n\n" + details_table(s)
         )
     parts.append(
         "## Tuned learning rates\n\nEach (scheme, optimizer) ran every grid value for "
         f"{cfg['tune_fraction']:g} of the budget (seed {10000 + cfg['seeds'][0]}); lowest final "
         f"validation loss wins, losses within a relative {cfg['tie_rtol']:g} of the best tie and the "
-        "smallest tied learning rate is taken; diverged runs are excluded.\n\n" + _tuning_table(results["tuning"])
+        "smallest tied learning rate is taken; diverged runs are excluded.\n\n"
+        + _tuning_table(results["tuning"])
     )
     parts.append("## Plots\n")
     if results["plots"]:

@@ -41,7 +41,9 @@ def validate_config(config: BenchConfig, registry: Any = None) -> BenchConfig:
     registry = registry if registry is not None else _registry()
     for opt in config.optimizers:
         if opt not in OPTIMIZERS:
-            raise ValueError(f"Unknown optimizer {opt!r}. Valid optimizers: {', '.join(available_optimizers())}.")
+            raise ValueError(
+                f"Unknown optimizer {opt!r}. Valid optimizers: {', '.join(available_optimizers())}."
+            )
         if opt not in config.lr_grids or not config.lr_grids[opt]:
             raise ValueError(f"No learning-rate grid for optimizer {opt!r}.")
     if config.model not in MODELS:
@@ -141,7 +143,14 @@ def run_bench(
                         bar.set_description(f"run {scheme}/{opt}/seed {seed}")
                     before = bar.n if bar is not None else 0
                     run = train_run(
-                        data, config, scheme, opt, tuning[opt][scheme]["chosen"], seed, registry=registry, on_step=tick
+                        data,
+                        config,
+                        scheme,
+                        opt,
+                        tuning[opt][scheme]["chosen"],
+                        seed,
+                        registry=registry,
+                        on_step=tick,
                     )
                     runs.append(run)
                     if bar is not None:
@@ -168,7 +177,9 @@ def run_bench(
     for opt, per in tuning.items():
         for scheme, t in per.items():
             if t["tuned"] and t["index"] in (0, len(t["grid"]) - 1) and len(t["grid"]) > 2:
-                notes.append(f"the tuned learning rate of {scheme}/{opt} is at the edge of its grid ({t['chosen']:g}).")
+                notes.append(
+                    f"the tuned learning rate of {scheme}/{opt} is at the edge of its grid ({t['chosen']:g})."
+                )
     if isinstance(command, (list, tuple)):
         command = " ".join(str(c) for c in command)
     results: dict[str, Any] = {
@@ -210,7 +221,9 @@ def _describe(registry: Any, name: str) -> dict[str, Any]:
         return {"error": str(exc)}
     if not isinstance(info, dict):
         return {"description": str(info)}
-    return {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool, type(None), list, tuple, dict))}
+    return {
+        k: v for k, v in info.items() if isinstance(v, (str, int, float, bool, type(None), list, tuple, dict))
+    }
 
 
 def _progress(config: BenchConfig, kind: str, amount: float, n_tune: int, n_measure: int) -> Any:
@@ -222,4 +235,6 @@ def _progress(config: BenchConfig, kind: str, amount: float, n_tune: int, n_meas
         tune_steps = max(1, int(round(amount * config.tune_fraction)))
         total = n_tune * tune_steps + n_measure * int(amount)
         return tqdm(total=total, unit="step", desc="isample bench", dynamic_ncols=True, mininterval=0.5)
-    return tqdm(total=n_tune + n_measure, unit="run", desc="isample bench", dynamic_ncols=True, mininterval=0.5)
+    return tqdm(
+        total=n_tune + n_measure, unit="run", desc="isample bench", dynamic_ncols=True, mininterval=0.5
+    )

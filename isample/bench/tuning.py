@@ -58,7 +58,9 @@ def tune_learning_rate(
         }
     losses, accs, diverged, steps, seconds = [], [], [], [], []
     for lr in grid:
-        run = train_run(data, config, scheme, optimizer, lr, seed, tuning=True, registry=registry, on_step=on_step)
+        run = train_run(
+            data, config, scheme, optimizer, lr, seed, tuning=True, registry=registry, on_step=on_step
+        )
         last = run["curve"][-1]
         bad = run["diverged"]
         losses.append(None if bad else float(last["val_loss"]))

@@ -17,5 +17,6 @@ from __future__ import annotations
 
 from .base import SchemeLoader
 from .registry import available, build, describe, scheme_class
+from .rho_loss import train_irreducible_loss_model
 
-__all__ = ["SchemeLoader", "available", "build", "describe", "scheme_class"]
+__all__ = ["SchemeLoader", "available", "build", "describe", "scheme_class", "train_irreducible_loss_model"]

@@ -150,6 +150,7 @@ class TableScheme(SchemeLoader):
 
     def _rescored(self, scores: torch.Tensor) -> None:
         self.sampler.update(torch.arange(self.num_samples), scores)
+        self.sampler.flush()  # epoch boundary: applies before the epoch's first draw, any worker count
 
     def update(self, indices: Any, scores: Any) -> None:
         """Write per-example scores into the table (see :meth:`isample.TableSampler.update`)."""

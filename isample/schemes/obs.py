@@ -115,6 +115,7 @@ class OnlineBatchSelection(TableScheme):
         super()._begin_epoch(epoch)  # re-scoring writes self.losses through _rescored
         p = rank_exponential_probabilities(torch.from_numpy(self.losses), self.pressure(epoch))
         self.sampler.update(torch.arange(self.num_samples), p * self.num_samples)
+        self.sampler.flush()  # the epoch's ranking applies from its first draw, whatever the prefetch delay
 
     def _rescore_scorer(self) -> Callable:
         return LossScorer(self.loss_fn)
