@@ -28,6 +28,7 @@ __all__ = [
     "all_gather_variable",
     "comm_device",
     "is_initialized",
+    "nanmean",
     "resolve_world",
     "shared_seed",
 ]

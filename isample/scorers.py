@@ -8,6 +8,17 @@ and restores the previous mode afterwards; inputs are moved to the model's devic
 ``loss_fn(outputs, targets)`` must return per-example losses (``reduction="none"``):
 a tensor of shape (b,), or of shape (b, ...) which is averaged over the trailing
 dimensions (so ``nn.MSELoss(reduction="none")`` gives the per-example mean squared error).
+
+Throughput: forward passes that need no gradient run in ``torch.inference_mode``; with
+``autocast`` (default: on for a CUDA model, bf16) the forward runs in reduced precision
+while the loss and the scores are computed in float32; inputs are copied with
+``non_blocking=True`` (overlapping with compute when they come from pinned memory); the
+per-call bookkeeping (eval-mode switch, non-finite check, the check for a model ending in
+a softmax, done once per model) costs a few small operations. The scoring batch size is
+the caller's: :func:`score_dataset` and ``PoolLoader(scoring_batch_size=...)`` choose it
+independently of the training batch size.
+
+Non-finite scores are passed on as NaN/inf with a ``RuntimeWarning``; samplers skip them.
 """
 
 from __future__ import annotations

@@ -420,7 +420,10 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         parts.append(
             f"### {opt}\n\nTarget loss {_fmt(s['target_loss'], 4)}; equal steps = {ref['steps']:.0f}, equal "
             f"wall time = {ref['seconds']:.3g} s, equal CPU time = {ref['cpu_seconds']:.3g} s, equal "
-            f"compute = {ref['compute']:.0f} forward-equivalent examples.\n\n" + headline_table(s) + "\nDetails:\n\n" + details_table(s)
+            f"compute = {ref['compute']:.0f} forward-equivalent examples.\n\n"
+            + headline_table(s)
+            + "\nDetails:\n\n"
+            + details_table(s)
         )
     parts.append(
         "## Tuned learning rates\n\nEach (scheme, optimizer) ran every grid value for "

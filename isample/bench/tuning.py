@@ -11,6 +11,7 @@ learning rate is used and the report says so.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -58,9 +59,12 @@ def tune_learning_rate(
         }
     losses, accs, diverged, steps, seconds = [], [], [], [], []
     for lr in grid:
-        run = train_run(
-            data, config, scheme, optimizer, lr, seed, tuning=True, registry=registry, on_step=on_step
-        )
+        with warnings.catch_warnings():
+            # a diverging grid point makes schemes warn about NaN scores; divergence is recorded
+            warnings.simplefilter("ignore", RuntimeWarning)
+            run = train_run(
+                data, config, scheme, optimizer, lr, seed, tuning=True, registry=registry, on_step=on_step
+            )
         last = run["curve"][-1]
         bad = run["diverged"]
         losses.append(None if bad else float(last["val_loss"]))
