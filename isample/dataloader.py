@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ._fetch import Gathered, can_gather, gather_rows
 from ._validation import check_int, param_error
 from .batch import WeightedBatch, split_batch
 from .table_sampler import TableSampler
@@ -23,8 +24,9 @@ __all__ = ["ImportanceDataLoader"]
 class _WeightedItems(Dataset):
     """``dataset[(index, weight)] -> (index, weight, dataset[index])``."""
 
-    def __init__(self, dataset: Dataset) -> None:
+    def __init__(self, dataset: Dataset, gather: bool = False) -> None:
         self.dataset = dataset
+        self.gather = gather
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -33,6 +35,11 @@ class _WeightedItems(Dataset):
         index, weight = key
         return index, weight, self.dataset[index]
 
+    def __getitems__(self, keys: list[tuple[int, float]]) -> Any:
+        if self.gather:  # one indexing per tensor instead of one __getitem__ per row
+            return Gathered(keys, gather_rows(self.dataset, [i for i, _ in keys]))  # type: ignore[arg-type]
+        return [self[key] for key in keys]
+
 
 class _WeightedCollate:
     """Collate ``(index, weight, item)`` triples into a :class:`WeightedBatch` (picklable)."""
@@ -40,7 +47,12 @@ class _WeightedCollate:
     def __init__(self, base: Callable | None) -> None:
         self.base = base or torch.utils.data.default_collate
 
-    def __call__(self, items: list[tuple[int, float, Any]]) -> WeightedBatch:
+    def __call__(self, items: Any) -> WeightedBatch:
+        if isinstance(items, Gathered):
+            indices = torch.tensor([i for i, _ in items.keys], dtype=torch.long)
+            weights = torch.tensor([w for _, w in items.keys], dtype=torch.float32)
+            inputs, targets = split_batch(items.data)
+            return WeightedBatch(inputs, targets, indices, weights)
         indices = torch.tensor([i for i, _, _ in items], dtype=torch.long)
         weights = torch.tensor([w for _, w, _ in items], dtype=torch.float32)
         inputs, targets = split_batch(self.base([item for _, _, item in items]))
@@ -111,7 +123,7 @@ class ImportanceDataLoader:
         self.dataset = dataset
         self.sampler = sampler
         self._loader = DataLoader(
-            _WeightedItems(dataset),
+            _WeightedItems(dataset, gather=can_gather(dataset, collate_fn)),
             batch_sampler=sampler,
             num_workers=num_workers,
             pin_memory=bool(pin_memory),

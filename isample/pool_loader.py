@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import distributed as _dist
+from ._fetch import Gathered, can_gather, gather_rows
 from ._random import derive_seed, step_generator
 from ._validation import check_choice, check_float, check_int, param_error
 from .batch import WeightedBatch, index_rows, move_to, split_batch
@@ -49,16 +50,26 @@ def pool_tau(scores: torch.Tensor) -> float:
 
 
 class _IndexedDataset(Dataset):
-    """Wraps a dataset so items come back with their index: ``(index, item)``."""
+    """Wraps a dataset so items come back with their index: ``(index, item)``.
 
-    def __init__(self, dataset: Dataset) -> None:
+    With ``gather=True`` (a TensorDataset and the default collate) a whole pool is read
+    by indexing each tensor once (see :mod:`isample._fetch`).
+    """
+
+    def __init__(self, dataset: Dataset, gather: bool = False) -> None:
         self.dataset = dataset
+        self.gather = gather
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> tuple[int, Any]:
         return index, self.dataset[index]
+
+    def __getitems__(self, indices: list[int]) -> Any:
+        if self.gather:
+            return Gathered(indices, gather_rows(self.dataset, indices))  # type: ignore[arg-type]
+        return [self[i] for i in indices]
 
 
 class _PoolStream(Sampler[int]):
@@ -254,7 +265,7 @@ class PoolLoader:
             self.num_samples, self.pool_size, self.num_batches, self.seed, self.num_replicas, self.rank
         )
         self._loader = DataLoader(
-            _IndexedDataset(dataset),
+            _IndexedDataset(dataset, gather=can_gather(dataset, collate_fn)),
             batch_size=self.pool_size,
             sampler=self._stream,
             num_workers=check_int(num_workers, "num_workers", owner, minimum=0),
@@ -462,6 +473,8 @@ class _IndexedCollate:
     def __init__(self, base: Callable) -> None:
         self.base = base
 
-    def __call__(self, items: list[tuple[int, Any]]) -> tuple[torch.Tensor, Any]:
+    def __call__(self, items: Any) -> tuple[torch.Tensor, Any]:
+        if isinstance(items, Gathered):
+            return torch.as_tensor(items.keys, dtype=torch.long), items.data
         indices = torch.tensor([i for i, _ in items], dtype=torch.long)
         return indices, self.base([item for _, item in items])

@@ -190,12 +190,11 @@ def preconditioner_diagonal(
     else:
         inverse = _adagrad_inverse
     out: list[torch.Tensor | None] = [None] * len(params)
-    with torch.no_grad():
-        for index, members in buckets.items():
-            distinct = list(members.values())
-            diags = inverse(optimizer.param_groups[index], [st for st, _ in distinct])
-            for (_, positions), d in zip(distinct, diags, strict=True):
-                out[positions[0]] = d
-                for position in positions[1:]:
-                    out[position] = d.clone()
+    for index, members in buckets.items():
+        distinct = list(members.values())
+        diags = inverse(optimizer.param_groups[index], [st for st, _ in distinct])
+        for (_, positions), d in zip(distinct, diags, strict=True):
+            out[positions[0]] = d
+            for position in positions[1:]:
+                out[position] = d.clone()
     return out  # type: ignore[return-value]

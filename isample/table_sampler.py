@@ -23,7 +23,7 @@ from ._random import step_generator
 from ._validation import check_choice, check_float, check_int
 from .engine import SumTree
 from .policies import ScorePolicy
-from .weighting import NORMALIZATIONS, importance_weights
+from .weighting import NORMALIZATIONS, weights_array
 
 __all__ = ["TableSampler"]
 
@@ -210,13 +210,13 @@ class TableSampler(Sampler[list[tuple[int, float]]]):
         every rank.
         """
         b = self.global_batch_size
+        n = self.num_samples
         g = step_generator(self.seed, epoch, step)
         u = torch.rand(3, b, generator=g, dtype=torch.float64).numpy()
-        n = self.num_samples
         visited_total = self._tree.total
-        init = self._initial_transformed()
-        unvisited_total = (n - self._num_visited) * init
-        t_total = visited_total + unvisited_total
+        all_visited = self._num_visited == n
+        init = 0.0 if all_visited else self._initial_transformed()
+        t_total = visited_total + (n - self._num_visited) * init
         share = self.policy.uniform_share(t_total, n)
         if t_total <= 0 and share >= 1.0 and not self._warned_zero:
             self._warned_zero = True
@@ -225,32 +225,25 @@ class TableSampler(Sampler[list[tuple[int, float]]]):
                 RuntimeWarning,
                 stacklevel=3,
             )
-        idx = np.minimum((u[1] * n).astype(np.int64), n - 1)  # uniform part
+        idx = (u[1] * n).astype(np.int64)  # the uniform component
+        np.minimum(idx, n - 1, out=idx)
         from_scores = u[0] >= share
         if from_scores.any():
             target = u[2][from_scores] * t_total
-            in_tree = target < visited_total
-            chosen = np.empty(target.shape[0], dtype=np.int64)
-            if in_tree.any():
-                chosen[in_tree] = self._find(target[in_tree], g)
-            if (~in_tree).any():
-                chosen[~in_tree] = self._uniform_unvisited(int((~in_tree).sum()), g)
+            if all_visited:
+                chosen = self._tree.find(target)
+            else:
+                in_tree = target < visited_total
+                chosen = np.empty(target.shape[0], dtype=np.int64)
+                if in_tree.any():
+                    chosen[in_tree] = self._tree.find(target[in_tree])
+                if not in_tree.all():
+                    chosen[~in_tree] = self._uniform_unvisited(int((~in_tree).sum()), g)
             idx[from_scores] = chosen
-        t = np.where(self._visited[idx], self._tree.get(idx), init)
-        p = share / n + (1.0 - share) * (t / t_total if t_total > 0 else np.zeros_like(t))
-        weights = importance_weights(
-            torch.from_numpy(p), n, self.bias_exponent, self.max_weight, self.normalize
-        )
-        return torch.from_numpy(idx), weights
-
-    def _find(self, targets: np.ndarray, g: torch.Generator) -> np.ndarray:
-        out = self._tree.find(targets)
-        zero = self._tree.get(out) <= 0
-        while zero.any():  # rounding put a target past a subtree's sum (measure ~1e-16): redraw those
-            fresh = torch.rand(int(zero.sum()), generator=g, dtype=torch.float64).numpy() * self._tree.total
-            out[zero] = self._tree.find(fresh)
-            zero = self._tree.get(out) <= 0
-        return out
+        t = self._tree.get(idx) if all_visited else np.where(self._visited[idx], self._tree.get(idx), init)
+        p = share / n + ((1.0 - share) / t_total) * t if t_total > 0 else np.full(b, share / n)
+        w = weights_array(p, n, self.bias_exponent, self.max_weight, self.normalize)
+        return torch.from_numpy(idx), torch.from_numpy(w.astype(np.float32))
 
     def _uniform_unvisited(self, count: int, g: torch.Generator) -> np.ndarray:
         """``count`` indices uniform over unvisited examples, by vectorised rejection."""
@@ -316,7 +309,7 @@ class TableSampler(Sampler[list[tuple[int, float]]]):
                 f"TableSampler.update got {idx.shape[0]} indices and {val.shape[0]} scores; "
                 "lengths must match."
             )
-        if idx.size and (idx.min() < 0 or idx.max() >= self.num_samples):
+        if idx.size and (idx.view(np.uint64) >= self.num_samples).any():  # negatives wrap to huge
             bad = idx[(idx < 0) | (idx >= self.num_samples)][0]
             raise IndexError(f"TableSampler.update got index {int(bad)} outside [0, {self.num_samples}).")
         negative = val < 0  # False for NaN
@@ -385,6 +378,8 @@ class TableSampler(Sampler[list[tuple[int, float]]]):
             return
         t = val if self.policy.power == 1.0 else np.power(val, self.policy.power)
         self._tree.set(idx, t)
+        if self._num_visited == self.num_samples:
+            return
         new = np.unique(idx[~self._visited[idx]])
         self._visited[new] = True
         self._num_visited += int(new.size)

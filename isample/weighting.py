@@ -25,11 +25,14 @@ Adam / RMSprop (up to eps); a per-batch rescale is cancelled by neither.
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
 
 from ._validation import check_choice, check_float
 
-__all__ = ["importance_weights", "NORMALIZATIONS"]
+__all__ = ["importance_weights", "weights_array", "NORMALIZATIONS"]
 
 NORMALIZATIONS = ("none", "mean", "max")
 
@@ -61,11 +64,22 @@ def importance_weights(
     p = probabilities.to(torch.float64)
     if bool((p <= 0).any()) or not bool(torch.isfinite(p).all()):
         raise ValueError("importance_weights needs finite probabilities > 0 for every drawn example.")
-    w = (1.0 / (num_candidates * p)) ** bias_exponent
+    return weights_array(p, num_candidates, bias_exponent, max_weight, normalize).to(dtype)
+
+
+def weights_array(p: Any, num_candidates: int, bias_exponent: float, max_weight: float | None, normalize: str) -> Any:
+    """The weight formula on an already validated float64 array (NumPy or torch), same type out.
+
+    The single implementation behind :func:`importance_weights`; samplers that validated
+    their configuration once call it directly on their hot path.
+    """
+    w = 1.0 / (num_candidates * p)
+    if bias_exponent != 1.0:
+        w = w**bias_exponent
     if max_weight is not None:
-        w = w.clamp(max=max_weight)
-    if normalize == "mean" and w.numel():
+        w = w.clip(None, max_weight) if isinstance(w, np.ndarray) else w.clamp(max=max_weight)
+    if normalize == "mean" and len(w):
         w = w / w.mean()
-    elif normalize == "max" and w.numel():
+    elif normalize == "max" and len(w):
         w = w / w.max()
-    return w.to(dtype)
+    return w

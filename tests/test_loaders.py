@@ -356,3 +356,29 @@ def test_exhausted_iterators_stay_exhausted(classification, mlp):
         assert len(list(it)) == len(loader)
         with pytest.raises(StopIteration):
             next(it)
+
+
+class _RowDataset(torch.utils.data.Dataset):
+    """The same rows as a TensorDataset, read one by one (no batched fast path)."""
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+    def __len__(self):
+        return len(self.tensors[0])
+
+    def __getitem__(self, i):
+        return tuple(t[i] for t in self.tensors)
+
+
+def test_batched_reads_equal_row_by_row_reads(classification, mlp):
+    rows = _RowDataset(classification.tensors)
+    for make in (
+        lambda ds: ImportanceDataLoader(ds, TableSampler(len(ds), 8, seed=1)),
+        lambda ds: PoolLoader(ds, mlp, UpperBoundScorer(CE), 8, 2.0, seed=1, always=True),
+    ):
+        fast, slow = list(make(classification)), list(make(rows))
+        assert len(fast) == len(slow)
+        for a, b in zip(fast, slow):
+            for x, y in zip((a.inputs, a.targets, a.indices, a.weights), (b.inputs, b.targets, b.indices, b.weights)):
+                assert torch.equal(x, y) and x.dtype == y.dtype

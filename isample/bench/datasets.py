@@ -8,7 +8,8 @@ Built-in datasets:
 * ``noisy-imbalanced``: a seeded Gaussian mixture generated locally (NumPy only): 10
   classes in 32 dimensions, two clusters per class, class priors decaying geometrically
   (largest / smallest = 10), 15% of the training labels flipped uniformly at random; 4000
-  examples split 60 / 20 / 20, standardised. Validation and test labels are clean, so
+  examples split 60 / 20 / 20, standardised (the clusters overlap: an MLP reaches about
+  87% test accuracy). Validation and test labels are clean, so
   label noise hurts training loss but is not rewarded at test time.
 
 User datasets: ``--dataset mypackage.mymodule:make_data`` imports ``mypackage.mymodule`` and
@@ -192,7 +193,7 @@ def make_noisy_imbalanced(
 
     Class ``c`` has prior proportional to ``imbalance ** (-c / (classes - 1))``; each class
     is a mixture of two isotropic Gaussians (unit variance) with centres drawn from
-    ``N(0, 1.5^2 I)``. After the split, a fraction ``noise`` of the *training* labels is
+    ``N(0, 0.7^2 I)``. After the split, a fraction ``noise`` of the *training* labels is
     replaced by a uniformly random (different) class.
 
     Args:
@@ -210,7 +211,7 @@ def make_noisy_imbalanced(
     prior = imbalance ** (-np.arange(classes) / max(classes - 1, 1))
     prior = prior / prior.sum()
     y = rng.choice(classes, size=n, p=prior)
-    centres = rng.normal(0.0, 1.5, size=(classes, 2, dim))
+    centres = rng.normal(0.0, 0.7, size=(classes, 2, dim))
     cluster = rng.integers(0, 2, size=n)
     x = centres[y, cluster] + rng.normal(0.0, 1.0, size=(n, dim))
     split = _stratified_split(y, (0.6, 0.2, 0.2), np.random.default_rng([seed, 104729]))

@@ -23,7 +23,7 @@ from .harness import (
     resolve_schemes,
     train_run,
 )
-from .models import MODELS, available_models
+from .models import MODELS, available_models, build_model
 from .plots import matplotlib_available, write_plots
 from .report import SCHEMA_VERSION, summarize, write_csv, write_json, write_report
 from .tuning import tune_learning_rate
@@ -108,6 +108,8 @@ def run_bench(
     cpu_started = time.process_time()
     load_start = machine_info(config.device)["load_average"]
     data = load_dataset(config.dataset, config.data_seed)
+    # fail before any training when the model does not fit the data (e.g. cnn on non-images)
+    build_model(config.model, int(math.prod(data.input_shape)), data.num_classes, 0, "meta", data.image_shape)
     kind, amount = parse_budget(config.budget)
 
     n_grid = sum(len(config.lr_grids[o]) for o in config.optimizers) if config.tune else 0
