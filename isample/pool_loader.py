@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -173,6 +174,8 @@ class PoolLoader:
     """
 
     STATE_VERSION = 1
+    #: steps of ``tau_history`` kept (and saved in ``state_dict``)
+    HISTORY_LIMIT = 10_000
 
     def __init__(
         self,
@@ -258,7 +261,8 @@ class PoolLoader:
         self.epoch = 0
         self.position = 0
         self.steps = 0
-        self.tau_history: list[dict[str, Any]] = []
+        #: per-step switch inputs and decision, most recent ``HISTORY_LIMIT`` steps
+        self.tau_history: deque[dict[str, Any]] = deque(maxlen=self.HISTORY_LIMIT)
         self._yielded_at: float | None = None
         self._last_step_seconds: float | None = None
         self._stream = _PoolStream(
@@ -459,7 +463,7 @@ class PoolLoader:
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
         self.steps = int(state["steps"])
-        self.tau_history = list(state.get("tau_history", []))
+        self.tau_history = deque(state.get("tau_history", []), maxlen=self.HISTORY_LIMIT)
 
 
 def _indexed_collate(collate_fn: Callable | None) -> Callable:

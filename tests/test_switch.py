@@ -56,6 +56,6 @@ def test_pool_loader_feeds_timings_to_the_switch(classification):
     for batch in loader:
         model(batch.inputs).sum()
     hist = loader.tau_history
-    assert hist[0]["step_seconds"] is None and all(h["step_seconds"] > 0 for h in hist[1:])
+    assert hist[0]["step_seconds"] is None and all(h["step_seconds"] > 0 for h in list(hist)[1:])
     assert all(h["score_seconds"] > 0 for h in hist)
     assert switch.describe()["threshold_source"] == "measured"
