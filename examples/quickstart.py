@@ -66,7 +66,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # Uniform baseline: the same loop, weights all 1.
     model = make_model(args.seed)
     uniform = isample.PoolLoader(
-        train_set, model, isample.LossScorer(loss_fn), args.batch_size, presample=1.0, seed=args.seed,
+        train_set,
+        model,
+        isample.LossScorer(loss_fn),
+        args.batch_size,
+        presample=1.0,
+        seed=args.seed,
         tau_threshold=float("inf"),
     )
     train(uniform, model, loss_fn, args.steps, args.lr)
@@ -75,13 +80,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # Importance sampling: pools of 4b scored with the gradient-norm upper bound.
     model = make_model(args.seed)
     sampled = isample.PoolLoader(
-        train_set, model, isample.UpperBoundScorer(loss_fn), args.batch_size, presample=4.0, seed=args.seed,
+        train_set,
+        model,
+        isample.UpperBoundScorer(loss_fn),
+        args.batch_size,
+        presample=4.0,
+        seed=args.seed,
         always=True,
     )
     train(sampled, model, loss_fn, args.steps, args.lr)
     results["upper-bound IS"] = _evaluate(model, loss_fn, x_train, y_train, x_test, y_test)
 
-    print(f"{'sampler':<16} {'train loss':>11} {'test acc':>9}   ({args.steps} steps of {args.batch_size}, Adam)")
+    print(
+        f"{'sampler':<16} {'train loss':>11} {'test acc':>9}"
+        f"   ({args.steps} steps of {args.batch_size}, Adam)"
+    )
     for name, (loss, acc) in results.items():
         print(f"{name:<16} {loss:>11.5f} {acc:>9.3f}")
     return {name: loss for name, (loss, _) in results.items()}

@@ -1,4 +1,9 @@
-"""isample: importance sampling for PyTorch training."""
+"""isample: importance sampling for PyTorch training.
+
+Scorers compute per-example importance scores, loaders draw examples with probability
+p_i and weight them by 1 / (N p_i) so the gradient stays unbiased, and ``isample.metrics``
+measures how good a sampling scheme is. See ``docs/index.md``.
+"""
 
 from __future__ import annotations
 
@@ -6,29 +11,27 @@ from . import metrics, schemes
 from .batch import WeightedBatch
 from .dataloader import ImportanceDataLoader
 from .linear_scorer import LinearGradNormScorer
+from .metrics import SamplerQuality, validate_sampler
 from .pool_loader import PoolLoader
 from .recorder import GradNormRecorder
-from .table_sampler import TableSampler
-from .metrics import SamplerQuality, validate_sampler
 from .scorers import GradNormScorer, LossScorer, UpperBoundScorer, score_dataset
+from .table_sampler import TableSampler
 
 __version__ = "0.1.0"
 
-__all__ = sorted(
-    [
-        "GradNormRecorder",
-        "GradNormScorer",
-        "ImportanceDataLoader",
-        "PoolLoader",
-        "SamplerQuality",
-        "TableSampler",
-        "LinearGradNormScorer",
-        "LossScorer",
-        "UpperBoundScorer",
-        "WeightedBatch",
-        "metrics",
-        "schemes",
-        "score_dataset",
-        "validate_sampler",
-    ]
-)
+__all__ = [
+    "GradNormRecorder",
+    "GradNormScorer",
+    "ImportanceDataLoader",
+    "LinearGradNormScorer",
+    "LossScorer",
+    "PoolLoader",
+    "SamplerQuality",
+    "TableSampler",
+    "UpperBoundScorer",
+    "WeightedBatch",
+    "metrics",
+    "schemes",
+    "score_dataset",
+    "validate_sampler",
+]

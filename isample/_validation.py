@@ -25,7 +25,9 @@ __all__ = [
 ]
 
 
-def param_error(name: str, owner: str, expected: str, got: Any, error: type[Exception] = ValueError) -> Exception:
+def param_error(
+    name: str, owner: str, expected: str, got: Any, error: type[Exception] = ValueError
+) -> Exception:
     """Return (not raise) an exception with the project's message shape."""
     return error(f"The '{name}' parameter of {owner} must be {expected}. Got {got!r}.")
 

@@ -40,12 +40,16 @@ def check_scores(scores: torch.Tensor, owner: str, name: str = "scores") -> torc
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"The '{name}' parameter of {owner} must be a Tensor. Got {type(scores).__name__}.")
     if scores.dim() != 1:
-        raise ValueError(f"The '{name}' parameter of {owner} must have shape (M,). Got {tuple(scores.shape)}.")
+        raise ValueError(
+            f"The '{name}' parameter of {owner} must have shape (M,). Got {tuple(scores.shape)}."
+        )
     if scores.numel() == 0:
         raise ValueError(f"The '{name}' parameter of {owner} is empty; need at least one score.")
     finite = torch.isfinite(scores)
     if not bool(finite.all()):
-        raise ValueError(f"The '{name}' parameter of {owner} has {int((~finite).sum())} NaN or infinite entries.")
+        raise ValueError(
+            f"The '{name}' parameter of {owner} has {int((~finite).sum())} NaN or infinite entries."
+        )
     if bool((scores < 0).any()):
         raise ValueError(
             f"The '{name}' parameter of {owner} must be >= 0; {int((scores < 0).sum())} entries are negative "

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -242,8 +242,8 @@ class PoolLoader:
         self.drop_last = bool(drop_last)
         self.num_replicas, self.rank = _dist.resolve_world(num_replicas, rank, owner)
         step_size = self.batch_size * self.num_replicas
-        default_batches = (self.num_samples // step_size) if self.drop_last else math.ceil(
-            self.num_samples / step_size
+        default_batches = (
+            (self.num_samples // step_size) if self.drop_last else math.ceil(self.num_samples / step_size)
         )
         self.num_batches = check_int(num_batches, "num_batches", owner, minimum=1, allow_none=True) or max(
             default_batches, 1

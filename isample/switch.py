@@ -45,7 +45,9 @@ class TauSwitch:
 
     def __init__(self, threshold: float, momentum: float = 0.9, always: bool = False) -> None:
         self.threshold = check_float(threshold, "threshold", "TauSwitch", minimum=1.0)
-        self.momentum = check_float(momentum, "momentum", "TauSwitch", minimum=0.0, maximum=1.0, max_inclusive=False)
+        self.momentum = check_float(
+            momentum, "momentum", "TauSwitch", minimum=0.0, maximum=1.0, max_inclusive=False
+        )
         self.always = bool(always)
         self.ema: float | None = None
         self.on = self.always
@@ -59,7 +61,9 @@ class TauSwitch:
         """
         if tau_value != tau_value:  # NaN: keep the previous state
             return self.on
-        self.ema = tau_value if self.ema is None else self.momentum * self.ema + (1 - self.momentum) * tau_value
+        self.ema = (
+            tau_value if self.ema is None else self.momentum * self.ema + (1 - self.momentum) * tau_value
+        )
         self.observations += 1
         self.on = self.always or self.ema > self.threshold
         return self.on
@@ -143,7 +147,9 @@ class CostAwareSwitch(TauSwitch):
     def state_dict(self) -> dict[str, Any]:
         """The tau state plus both timing EMAs."""
         state = super().state_dict()
-        state.update(score_seconds=self.score_seconds, step_seconds=self.step_seconds, fallback=self._fallback)
+        state.update(
+            score_seconds=self.score_seconds, step_seconds=self.step_seconds, fallback=self._fallback
+        )
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

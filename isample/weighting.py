@@ -59,7 +59,9 @@ def importance_weights(
         Tensor of shape (b,): ``min((1 / (M p_i)) ** k, max_weight)``, normalised.
     """
     check_float(bias_exponent, "bias_exponent", "importance_weights", minimum=0.0, maximum=1.0)
-    check_float(max_weight, "max_weight", "importance_weights", minimum=0.0, min_inclusive=False, allow_none=True)
+    check_float(
+        max_weight, "max_weight", "importance_weights", minimum=0.0, min_inclusive=False, allow_none=True
+    )
     check_choice(normalize, "normalize", "importance_weights", NORMALIZATIONS)
     p = probabilities.to(torch.float64)
     if bool((p <= 0).any()) or not bool(torch.isfinite(p).all()):
@@ -67,7 +69,9 @@ def importance_weights(
     return weights_array(p, num_candidates, bias_exponent, max_weight, normalize).to(dtype)
 
 
-def weights_array(p: Any, num_candidates: int, bias_exponent: float, max_weight: float | None, normalize: str) -> Any:
+def weights_array(
+    p: Any, num_candidates: int, bias_exponent: float, max_weight: float | None, normalize: str
+) -> Any:
     """The weight formula on an already validated float64 array (NumPy or torch), same type out.
 
     The single implementation behind :func:`importance_weights`; samplers that validated

@@ -1,4 +1,4 @@
-"""PoolLoader, TableSampler and ImportanceDataLoader: unbiasedness, distribution, workers, resume, bad input."""
+"""PoolLoader, TableSampler, ImportanceDataLoader: unbiasedness, distribution, workers, resume, bad input."""
 
 from __future__ import annotations
 
@@ -131,7 +131,9 @@ def test_importance_dataloader_batches(classification):
 
 def _run_table(dataset, num_workers, pin_memory, steps=12, delay=4):
     sampler = TableSampler(len(dataset), 8, seed=11)
-    loader = ImportanceDataLoader(dataset, sampler, num_workers=num_workers, pin_memory=pin_memory, delay=delay)
+    loader = ImportanceDataLoader(
+        dataset, sampler, num_workers=num_workers, pin_memory=pin_memory, delay=delay
+    )
     out = []
     for _ in range(2):
         for batch in loader:
@@ -145,7 +147,7 @@ def _run_table(dataset, num_workers, pin_memory, steps=12, delay=4):
 def test_table_workers_and_pin_memory_give_identical_batches(classification):
     a = _run_table(classification, 0, False)
     b = _run_table(classification, 2, True)
-    for (ia, wa, xa), (ib, wb, xb) in zip(a, b):
+    for (ia, wa, xa), (ib, wb, xb) in zip(a, b, strict=True):
         assert torch.equal(ia, ib) and torch.equal(wa, wb) and torch.equal(xa, xb)
 
 
@@ -204,12 +206,16 @@ def test_pool_draws_follow_probabilities_chi_square():
     counts = np.zeros(16)
     for batch in loader:
         np.add.at(counts, batch.indices.numpy(), 1)
-        torch.testing.assert_close(batch.weights, torch.tensor(1.0 / (16 * p[batch.indices]), dtype=torch.float32))
+        torch.testing.assert_close(
+            batch.weights, torch.tensor(1.0 / (16 * p[batch.indices]), dtype=torch.float32)
+        )
     assert stats.chisquare(counts, counts.sum() * p).pvalue > 1e-3
 
 
 def test_pool_switch_warms_up_uniformly(classification, mlp):
-    loader = PoolLoader(classification, mlp, UpperBoundScorer(CE), 8, presample=3.0, seed=0, tau_threshold=1e9)
+    loader = PoolLoader(
+        classification, mlp, UpperBoundScorer(CE), 8, presample=3.0, seed=0, tau_threshold=1e9
+    )
     for batch in loader:
         assert torch.all(batch.weights == 1)
     assert len(loader.tau_history) == len(loader) and not loader.tau_history[-1]["on"]
@@ -220,8 +226,15 @@ def test_pool_switch_warms_up_uniformly(classification, mlp):
 
 def _run_pool(dataset, model, num_workers, pin_memory, steps=10):
     loader = PoolLoader(
-        dataset, model, LossScorer(CE), 8, presample=2.0, seed=4, always=True,
-        num_workers=num_workers, pin_memory=pin_memory,
+        dataset,
+        model,
+        LossScorer(CE),
+        8,
+        presample=2.0,
+        seed=4,
+        always=True,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
     )
     out = []
     while len(out) < steps:
@@ -235,7 +248,7 @@ def _run_pool(dataset, model, num_workers, pin_memory, steps=10):
 def test_pool_workers_and_pin_memory_give_identical_batches(classification, mlp):
     a = _run_pool(classification, mlp, 0, False)
     b = _run_pool(classification, mlp, 2, True)
-    for (ia, wa, xa), (ib, wb, xb) in zip(a, b):
+    for (ia, wa, xa), (ib, wb, xb) in zip(a, b, strict=True):
         assert torch.equal(ia, ib) and torch.equal(wa, wb) and torch.equal(xa, xb)
 
 
@@ -286,7 +299,9 @@ def test_bad_input_messages(classification, mlp):
         PoolLoader(classification, mlp, scorer, 0)
     with pytest.raises(TypeError, match="'batch_size' parameter of TableSampler"):
         TableSampler(10, True)
-    with pytest.raises(ValueError, match="'presample' parameter of PoolLoader must be a float >= 1.0. Got 0.5"):
+    with pytest.raises(
+        ValueError, match="'presample' parameter of PoolLoader must be a float >= 1.0. Got 0.5"
+    ):
         PoolLoader(classification, mlp, scorer, 4, presample=0.5)
     empty = torch.utils.data.TensorDataset(torch.empty(0, 5), torch.empty(0, dtype=torch.long))
     with pytest.raises(ValueError, match="empty"):
@@ -379,6 +394,10 @@ def test_batched_reads_equal_row_by_row_reads(classification, mlp):
     ):
         fast, slow = list(make(classification)), list(make(rows))
         assert len(fast) == len(slow)
-        for a, b in zip(fast, slow):
-            for x, y in zip((a.inputs, a.targets, a.indices, a.weights), (b.inputs, b.targets, b.indices, b.weights)):
+        for a, b in zip(fast, slow, strict=True):
+            for x, y in zip(
+                (a.inputs, a.targets, a.indices, a.weights),
+                (b.inputs, b.targets, b.indices, b.weights),
+                strict=True,
+            ):
                 assert torch.equal(x, y) and x.dtype == y.dtype

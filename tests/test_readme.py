@@ -25,5 +25,7 @@ def test_ci_extracts_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "torch==2.13.0" in ci
     sed = re.search(r"sed -n '(.+)' README.md", ci).group(1)
-    out = subprocess.run(["sed", "-n", sed, "README.md"], cwd=ROOT, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["sed", "-n", sed, "README.md"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip().splitlines()[0] == commands()[1]

@@ -52,7 +52,10 @@ def test_upper_bound_probability_targets_and_ignore_index():
     probs = torch.softmax(torch.randn(12, 3, generator=torch.Generator().manual_seed(3)), 1)
     loss_fn = nn.CrossEntropyLoss(reduction="none", label_smoothing=0.05)
     torch.testing.assert_close(
-        UpperBoundScorer(loss_fn)(model, x, probs), autograd_output_norms(model, loss_fn, x, probs), rtol=1e-5, atol=1e-6
+        UpperBoundScorer(loss_fn)(model, x, probs),
+        autograd_output_norms(model, loss_fn, x, probs),
+        rtol=1e-5,
+        atol=1e-6,
     )
     ce = nn.CrossEntropyLoss(reduction="none", ignore_index=-100)
     y2 = y.clone()
@@ -87,7 +90,10 @@ def test_upper_bound_mse_and_generic_loss():
     xc, yc = make_classification(10)
     ce = nn.CrossEntropyLoss(reduction="none")
     torch.testing.assert_close(
-        UpperBoundScorer(ce, closed_form=False)(model, xc, yc), UpperBoundScorer(ce)(model, xc, yc), rtol=1e-5, atol=1e-6
+        UpperBoundScorer(ce, closed_form=False)(model, xc, yc),
+        UpperBoundScorer(ce)(model, xc, yc),
+        rtol=1e-5,
+        atol=1e-6,
     )
 
 
@@ -97,7 +103,9 @@ def test_grad_norm_matches_autograd_loop_and_chunks():
     loss_fn = nn.CrossEntropyLoss(reduction="none")
     want = autograd_param_norms(model, loss_fn, x, y)
     for chunk in (1, 4, 32):
-        torch.testing.assert_close(GradNormScorer(loss_fn, chunk_size=chunk)(model, x, y), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            GradNormScorer(loss_fn, chunk_size=chunk)(model, x, y), want, rtol=1e-5, atol=1e-6
+        )
     assert all(p.grad is None or torch.all(p.grad == 0) for p in model.parameters())
 
 
@@ -165,6 +173,8 @@ def test_score_dataset(classification, mlp):
     torch.testing.assert_close(scores, UpperBoundScorer(loss_fn)(mlp, x, y))
     assert scores.device.type == "cpu" and scores.shape == (64,)
     with pytest.raises(ValueError, match="empty"):
-        score_dataset(mlp, torch.utils.data.TensorDataset(torch.empty(0, 5), torch.empty(0)), LossScorer(loss_fn))
+        score_dataset(
+            mlp, torch.utils.data.TensorDataset(torch.empty(0, 5), torch.empty(0)), LossScorer(loss_fn)
+        )
     with pytest.raises(ValueError, match="batch_size"):
         score_dataset(mlp, classification, LossScorer(loss_fn), batch_size=0)

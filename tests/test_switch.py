@@ -51,7 +51,13 @@ def test_pool_loader_feeds_timings_to_the_switch(classification):
     model = make_mlp()
     switch = CostAwareSwitch()
     loader = PoolLoader(
-        classification, model, UpperBoundScorer(nn.CrossEntropyLoss(reduction="none")), 8, 2.0, switch=switch, seed=0
+        classification,
+        model,
+        UpperBoundScorer(nn.CrossEntropyLoss(reduction="none")),
+        8,
+        2.0,
+        switch=switch,
+        seed=0,
     )
     for batch in loader:
         model(batch.inputs).sum()

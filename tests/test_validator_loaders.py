@@ -35,6 +35,8 @@ def test_table_loader_with_wrong_weights_fails(classification):
 def test_pool_loader_is_unbiased(classification):
     x, y = classification.tensors
     model = make_mlp()
-    loader = PoolLoader(classification, model, UpperBoundScorer(CE), 8, 3.0, always=True, seed=0, num_batches=600)
+    loader = PoolLoader(
+        classification, model, UpperBoundScorer(CE), 8, 3.0, always=True, seed=0, num_batches=600
+    )
     report = validate_sampler(loader, model, CE, x, y, 600)
     assert report.mean_passed, report.as_dict()
