@@ -1,9 +1,10 @@
 """Scoring throughput: the scorers against a plain no-grad forward of the same batch.
 
 Part 1 (per-call cost). For each model and batch size, every variant runs on the same
-batch; variants are interleaved within each repeat (order rotated), each timed over
-``--inner`` calls after a warm-up, and the figure is the median over ``--repeats``
-repeats. Ratios are against the plain ``torch.no_grad()`` forward measured in the same
+batch; variants are interleaved within each repeat (order rotated), each timed over a block
+of calls lasting about ``--block-ms`` after a warm-up, and the figure is the median over
+``--repeats`` repeats (the best repeat and the median thread CPU time are reported too: the
+machine may be shared). Ratios are against the plain ``torch.no_grad()`` forward measured in the same
 run (model in eval mode, set once outside the timer). The scorers are called on the model
 in train mode, as a loader calls them mid-training, so their figures include switching to
 eval mode and back, moving inputs, the closed form and the non-finite check. On CUDA,
@@ -16,7 +17,7 @@ Variants:
 * ``upper_bound``: ``UpperBoundScorer(CE)(model, x, y)`` (closed form).
 * ``loss``: ``LossScorer(CE)(model, x, y)``.
 * ``grad_norm``: ``GradNormScorer(CE, chunk_size=64)``: per-example gradients, timed over
-  fewer calls (it costs about one backward per example).
+  ``--grad-norm-repeats`` single calls after the others (about one backward per example).
 * on CUDA also ``upper_bound_fp32``: ``UpperBoundScorer(CE, autocast=False)`` (the default
   there is a bf16 forward).
 
@@ -99,14 +100,25 @@ def time_variants(
     fns: dict[str, Callable[[], Any]],
     device: torch.device,
     repeats: int,
-    inner: dict[str, int],
+    block_s: float,
+    max_inner: int,
     warmup: int = 3,
 ) -> dict[str, dict[str, float]]:
-    """Median seconds per call (wall and this thread's CPU time) of interleaved variants."""
+    """Median seconds per call (wall and this thread's CPU time) of interleaved variants.
+
+    Each variant is called ``inner`` times per timed block, ``inner`` chosen after the
+    warm-up so that a block lasts about ``block_s`` (at most ``max_inner`` calls).
+    """
+    inner: dict[str, int] = {}
     for name, fn in fns.items():
-        for _ in range(warmup if inner[name] > 1 else 1):
+        for _ in range(warmup):
             fn()
-    _sync(device)
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        single = max(time.perf_counter() - start, 1e-9)
+        inner[name] = max(1, min(max_inner, round(block_s / single)))
     wall: dict[str, list[float]] = {k: [] for k in fns}
     cpu: dict[str, list[float]] = {k: [] for k in fns}
     order = list(fns)
@@ -133,7 +145,13 @@ def time_variants(
 
 
 def bench_model(
-    name: str, batch: int, device: torch.device, repeats: int, inner: int, grad_norm: bool
+    name: str,
+    batch: int,
+    device: torch.device,
+    repeats: int,
+    block_s: float,
+    max_inner: int,
+    grad_norm_repeats: int,
 ) -> dict:
     shape, _ = MODELS[name]
     gen = torch.Generator().manual_seed(1)
@@ -162,11 +180,12 @@ def bench_model(
     if device.type == "cuda":
         ub32 = UpperBoundScorer(ce, autocast=False)
         fns["upper_bound_fp32"] = lambda: ub32(scored, x_dev, y_dev)
-    counts = {k: inner for k in fns}
-    if grad_norm:
-        fns["grad_norm"] = lambda: gn(scored, x_dev, y_dev)
-        counts["grad_norm"] = 1
-    times = time_variants(fns, device, repeats, counts)
+    times = time_variants(fns, device, repeats, block_s, max_inner)
+    if grad_norm_repeats:
+        # about one backward per example: a few single calls, after the interleaved variants
+        times["grad_norm"] = time_variants(
+            {"grad_norm": lambda: gn(scored, x_dev, y_dev)}, device, grad_norm_repeats, 0.0, 1, warmup=1
+        )["grad_norm"]
     ref = times["forward"]
     for entry in times.values():
         entry["ratio_wall"] = entry["wall_s"] / ref["wall_s"]
@@ -225,7 +244,7 @@ def bench_overlap(
             loader.set_epoch(epoch)
             _sync(device)
             start = time.perf_counter()
-            history_start = len(loader.tau_history)
+            first_step = loader.steps
             for batch in loader:
                 losses = ce(model(batch.inputs), batch.targets)
                 (batch.weights * losses).mean().backward()
@@ -234,7 +253,7 @@ def bench_overlap(
             _sync(device)
             if epoch:
                 epoch_s.append(time.perf_counter() - start)
-                score_s.append(sum(h["score_seconds"] for h in loader.tau_history[history_start:]))
+                score_s.append(sum(h["score_seconds"] for h in loader.tau_history if h["step"] >= first_step))
         del loader
         sd_s = []
         model.eval()
@@ -316,8 +335,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (default 1)")
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--inner", type=int, default=10, help="calls per timed block")
-    parser.add_argument("--no-grad-norm", action="store_true", help="skip GradNormScorer")
+    parser.add_argument("--block-ms", type=float, default=20.0, help="target duration of a timed block")
+    parser.add_argument("--max-inner", type=int, default=50, help="most calls per timed block")
+    parser.add_argument("--grad-norm-repeats", type=int, default=3)
     parser.add_argument("--item-cost-us", type=float, default=100.0)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--no-overlap", action="store_true", help="skip part 2 (loading overlap)")
@@ -328,11 +348,16 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     if args.quick:
         cases = [("mlp", 32)]
-        repeats, inner = 3, 2
+        timing = {"repeats": 3, "block_s": 0.002, "max_inner": 2, "grad_norm_repeats": 1}
         overlap = {"n": 256, "num_batches": 2, "epochs": 1, "item_cost_us": 0.0, "workers_list": (0,)}
     else:
         cases = [(name, b) for name, (_, batches) in MODELS.items() for b in batches]
-        repeats, inner = args.repeats, args.inner
+        timing = {
+            "repeats": args.repeats,
+            "block_s": args.block_ms / 1e3,
+            "max_inner": args.max_inner,
+            "grad_norm_repeats": args.grad_norm_repeats,
+        }
         overlap = {"n": 4096, "num_batches": 16, "epochs": args.epochs, "item_cost_us": args.item_cost_us}
     result: dict[str, Any] = {
         "benchmark": "scoring",
@@ -341,14 +366,13 @@ def main(argv: list[str] | None = None) -> dict:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "threads": torch.get_num_threads(),
-        "repeats": repeats,
-        "inner": inner,
+        "timing": timing,
         "quick": args.quick,
         "target_ratio": TARGET_RATIO,
         "cases": [],
     }
     for name, batch in cases:
-        result["cases"].append(bench_model(name, batch, device, repeats, inner, not args.no_grad_norm))
+        result["cases"].append(bench_model(name, batch, device, **timing))
     if not args.no_overlap:
         result["overlap"] = bench_overlap(device, **overlap)
     out = Path(args.out)

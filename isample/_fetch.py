@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-__all__ = ["Gathered", "can_gather", "gather_rows"]
+__all__ = ["Gathered", "IndexedCollate", "IndexedDataset", "can_gather", "gather_rows"]
 
 
 class Gathered:
@@ -37,3 +37,38 @@ def gather_rows(dataset: TensorDataset, indices: Sequence[int]) -> tuple[torch.T
     """``default_collate([dataset[i] for i in indices])``, computed by indexing each tensor once."""
     rows = torch.as_tensor(indices, dtype=torch.long)
     return tuple(t[rows] for t in dataset.tensors)
+
+
+class IndexedDataset(Dataset):
+    """Wraps a dataset so items come back with their index: ``(index, item)``.
+
+    With ``gather=True`` (see :func:`can_gather`) a whole batch is read by indexing each
+    tensor once.
+    """
+
+    def __init__(self, dataset: Dataset, gather: bool = False) -> None:
+        self.dataset = dataset
+        self.gather = gather
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[int, Any]:
+        return index, self.dataset[index]
+
+    def __getitems__(self, indices: list[int]) -> Any:
+        if self.gather:
+            return Gathered(indices, gather_rows(self.dataset, indices))  # type: ignore[arg-type]
+        return [self[i] for i in indices]
+
+
+class IndexedCollate:
+    """Collate ``[(index, item), ...]`` into ``(LongTensor indices, collated items)`` (picklable)."""
+
+    def __init__(self, base: Callable | None) -> None:
+        self.base = base or torch.utils.data.default_collate
+
+    def __call__(self, items: Any) -> tuple[torch.Tensor, Any]:
+        if isinstance(items, Gathered):
+            return torch.as_tensor(items.keys, dtype=torch.long), items.data
+        return torch.tensor([i for i, _ in items], dtype=torch.long), self.base([item for _, item in items])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["derive_seed", "step_generator"]
+__all__ = ["derive_seed", "permutation", "step_generator"]
 
 _MASK = (1 << 64) - 1
 
@@ -34,3 +34,10 @@ def step_generator(seed: int, epoch: int, step: int, stream: int = 0) -> torch.G
     g = torch.Generator()
     g.manual_seed(derive_seed(seed, epoch, step, stream))
     return g
+
+
+def permutation(n: int, seed: int, *parts: int) -> torch.Tensor:
+    """A random permutation of ``range(n)`` (LongTensor), a pure function of ``(seed, *parts)``."""
+    g = torch.Generator()
+    g.manual_seed(derive_seed(seed, *parts))
+    return torch.randperm(n, generator=g)

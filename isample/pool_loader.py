@@ -31,8 +31,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import distributed as _dist
-from ._fetch import Gathered, can_gather, gather_rows
-from ._random import derive_seed, step_generator
+from ._fetch import IndexedCollate, IndexedDataset, can_gather
+from ._random import permutation, step_generator
 from ._validation import check_choice, check_float, check_int, param_error
 from .batch import WeightedBatch, index_rows, move_to, split_batch
 from .policies import ScorePolicy
@@ -48,29 +48,6 @@ def pool_tau(scores: torch.Tensor) -> float:
     from .metrics.functional import tau
 
     return float(tau(scores))
-
-
-class _IndexedDataset(Dataset):
-    """Wraps a dataset so items come back with their index: ``(index, item)``.
-
-    With ``gather=True`` (a TensorDataset and the default collate) a whole pool is read
-    by indexing each tensor once (see :mod:`isample._fetch`).
-    """
-
-    def __init__(self, dataset: Dataset, gather: bool = False) -> None:
-        self.dataset = dataset
-        self.gather = gather
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> tuple[int, Any]:
-        return index, self.dataset[index]
-
-    def __getitems__(self, indices: list[int]) -> Any:
-        if self.gather:
-            return Gathered(indices, gather_rows(self.dataset, indices))  # type: ignore[arg-type]
-        return [self[i] for i in indices]
 
 
 class _PoolStream(Sampler[int]):
@@ -110,9 +87,7 @@ class _PoolStream(Sampler[int]):
             hi = lo + size
             for block in range(lo // n, (hi - 1) // n + 1):
                 if block != cached_block:
-                    g = torch.Generator()
-                    g.manual_seed(derive_seed(self.seed, self.epoch, block, 1))
-                    perm, cached_block = torch.randperm(n, generator=g), block
+                    perm, cached_block = permutation(n, self.seed, self.epoch, block, 1), block
                 yield from perm[max(lo - block * n, 0) : min(hi - block * n, n)].tolist()
 
 
@@ -269,12 +244,12 @@ class PoolLoader:
             self.num_samples, self.pool_size, self.num_batches, self.seed, self.num_replicas, self.rank
         )
         self._loader = DataLoader(
-            _IndexedDataset(dataset, gather=can_gather(dataset, collate_fn)),
+            IndexedDataset(dataset, gather=can_gather(dataset, collate_fn)),
             batch_size=self.pool_size,
             sampler=self._stream,
             num_workers=check_int(num_workers, "num_workers", owner, minimum=0),
             pin_memory=bool(pin_memory),
-            collate_fn=_indexed_collate(collate_fn),
+            collate_fn=IndexedCollate(collate_fn),
             drop_last=False,
             persistent_workers=bool(persistent_workers) and num_workers > 0,
             prefetch_factor=prefetch_factor,
@@ -464,21 +439,3 @@ class PoolLoader:
         self.position = int(state["position"])
         self.steps = int(state["steps"])
         self.tau_history = deque(state.get("tau_history", []), maxlen=self.HISTORY_LIMIT)
-
-
-def _indexed_collate(collate_fn: Callable | None) -> Callable:
-    base = collate_fn or torch.utils.data.default_collate
-    return _IndexedCollate(base)
-
-
-class _IndexedCollate:
-    """Collate ``[(index, item), ...]`` into ``(LongTensor indices, collated items)`` (picklable)."""
-
-    def __init__(self, base: Callable) -> None:
-        self.base = base
-
-    def __call__(self, items: Any) -> tuple[torch.Tensor, Any]:
-        if isinstance(items, Gathered):
-            return torch.as_tensor(items.keys, dtype=torch.long), items.data
-        indices = torch.tensor([i for i, _ in items], dtype=torch.long)
-        return indices, self.base([item for _, item in items])

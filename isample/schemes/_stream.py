@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .._random import derive_seed
+from .._fetch import IndexedCollate, IndexedDataset, can_gather
+from .._random import permutation
 
 __all__ = ["epoch_permutation", "RowReader", "cat_rows"]
 
@@ -24,9 +25,7 @@ def epoch_permutation(
     num_samples: int, seed: int, epoch: int, block: int = 0, stream: int = 0
 ) -> torch.Tensor:
     """A random permutation of ``range(num_samples)``, a pure function of its arguments (LongTensor)."""
-    g = torch.Generator()
-    g.manual_seed(derive_seed(seed, epoch, block, stream))
-    return torch.randperm(num_samples, generator=g)
+    return permutation(num_samples, seed, epoch, block, stream)
 
 
 class _Source(Sampler[int]):
@@ -59,27 +58,6 @@ class _Source(Sampler[int]):
             offset = 0
 
 
-class _Indexed(Dataset):
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> tuple[int, Any]:
-        return index, self.dataset[index]
-
-
-class _IndexedCollate:
-    """``[(index, item), ...] -> (LongTensor indices, collated items)`` (picklable)."""
-
-    def __init__(self, base: Callable) -> None:
-        self.base = base
-
-    def __call__(self, items: list[tuple[int, Any]]) -> tuple[torch.Tensor, Any]:
-        return torch.tensor([i for i, _ in items], dtype=torch.long), self.base([item for _, item in items])
-
-
 class RowReader:
     """Reads ``(indices, collated rows)`` chunks of a dataset through one DataLoader.
 
@@ -102,12 +80,12 @@ class RowReader:
         self.collate = collate_fn or torch.utils.data.default_collate
         self.source = _Source(len(dataset))  # type: ignore[arg-type]
         self.loader = DataLoader(
-            _Indexed(dataset),
+            IndexedDataset(dataset, gather=can_gather(dataset, collate_fn)),
             batch_size=chunk_size,
             sampler=self.source,
             num_workers=num_workers,
             pin_memory=pin_memory,
-            collate_fn=_IndexedCollate(self.collate),
+            collate_fn=IndexedCollate(collate_fn),
         )
 
     def from_indices(self, indices: torch.Tensor, start: int = 0) -> Iterator[tuple[torch.Tensor, Any]]:
