@@ -104,7 +104,9 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------- quality probe
 
 
-def probe_run(optimizer_name: str, seed: int, checkpoints: list[int], probe_size: int) -> list[dict]:
+def probe_run(
+    optimizer_name: str, seed: int, checkpoints: list[int], probe_size: int, sampling: str = "epochs"
+) -> list[dict]:
     """Train with uniform sampling; at each checkpoint, one row per candidate in the optimizer geometry."""
     x_tr, y_tr, _, _ = load_digits_split(seed)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -131,10 +133,13 @@ def probe_run(optimizer_name: str, seed: int, checkpoints: list[int], probe_size
     order, pos, step = torch.randperm(len(x_tr), generator=gen), 0, 0
     for target in checkpoints:
         while step < target:
-            if pos + 32 > len(order):
-                order, pos = torch.randperm(len(x_tr), generator=gen), 0
-            idx = order[pos : pos + 32]
-            pos += 32
+            if sampling == "replacement":
+                idx = torch.randint(0, len(x_tr), (32,), generator=gen)
+            else:
+                if pos + 32 > len(order):
+                    order, pos = torch.randperm(len(x_tr), generator=gen), 0
+                idx = order[pos : pos + 32]
+                pos += 32
             opt.zero_grad()
             CE(model(x_tr[idx]), y_tr[idx]).mean().backward()  # uniform sampling: all weights 1
             opt.step()
@@ -377,6 +382,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, tiny probe, few repeats")
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument(
+        "--sampling",
+        choices=["epochs", "replacement"],
+        default="epochs",
+        help="uniform batches from shuffled epochs (default) or drawn with replacement",
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "optimizer_aware_probe.json"
     )
     args = parser.parse_args(argv)
@@ -390,7 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
         row
         for name in OPTIMIZERS
         for seed in range(args.seeds)
-        for row in probe_run(name, seed, args.checkpoints, args.probe_size)
+        for row in probe_run(name, seed, args.checkpoints, args.probe_size, args.sampling)
     ]
     medians = median_rows(rows)
     print(quality_table(medians, args.seeds, args.probe_size))
@@ -404,7 +415,7 @@ def main(argv: list[str] | None = None) -> dict:
             "dataset": "sklearn digits, standardised, stratified 80/20 split (random_state = seed)",
             "model": "MLP 64-128-128-10 ReLU",
             "batch_size": 32,
-            "sampling": "uniform (shuffled epochs)",
+            "sampling": f"uniform ({'shuffled epochs' if args.sampling == 'epochs' else 'with replacement'})",
             "optimizers": {k: {"class": c.__name__, "lr": lr} for k, (c, lr) in OPTIMIZERS.items()},
             "checkpoints": args.checkpoints,
             "probe_size": args.probe_size,

@@ -27,7 +27,7 @@ import contextlib
 import math
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -54,17 +54,37 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 
 
+def _iter_modules(model: nn.Module) -> Iterator[nn.Module]:
+    """``model.modules()`` (depth-first, each module once) without building the names."""
+    seen = {id(model)}
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        yield module
+        children = [c for c in module._modules.values() if c is not None and id(c) not in seen]
+        seen.update(id(c) for c in children)
+        stack.extend(reversed(children))
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (or buffer); CPU for a stateless model."""
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
+    return _first_device(_iter_modules(model))
+
+
+def _first_device(modules: Iterable[nn.Module]) -> torch.device:
+    modules = modules if isinstance(modules, list) else list(modules)
+    for module in modules:
+        for tensor in module._parameters.values():
+            if tensor is not None:
+                return tensor.device
+    for module in modules:
+        for tensor in module._buffers.values():
+            if tensor is not None:
+                return tensor.device
     return torch.device("cpu")
 
 
-@contextlib.contextmanager
-def scoring_mode(model: nn.Module) -> Iterator[None]:
+def scoring_mode(model: nn.Module) -> contextlib.AbstractContextManager:
     """Put ``model`` in eval mode for the block and restore every submodule's mode after.
 
     Cheap when it can be: a model already in eval mode is left alone, and modules whose
@@ -72,20 +92,32 @@ def scoring_mode(model: nn.Module) -> Iterator[None]:
     (what ``model.eval()`` would do, without its recursive call overhead). A module that
     overrides ``train`` makes it fall back to ``model.eval()``.
     """
-    modes = [(module, module.training) for module in model.modules()]
-    if not any(mode for _, mode in modes):
-        yield
-        return
-    if all(type(module).train is _MODULE_TRAIN for module, _ in modes):
-        for module, mode in modes:
-            if mode:
-                _set_training(module, False)
-    else:
-        model.eval()
-    try:
-        yield
-    finally:
-        for module, mode in modes:
+    return _ScoringMode(model, list(_iter_modules(model)))
+
+
+class _ScoringMode:
+    """``scoring_mode`` over an already collected module list (a class: cheaper than a generator)."""
+
+    __slots__ = ("model", "modes")
+
+    def __init__(self, model: nn.Module, modules: list[nn.Module]) -> None:
+        self.model = model
+        self.modes = [(module, module.training) for module in modules]
+
+    def __enter__(self) -> None:
+        modes = self.modes
+        if not any(mode for _, mode in modes):
+            self.modes = []  # nothing to switch, nothing to restore
+            return
+        if all(type(module).train is _MODULE_TRAIN for module, _ in modes):
+            for module, mode in modes:
+                if mode:
+                    _set_training(module, False)
+        else:
+            self.model.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        for module, mode in self.modes:
             if module.training != mode:
                 _set_training(module, mode)
 
@@ -173,6 +205,13 @@ def _outputs_to_float32(data: Any) -> Any:
     return data
 
 
+def _to_device(data: Any, device: torch.device) -> Any:
+    """``move_to(data, device, non_blocking=True)`` with a no-op fast path for a tensor already there."""
+    if isinstance(data, torch.Tensor) and data.device == device:
+        return data
+    return move_to(data, device, non_blocking=True)
+
+
 def _warn_non_finite(scores: torch.Tensor, owner: str, stacklevel: int = 2) -> None:
     """Warn (``RuntimeWarning``) when ``scores`` holds NaN or inf; the scores are left as they are.
 
@@ -233,12 +272,14 @@ class Scorer:
         """
         if not isinstance(model, nn.Module):
             raise param_error("model", type(self).__name__, "a torch.nn.Module", model, TypeError)
-        device = model_device(model)
-        inputs = move_to(inputs, device, non_blocking=True)
-        targets = move_to(targets, device, non_blocking=True)
-        with scoring_mode(model):
+        modules = list(_iter_modules(model))
+        device = _first_device(modules)
+        inputs = _to_device(inputs, device)
+        targets = _to_device(targets, device)
+        with _ScoringMode(model, modules):
             scores = self.score(model, inputs, targets)
-        scores = scores.detach()
+        if scores.requires_grad:
+            scores = scores.detach()
         if scores.dtype != torch.float32:
             scores = scores.to(torch.float32)
         if scores.is_inference():  # a normal tensor: callers may modify it in place
@@ -272,7 +313,13 @@ class Scorer:
         Returns:
             the model outputs, with reduced-precision floating tensors cast to float32.
         """
-        with torch.no_grad(), self.autocast_context(model_device(model)):
+        if self.autocast is False:
+            amp: contextlib.AbstractContextManager = contextlib.nullcontext()
+        else:
+            device = inputs.device if isinstance(inputs, torch.Tensor) else model_device(model)
+            amp = self.autocast_context(device)
+        graph_free = contextlib.nullcontext() if torch.is_inference_mode_enabled() else torch.no_grad()
+        with graph_free, amp:
             outputs = model(inputs)
         return _outputs_to_float32(outputs)
 
@@ -300,6 +347,7 @@ class LossScorer(Scorer):
     def score(self, model: nn.Module, inputs: Any, targets: Any) -> torch.Tensor:
         with torch.inference_mode():
             outputs = self.forward(model, inputs)
+        with torch.no_grad():  # outside inference mode: the losses are ordinary tensors
             losses = per_example_losses(self.loss_fn, outputs, targets, type(self).__name__)
             negative = bool((losses < 0).any())
         if negative:
@@ -337,7 +385,8 @@ def upper_bound_closed_form(
     if isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.weight is None and outputs.dim() == 2:
         eps = float(loss_fn.label_smoothing)
         num_classes = outputs.shape[1]
-        probs = torch.softmax(outputs.float(), dim=1)  # a fresh tensor: modified in place below
+        logits = outputs if outputs.dtype == torch.float32 else outputs.float()
+        probs = torch.softmax(logits, dim=1)  # a fresh tensor: modified in place below
         if targets.dim() == 1 and not targets.is_floating_point():
             if targets.shape[0] != outputs.shape[0]:
                 raise ValueError(
@@ -347,6 +396,18 @@ def upper_bound_closed_form(
             if targets.shape[0] == 0:
                 return probs.new_zeros(0)
             ignore = int(loss_fn.ignore_index)
+            if eps:
+                probs.sub_(eps / num_classes)
+            if targets.device.type == "cpu" and not 0 <= ignore < num_classes:
+                # The CPU scatter checks its indices: try the common case (every target a class,
+                # none ignored) without a separate range check; otherwise take the checked path.
+                try:
+                    probs.scatter_(1, targets.unsqueeze(1), -(1.0 - eps), reduce="add")
+                    return torch.linalg.vector_norm(probs, dim=1)
+                except RuntimeError:
+                    probs = torch.softmax(logits, dim=1)
+                    if eps:
+                        probs.sub_(eps / num_classes)
             lo, hi = (int(v) for v in torch.aminmax(targets))
             valid = None
             if lo <= ignore <= hi:  # some rows may be ignored: mask them
@@ -357,8 +418,6 @@ def upper_bound_closed_form(
                 raise ValueError(
                     f"Class-index targets must lie in [0, {num_classes}); got min {lo}, max {hi}."
                 )
-            if eps:
-                probs.sub_(eps / num_classes)
             diff = probs.scatter_(1, targets.unsqueeze(1), -(1.0 - eps), reduce="add")
             norms = torch.linalg.vector_norm(diff, dim=1)
             return norms if valid is None else norms * valid.to(norms.dtype)
@@ -433,10 +492,11 @@ class UpperBoundScorer(Scorer):
             _warn_fused_activation(model, stacklevel=3)
         with torch.inference_mode():
             outputs = self.forward(model, inputs)
-            if self.closed_form and isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor):
+        if self.closed_form and isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor):
+            with torch.no_grad():  # outside inference mode: the scores are ordinary tensors
                 scores = upper_bound_closed_form(self.loss_fn, outputs, targets)
-                if scores is not None:
-                    return scores
+            if scores is not None:
+                return scores
         return output_gradient_norms(self.loss_fn, outputs, targets, type(self).__name__)
 
     def __getstate__(self) -> dict[str, Any]:
