@@ -9,10 +9,12 @@ memory (peak minus the result).
 
 Measurement. CPU: ``tracemalloc`` does not see torch's allocations, so each (scorer,
 chunk, batch) case runs in its own subprocess that builds the model and data, warms the
-code path up on one example, reads ``resource.getrusage(RUSAGE_SELF).ru_maxrss``, scores
-the batch and reads ``ru_maxrss`` again: the difference is the peak the scoring added
-(large tensors are mmap-ed by the allocator and returned to the system when freed, so the
-figure is the live memory high-water mark, not the sum of allocations). CUDA
+code path up on a tiny model, reads ``resource.getrusage(RUSAGE_SELF).ru_maxrss``, scores
+the batch and reads ``ru_maxrss`` again: the difference is the peak the scoring added. The
+subprocess runs with ``MALLOC_MMAP_THRESHOLD_=65536``, so glibc maps every block over
+64 KiB when it is allocated and unmaps it when it is freed: the resident set then follows
+the live tensors (with glibc's default dynamic threshold, freed blocks stay cached in the
+heap and the figure drifts with the allocation history, not with the live memory). CUDA
 (``--device cuda``): ``torch.cuda.max_memory_allocated`` minus the memory allocated
 before, in process.
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -38,6 +41,7 @@ import torch
 from torch import nn
 
 CHUNKS = (1, 4, 16, 64, 256)
+MMAP_THRESHOLD = 65536
 BATCHES = (256, 1024)
 KINDS = ("grad_norm", "per_example_gradients")
 
@@ -77,7 +81,8 @@ def measure(kind: str, chunk: int, batch: int, device: str, width: int) -> dict[
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 784, generator=gen).to(dev)
     y = torch.randint(0, 10, (batch,), generator=gen).to(dev)
-    _run(kind, model, x[:1], y[:1], 1)  # warm-up: imports and lazy initialisation, tiny peak
+    # warm-up on a tiny model: imports and lazy initialisation without raising the peak
+    _run(kind, make_model(2).to(dev), x[:1], y[:1], 1)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
@@ -109,7 +114,10 @@ def run_case(
     if device != "cpu" or in_process:
         return measure(kind, chunk, batch, device, width)
     cmd = [sys.executable, __file__, "--child", kind, str(chunk), str(batch), "--width", str(width)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    # a fixed mmap threshold: glibc then maps every block over 64 KiB on allocation and unmaps
+    # it on free, so the resident set follows the live tensors instead of the allocator's cache
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -156,7 +164,11 @@ def main(argv: list[str] | None = None) -> dict:
             "cuda max_memory_allocated"
             if args.device != "cpu"
             else "ru_maxrss delta in "
-            + ("this process (smoke run)" if args.quick else "a subprocess per case")
+            + (
+                "this process (smoke run)"
+                if args.quick
+                else f"a subprocess per case, MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}"
+            )
         ),
         "torch": torch.__version__,
         "python": platform.python_version(),

@@ -14,7 +14,7 @@ from .linear_scorer import LinearGradNormScorer
 from .metrics import SamplerQuality, validate_sampler
 from .pool_loader import PoolLoader
 from .recorder import GradNormRecorder
-from .scorers import GradNormScorer, LossScorer, UpperBoundScorer, score_dataset
+from .scorers import GradNormScorer, LossScorer, Scorer, UpperBoundScorer, score_dataset
 from .table_sampler import TableSampler
 
 __version__ = "0.1.0"
@@ -27,6 +27,7 @@ __all__ = [
     "LossScorer",
     "PoolLoader",
     "SamplerQuality",
+    "Scorer",
     "TableSampler",
     "UpperBoundScorer",
     "WeightedBatch",

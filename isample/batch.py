@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["WeightedBatch", "split_batch", "index_rows", "move_to", "TARGET_KEYS"]
+__all__ = ["WeightedBatch", "split_batch", "index_rows", "slice_rows", "move_to", "TARGET_KEYS"]
 
 #: Keys recognised as the target entry when a dataset yields dicts.
 TARGET_KEYS = ("labels", "label", "targets", "target", "y")
@@ -90,6 +90,21 @@ def index_rows(data: Any, rows: torch.Tensor) -> Any:
             picked = rows.tolist()
             return type(data)(data[i] for i in picked)
         return type(data)(index_rows(v, rows) for v in data)
+    return data
+
+
+def slice_rows(data: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` (dim 0) of every tensor inside nested tuples, lists and dicts (views, no copy)."""
+    if isinstance(data, torch.Tensor):
+        return data[start:stop]
+    if isinstance(data, Mapping):
+        return type(data)({k: slice_rows(v, start, stop) for k, v in data.items()})  # type: ignore[call-arg]
+    if isinstance(data, tuple) and hasattr(data, "_fields"):
+        return type(data)(*(slice_rows(v, start, stop) for v in data))
+    if isinstance(data, (list, tuple)):
+        if len(data) and not isinstance(data[0], (torch.Tensor, Mapping, list, tuple)):
+            return type(data)(data[start:stop])
+        return type(data)(slice_rows(v, start, stop) for v in data)
     return data
 
 

@@ -34,9 +34,9 @@ from . import distributed as _dist
 from ._fetch import IndexedCollate, IndexedDataset, can_gather
 from ._random import permutation, step_generator
 from ._validation import check_choice, check_float, check_int, param_error
-from .batch import WeightedBatch, index_rows, move_to, split_batch
+from .batch import WeightedBatch, index_rows, move_to, slice_rows, split_batch
 from .policies import ScorePolicy
-from .scorers import model_device, per_example_losses
+from .scorers import model_device, per_example_losses, scoring_mode
 from .switch import TauSwitch, default_tau_threshold
 from .weighting import NORMALIZATIONS, importance_weights
 
@@ -349,9 +349,9 @@ class PoolLoader:
             return self.scorer(self.model, inputs, targets)
         parts = []
         for start in range(0, m, chunk):
-            rows = torch.arange(start, min(start + chunk, m))
-            chunk_targets = index_rows(targets, rows) if targets is not None else None
-            parts.append(self.scorer(self.model, index_rows(inputs, rows), chunk_targets))
+            stop = min(start + chunk, m)
+            chunk_targets = slice_rows(targets, start, stop) if targets is not None else None
+            parts.append(self.scorer(self.model, slice_rows(inputs, start, stop), chunk_targets))
         return torch.cat(parts)
 
     def _check_scorer(self) -> None:
@@ -361,8 +361,8 @@ class PoolLoader:
         _, data = collate([(i, item) for i, item in enumerate(items)])
         inputs, targets = split_batch(move_to(data, model_device(self.model)))
         loss_fn = getattr(self.scorer, "loss_fn", None)
-        if loss_fn is not None:
-            with torch.no_grad():
+        if loss_fn is not None:  # eval mode: BatchNorm statistics and Dropout stay untouched
+            with scoring_mode(self.model), torch.inference_mode():
                 per_example_losses(loss_fn, self.model(inputs), targets, "PoolLoader's scorer")
         scores = self.scorer(self.model, inputs, targets)
         if not isinstance(scores, torch.Tensor) or scores.shape != (n,):

@@ -493,7 +493,10 @@ class TableSampler(Sampler[list[tuple[int, float]]]):
 
 def _as_numpy(value: Any, name: str) -> np.ndarray:
     if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        if value.dtype in (torch.bfloat16, torch.float16):  # NumPy has no bfloat16
+            value = value.float()
+        return value.numpy()
     if isinstance(value, np.ndarray):
         return value
     if isinstance(value, (list, tuple)):

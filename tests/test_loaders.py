@@ -401,3 +401,31 @@ def test_batched_reads_equal_row_by_row_reads(classification, mlp):
                 strict=True,
             ):
                 assert torch.equal(x, y) and x.dtype == y.dtype
+
+
+def test_pool_loader_construction_leaves_batchnorm_alone(classification):
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 3))
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    PoolLoader(classification, model, LossScorer(CE), 8, 2.0, seed=0, scoring_batch_size=3)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert model.training
+
+
+def test_table_update_accepts_half_precision_scores():
+    s = TableSampler(4, 2, seed=0, mixing=0.0)
+    s.update(torch.arange(4), torch.tensor([1.0, 2.0, 3.0, 2.0], dtype=torch.bfloat16))
+    torch.testing.assert_close(s.probabilities(), torch.tensor([1, 2, 3, 2], dtype=torch.float64) / 8)
+
+
+def test_pool_scoring_in_chunks_equals_one_pass(classification, mlp):
+    def batches(chunk):
+        loader = PoolLoader(
+            classification, mlp, UpperBoundScorer(CE), 8, 3.0, seed=2, always=True, scoring_batch_size=chunk
+        )
+        return [(b.indices, b.weights) for b in loader]
+
+    for (ia, wa), (ib, wb) in zip(batches(None), batches(5), strict=True):
+        assert torch.equal(ia, ib)
+        torch.testing.assert_close(wa, wb)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .._validation import check_int, param_error
-from ..batch import batch_size_of, index_rows
+from ..batch import batch_size_of, slice_rows
 from ..scorers import model_device, per_example_losses, scoring_mode
 
 __all__ = ["per_example_gradients", "select_parameters"]
@@ -129,12 +129,19 @@ def per_example_gradients(
         return per_example_losses(loss_fn, out, _unsqueeze(y) if y is not None else None, owner).sum()
 
     per_example = vmap(grad(one_loss), in_dims=(None, 0, 0 if targets is not None else None))
-    rows_out = []
+    width = sum(v.numel() for _, v in chosen)
+    dtype = chosen[0][1].dtype if chosen else torch.float32
+    out = torch.empty(b, width, dtype=dtype, device=device)  # preallocated: peak = result + one chunk
     with scoring_mode(model), torch.enable_grad():
         for start in range(0, b, chunk):
-            rows = torch.arange(start, min(start + chunk, b), device=device)
-            x = index_rows(inputs, rows)
-            y = index_rows(targets, rows) if targets is not None else None
+            stop = min(start + chunk, b)
+            x = slice_rows(inputs, start, stop)
+            y = slice_rows(targets, start, stop) if targets is not None else None
             grads = per_example(diff, x, y)
-            rows_out.append(torch.cat([grads[k].flatten(1) for k, _ in chosen], dim=1))
-    return torch.cat(rows_out, dim=0)
+            col = 0
+            for k, _ in chosen:
+                flat = grads[k].flatten(1)
+                out[start:stop, col : col + flat.shape[1]] = flat
+                col += flat.shape[1]
+            del grads
+    return out
