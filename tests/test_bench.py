@@ -395,6 +395,8 @@ def _check_results(out, config_schemes, optimizers, seeds):
             ):
                 assert key in e, key
     for run in results["runs"]:
+        if run["scheme"] == "kf":  # pool schemes report how often the tau switch had IS on
+            assert 0.0 <= run["is_on_share"] <= 1.0
         assert run["steps"] == int(results["budget"]["amount"])
         assert run["curve"][0]["step"] == 0 and run["curve"][-1]["step"] == run["steps"]
         assert run["forward_examples"] >= run["trained_examples"] == run["backward_examples"]

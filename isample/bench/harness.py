@@ -597,7 +597,7 @@ def train_run(
     scored, forward = cost()
     backward = trained + (scored if extra_backward else 0)
     history = getattr(getattr(loader, "pool", None), "tau_history", None)
-    is_on = [bool(h.get("on")) for h in history] if isinstance(history, list) and history else []
+    is_on = [bool(h.get("on")) for h in history] if history else []
     return {
         "scheme": scheme,
         "optimizer": optimizer,
