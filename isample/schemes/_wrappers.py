@@ -107,6 +107,7 @@ class TableScheme(SchemeLoader):
             dataset, self.sampler, num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate_fn
         )
         self._prepared_epoch = -1
+        self._last_rescore: int | None = None
 
     @property
     def epoch(self) -> int:
@@ -129,8 +130,16 @@ class TableScheme(SchemeLoader):
         yield from self.loader
 
     def _begin_epoch(self, epoch: int) -> None:
-        if self.rescore_every is not None and epoch % self.rescore_every == 0:
+        """Re-score at the first epoch this loader runs and then every ``rescore_every`` epochs.
+
+        Starting at epoch 0 that is epochs 0, k, 2k, ...; a loader started (or resumed)
+        at a later epoch scores first, so its table never starts unscored.
+        """
+        if self.rescore_every is None:
+            return
+        if self._last_rescore is None or epoch - self._last_rescore >= self.rescore_every:
             self._rescore()
+            self._last_rescore = epoch
 
     def _rescore_scorer(self) -> Callable:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -161,8 +170,14 @@ class TableScheme(SchemeLoader):
         return self.sampler.probabilities()
 
     def _state(self) -> dict[str, Any]:
-        return {"loader": self.loader.state_dict(), "prepared_epoch": self._prepared_epoch}
+        return {
+            "loader": self.loader.state_dict(),
+            "prepared_epoch": self._prepared_epoch,
+            "last_rescore": self._last_rescore,
+        }
 
     def _load_state(self, state: dict[str, Any]) -> None:
         self.loader.load_state_dict(state["loader"])
         self._prepared_epoch = int(state["prepared_epoch"])
+        last = state.get("last_rescore")
+        self._last_rescore = None if last is None else int(last)
