@@ -447,7 +447,7 @@ class SumTree:
         """
         return self._levels[0].take(self._check_indices(indices, "get"))
 
-    def find(self, targets: Any) -> np.ndarray:
+    def find(self, targets: Any, check: bool = True) -> np.ndarray:
         """Prefix-sum search: the index ``i`` with ``prefix(i) <= t < prefix(i + 1)`` per target.
 
         .. math::
@@ -468,6 +468,8 @@ class SumTree:
             ValueError: a target is NaN, negative or above the total, or the total is 0.
         """
         t = np.asarray(targets, dtype=np.float64).ravel()
+        if not check:  # the caller guarantees 0 <= t <= total and total > 0 (hot path)
+            return descend(self._levels, self._fanout, t)
         if t.size:
             lo, hi = t.min(), t.max()
             if not (lo >= 0) or not (hi <= self._total):
@@ -568,7 +570,7 @@ class SumTree:
 
     # ------------------------------------------------------------------ writing
 
-    def set(self, indices: Any, values: Any) -> None:
+    def set(self, indices: Any, values: Any, check: bool = True) -> None:
         """Set leaves ``indices`` to ``values`` and update the sums in O(u F log_F N).
 
         Repeated indices in one call: the last write wins (the value at the last position
@@ -584,6 +586,12 @@ class SumTree:
             IndexError: an index is outside [0, size).
             ValueError: the lengths differ, or a value is negative, NaN or infinite.
         """
+        if not check:  # the caller guarantees int64 indices in range and finite values >= 0
+            idx = np.asarray(indices, dtype=np.int64).ravel()
+            val = np.asarray(values, dtype=np.float64).ravel()
+            if idx.shape[0]:
+                self._write_leaves(idx, val)
+            return
         idx = self._check_indices(indices, "set").ravel()
         val = np.asarray(values, dtype=np.float64)
         if val.ndim == 0:
@@ -597,6 +605,10 @@ class SumTree:
         if idx.shape[0] == 0:
             return
         self._check_values(val, "values", "set")
+        self._write_leaves(idx, val)
+
+    def _write_leaves(self, idx: np.ndarray, val: np.ndarray) -> None:
+        """Write leaves (last write wins for repeated indices) and update the sums."""
         leaves = self._levels[0]
         leaves[idx] = val
         if not (leaves.take(idx) == val).all():

@@ -134,6 +134,9 @@ class TableSampler(Sampler[list[tuple[int, float]]]):
         self.seed = _dist.shared_seed(seed, generator, owner, self.num_replicas)
         self.delay = check_int(delay, "delay", owner, minimum=0)
         self._tree = SumTree(self.num_samples)
+        # largest raw score whose transformed value keeps the float64 sum of N finite
+        limit = math.log(np.finfo(np.float64).max / self.num_samples) / self.policy.power
+        self._max_score = math.exp(limit) if limit < 709.0 else math.inf
         self._visited = np.zeros(self.num_samples, dtype=bool)
         self._num_visited = 0
         self.epoch = 0
@@ -231,12 +234,12 @@ class TableSampler(Sampler[list[tuple[int, float]]]):
         if from_scores.any():
             target = u[2][from_scores] * t_total
             if all_visited:
-                chosen = self._tree.find(target)
+                chosen = self._tree.find(target, check=False)  # targets lie in [0, total)
             else:
                 in_tree = target < visited_total
                 chosen = np.empty(target.shape[0], dtype=np.int64)
                 if in_tree.any():
-                    chosen[in_tree] = self._tree.find(target[in_tree])
+                    chosen[in_tree] = self._tree.find(target[in_tree], check=False)
                 if not in_tree.all():
                     chosen[~in_tree] = self._uniform_unvisited(int((~in_tree).sum()), g)
             idx[from_scores] = chosen
@@ -312,11 +315,17 @@ class TableSampler(Sampler[list[tuple[int, float]]]):
         if idx.size and (idx.view(np.uint64) >= self.num_samples).any():  # negatives wrap to huge
             bad = idx[(idx < 0) | (idx >= self.num_samples)][0]
             raise IndexError(f"TableSampler.update got index {int(bad)} outside [0, {self.num_samples}).")
-        negative = val < 0  # False for NaN
-        if negative.any():
+        # False for NaN and +inf: those are skipped with a warning later
+        out_of_range = (val < 0) | ((val > self._max_score) & (val != np.inf))
+        if out_of_range.any():
+            bad = val[out_of_range]
+            if bad.min() < 0:
+                raise ValueError(
+                    f"TableSampler.update got negative scores (min {bad.min():.4g}); scores must be >= 0."
+                )
             raise ValueError(
-                f"TableSampler.update got negative scores (min {val[negative].min():.4g}); "
-                "scores must be >= 0."
+                f"TableSampler.update got scores up to {bad.max():.4g}; scores above {self._max_score:.3g} "
+                "would overflow the table's float64 sum."
             )
         return idx, val
 
@@ -377,7 +386,7 @@ class TableSampler(Sampler[list[tuple[int, float]]]):
         if idx.size == 0:
             return
         t = val if self.policy.power == 1.0 else np.power(val, self.policy.power)
-        self._tree.set(idx, t)
+        self._tree.set(idx, t, check=False)  # validated by _check_update / _receive
         if self._num_visited == self.num_samples:
             return
         new = np.unique(idx[~self._visited[idx]])

@@ -429,3 +429,10 @@ def test_pool_scoring_in_chunks_equals_one_pass(classification, mlp):
     for (ia, wa), (ib, wb) in zip(batches(None), batches(5), strict=True):
         assert torch.equal(ia, ib)
         torch.testing.assert_close(wa, wb)
+
+
+def test_table_rejects_scores_that_would_overflow_the_sum():
+    s = TableSampler(10, 2, seed=0)
+    with pytest.raises(ValueError, match="overflow"):
+        s.update(torch.tensor([0]), torch.tensor([1e308], dtype=torch.float64))
+    assert s.probabilities().isfinite().all()
