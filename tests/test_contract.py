@@ -62,6 +62,11 @@ def test_check_names_are_unique_and_all_generated():
     assert tuple(names) == CHECKS and len(set(names)) == len(names)
 
 
+# A spawned DataLoader worker occasionally aborts while the interpreter tears it down
+# ("terminate called without an active exception", in torch's C++ runtime), after every
+# batch was delivered and checked; pytest would report that teardown as an unraisable
+# exception of the test. The check's own assertions are unaffected.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("kind, name, check", CASES)
 def test_builtin_loaders_pass(kind, name, check):
     check()
