@@ -113,7 +113,7 @@ def mix_with_uniform(transformed: torch.Tensor, uniform_share: float) -> torch.T
     total = float(transformed.sum())
     if total <= 0 or uniform_share >= 1.0:
         return torch.full_like(transformed, 1.0 / m)
-    return uniform_share / m + (1.0 - uniform_share) * transformed / total
+    return uniform_share / m + (1.0 - uniform_share) * (transformed / total)  # t / T first: exact for tiny T
 
 
 def proportional_probabilities(scores: torch.Tensor, mixing: float = 0.0) -> torch.Tensor:

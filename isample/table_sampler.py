@@ -244,7 +244,7 @@ class TableSampler(Sampler[list[tuple[int, float]]]):
                     chosen[~in_tree] = self._uniform_unvisited(int((~in_tree).sum()), g)
             idx[from_scores] = chosen
         t = self._tree.get(idx) if all_visited else np.where(self._visited[idx], self._tree.get(idx), init)
-        p = share / n + ((1.0 - share) / t_total) * t if t_total > 0 else np.full(b, share / n)
+        p = share / n + (1.0 - share) * (t / t_total) if t_total > 0 else np.full(b, share / n)
         w = weights_array(p, n, self.bias_exponent, self.max_weight, self.normalize)
         return torch.from_numpy(idx), torch.from_numpy(w.astype(np.float32))
 

@@ -436,3 +436,12 @@ def test_table_rejects_scores_that_would_overflow_the_sum():
     with pytest.raises(ValueError, match="overflow"):
         s.update(torch.tensor([0]), torch.tensor([1e308], dtype=torch.float64))
     assert s.probabilities().isfinite().all()
+
+
+def test_table_probabilities_with_subnormal_scores():
+    s = TableSampler(3, 4, seed=0, mixing=0.1, num_batches=2)
+    s.update(torch.arange(3), torch.tensor([5e-324, 1e-323, 0.0], dtype=torch.float64))
+    p = s.probabilities()
+    assert float(p.sum()) == pytest.approx(1.0) and bool(torch.isfinite(p).all())
+    for batch in s:
+        assert all(0 < w < float("inf") for _, w in batch)

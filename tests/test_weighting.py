@@ -96,6 +96,7 @@ def test_bias_exponent_and_normalisation_are_biased_and_bounded():
     mixing=st.one_of(st.just(0.0), st.floats(1e-3, 1)),
 )
 @example(scores=[0.0, 0.0, 0.0], power=1.0, additive=0.0, relative=0.0, mixing=0.0)
+@example(scores=[5e-324], power=1.0, additive=0.0, relative=0.0, mixing=0.5)  # subnormal total
 def test_policy_matches_formula(scores, power, additive, relative, mixing):
     s = np.array(scores, dtype=np.float64)
     p = ScorePolicy(power, additive, relative, mixing).probabilities(torch.tensor(s)).numpy()
@@ -105,7 +106,7 @@ def test_policy_matches_formula(scores, power, additive, relative, mixing):
     if t.sum() + m * c == 0:
         want = np.full(m, 1.0 / m)
     else:
-        want = mixing / m + (1 - mixing) * (t + c) / (t.sum() + m * c)
+        want = mixing / m + (1 - mixing) * ((t + c) / (t.sum() + m * c))
     np.testing.assert_allclose(p, want, rtol=1e-9, atol=1e-15)
     assert math.isclose(p.sum(), 1.0, rel_tol=1e-9)
     if mixing > 0:
