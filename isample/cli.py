@@ -128,31 +128,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_PLAIN_FIELDS = (
+    "dataset",
+    "model",
+    "schemes",
+    "optimizers",
+    "seeds",
+    "budget",
+    "batch_size",
+    "eval_every",
+    "quality_every",
+    "probe_size",
+)
+
+
 def config_from_args(args: argparse.Namespace) -> object:
     """The :class:`isample.bench.BenchConfig` described by parsed arguments."""
     from .bench.harness import BenchConfig, quick_config
 
     config = quick_config() if args.quick else BenchConfig()
-    if args.dataset is not None:
-        config.dataset = args.dataset
-    if args.model is not None:
-        config.model = args.model
-    if args.schemes is not None:
-        config.schemes = args.schemes
-    if args.optimizers is not None:
-        config.optimizers = args.optimizers
-    if args.seeds is not None:
-        config.seeds = args.seeds
-    if args.budget is not None:
-        config.budget = args.budget
-    if args.batch_size is not None:
-        config.batch_size = args.batch_size
-    if args.eval_every is not None:
-        config.eval_every = args.eval_every
-    if args.quality_every is not None:
-        config.quality_every = args.quality_every
-    if args.probe_size is not None:
-        config.probe_size = args.probe_size
+    for field in _PLAIN_FIELDS:  # options that, when given, replace the profile's value
+        value = getattr(args, field)
+        if value is not None:
+            setattr(config, field, value)
     if args.lr_grid:
         grids = dict(config.lr_grids)
         for name, grid in args.lr_grid:
