@@ -21,6 +21,7 @@ from torch import nn
 from .._validation import check_int, param_error
 from ..batch import batch_size_of
 from ..preconditioner import NoOptimizerStateError, is_identity_geometry
+from ..weighting import weights_array
 from .functional import bias, effective_sample_size, quality, tau
 from .optimizer import flat_preconditioner
 from .per_example import per_example_gradients, select_parameters
@@ -190,7 +191,8 @@ class SamplerQuality:
                 raise ValueError(f"Candidate {name!r} of SamplerQuality returned all-zero values.")
             p = values / total
             support = p > 0
-            w = torch.where(support, 1.0 / (self.num_probe * p.clamp_min(1e-300)), torch.zeros_like(p))
+            w = torch.zeros_like(p)  # weights of the examples the candidate can draw (the one formula)
+            w[support] = weights_array(p[support], self.num_probe, 1.0, None, "none")
             diag = {
                 "tau2": tau(values) ** 2 if kind == "scores" else None,
                 "ess": effective_sample_size(w, p),
