@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from .._random import step_generator
 from .._validation import check_float, check_int, param_error
-from ..batch import WeightedBatch, split_batch
+from ..batch import WeightedBatch
 from ..rank_policies import infobatch_kept_count, infobatch_plan
 from ._stream import RowReader
 from .base import SchemeLoader, feedback_arrays
@@ -87,11 +87,9 @@ class InfoBatch(SchemeLoader):
         initial_score: float = 3.0,
         min_keep: float = 0.1,
         drop_last: bool = False,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        collate_fn: Callable | None = None,
+        **loader_options: Any,
     ) -> None:
-        super().__init__(dataset, model, loss_fn, batch_size, seed)
+        super().__init__(dataset, model, loss_fn, batch_size, seed, loader_options)
         owner = type(self).__name__
         if epochs is None:
             raise param_error(
@@ -114,9 +112,7 @@ class InfoBatch(SchemeLoader):
         self.reader = RowReader(
             dataset,
             self.batch_size,
-            num_workers=check_int(num_workers, "num_workers", owner, minimum=0),
-            pin_memory=bool(pin_memory),
-            collate_fn=collate_fn,
+            **self.loader_options,
         )
         self.scores = np.full(self.num_samples, self.initial_score, dtype=np.float64)
         self.epoch = 0
@@ -220,8 +216,8 @@ class InfoBatch(SchemeLoader):
         weights = self._plan_w
         for indices, data in self.reader.from_indices(order, start=self.position * b):
             start = self.position * b
-            inputs, targets = split_batch(data)
-            batch = WeightedBatch(inputs, targets, indices, weights[start : start + indices.numel()].clone())
+            rows = weights[start : start + indices.numel()].clone()
+            batch = WeightedBatch.from_collated(data, indices, rows)
             self.position += 1
             if self.position >= count:
                 self.epoch, self.position = epoch + 1, 0

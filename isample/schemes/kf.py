@@ -76,11 +76,9 @@ class KatharopoulosFleuret(PoolScheme):
         scoring_batch_size: int | None = None,
         num_batches: int | None = None,
         drop_last: bool = False,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        collate_fn: Callable | None = None,
         max_weight: float | None = None,
         replacement: bool = True,
+        **loader_options: Any,
     ) -> None:
         options: dict[str, Any] = dict(
             presample=presample,
@@ -94,9 +92,7 @@ class KatharopoulosFleuret(PoolScheme):
             scoring_batch_size=scoring_batch_size,
             num_batches=num_batches,
             drop_last=drop_last,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            collate_fn=collate_fn,
+            loader_options=loader_options,
             max_weight=max_weight,
             replacement=replacement,
         )

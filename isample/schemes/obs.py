@@ -74,9 +74,7 @@ class OnlineBatchSelection(TableScheme):
         scoring_batch_size: int = 1024,
         num_batches: int | None = None,
         drop_last: bool = False,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        collate_fn: Callable | None = None,
+        **loader_options: Any,
     ) -> None:
         owner = type(self).__name__
         self.selection_pressure = check_float(selection_pressure, "selection_pressure", owner, minimum=1.0)
@@ -95,9 +93,7 @@ class OnlineBatchSelection(TableScheme):
             seed,
             rescore_every=rescore_every,
             scoring_batch_size=scoring_batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            collate_fn=collate_fn,
+            loader_options=loader_options,
             num_batches=num_batches,
             drop_last=drop_last,
             mixing=0.0,

@@ -151,11 +151,9 @@ class RhoLoss(SchemeLoader):
         holdout_batch_size: int = 64,
         num_batches: int | None = None,
         scoring_batch_size: int = 1024,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        collate_fn: Callable | None = None,
+        **loader_options: Any,
     ) -> None:
-        super().__init__(dataset, model, loss_fn, batch_size, seed)
+        super().__init__(dataset, model, loss_fn, batch_size, seed, loader_options)
         owner = type(self).__name__
         self.ratio = check_float(ratio, "ratio", owner, minimum=0.0, maximum=1.0, min_inclusive=False)
         self.pool_size = max(self.batch_size, int(round(self.batch_size / self.ratio)))
@@ -180,7 +178,7 @@ class RhoLoss(SchemeLoader):
                 lr=holdout_lr,
                 batch_size=holdout_batch_size,
                 seed=self.seed,
-                collate_fn=collate_fn,
+                collate_fn=self.loader_options["collate_fn"],
             )
         if irreducible_model is not None:
             if not isinstance(irreducible_model, nn.Module):
@@ -188,7 +186,11 @@ class RhoLoss(SchemeLoader):
                     "irreducible_model", owner, "a torch.nn.Module", irreducible_model, TypeError
                 )
             irreducible_losses = compute_irreducible_losses(
-                irreducible_model, dataset, loss_fn, batch_size=scoring_batch_size, collate_fn=collate_fn
+                irreducible_model,
+                dataset,
+                loss_fn,
+                batch_size=scoring_batch_size,
+                collate_fn=self.loader_options["collate_fn"],
             )
             self._scored += self.num_samples
         if not isinstance(irreducible_losses, torch.Tensor) or irreducible_losses.shape != (
@@ -208,9 +210,7 @@ class RhoLoss(SchemeLoader):
         self.reader = RowReader(
             dataset,
             self.pool_size,
-            num_workers=check_int(num_workers, "num_workers", owner, minimum=0),
-            pin_memory=bool(pin_memory),
-            collate_fn=collate_fn,
+            **self.loader_options,
         )
         self.epoch = 0
         self.position = 0
@@ -244,12 +244,11 @@ class RhoLoss(SchemeLoader):
             rows = top_k_rows(scores, self.batch_size)
             self.last_selection = {"indices": indices, "scores": scores, "rows": rows}
             selected = index_rows(data, rows)
-            sel_inputs, sel_targets = split_batch(selected)
             self.position += 1
             if self.position >= self.num_batches:
                 self.epoch, self.position = epoch + 1, 0
-            yield WeightedBatch(
-                sel_inputs, sel_targets, indices[rows], torch.ones(rows.numel(), dtype=torch.float32)
+            yield WeightedBatch.from_collated(
+                selected, indices[rows], torch.ones(rows.numel(), dtype=torch.float32)
             )
             if self.epoch != epoch:
                 return

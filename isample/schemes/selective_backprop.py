@@ -93,11 +93,9 @@ class SelectiveBackprop(SchemeLoader):
         chunk_size: int | None = None,
         staleness: int | None = None,
         num_batches: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        collate_fn: Callable | None = None,
+        **loader_options: Any,
     ) -> None:
-        super().__init__(dataset, model, loss_fn, batch_size, seed)
+        super().__init__(dataset, model, loss_fn, batch_size, seed, loader_options)
         owner = type(self).__name__
         self.beta = check_float(beta, "beta", owner, minimum=0.0, min_inclusive=False)
         self.s_min = check_float(s_min, "s_min", owner, minimum=0.0, maximum=1.0)
@@ -114,9 +112,7 @@ class SelectiveBackprop(SchemeLoader):
         self.reader = RowReader(
             dataset,
             self.chunk_size,
-            num_workers=check_int(num_workers, "num_workers", owner, minimum=0),
-            pin_memory=bool(pin_memory),
-            collate_fn=collate_fn,
+            **self.loader_options,
         )
         self.epoch = 0
         self.position = 0
@@ -164,8 +160,7 @@ class SelectiveBackprop(SchemeLoader):
                 if self.position >= self.num_batches:
                     self.epoch = epoch + 1
                     self._reset_epoch()
-                inputs, targets = split_batch(data)
-                yield WeightedBatch(inputs, targets, indices, torch.ones(b, dtype=torch.float32))
+                yield WeightedBatch.from_collated(data, indices, torch.ones(b, dtype=torch.float32))
                 if self.epoch != epoch:
                     return
             if chunks is None:
