@@ -164,7 +164,7 @@ class DataLoader:
     def _iterate(self) -> Iterator[WeightedBatch]:
         try:
             for batch in self.loader:
-                self._close_step()
+                self._close_step(abandoned=True)  # a batch the loop skipped (no update) records nothing
                 if self._auto_context:  # e.g. history-gradnorm records the step's backward
                     stack = contextlib.ExitStack()
                     stack.enter_context(self.loader.step_context(batch))
@@ -172,12 +172,17 @@ class DataLoader:
                 self.last_batch = batch
                 yield batch
         finally:
-            self._close_step()
+            self._close_step(abandoned=True)
 
-    def _close_step(self) -> None:
+    def _close_step(self, abandoned: bool = False) -> None:
+        """Close the scheme's step context of the last batch (``abandoned``: the loop stopped early)."""
         if self._step is not None:
             step, self._step = self._step, None
-            step.close()
+            if not abandoned:
+                step.close()
+                return
+            with contextlib.suppress(RuntimeError):  # a step left before its backward records nothing
+                step.close()
 
     # ------------------------------------------------------------------ feedback
     def update(self, *args: Any, outputs: Any = None) -> None:

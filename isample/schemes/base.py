@@ -151,6 +151,7 @@ class SchemeLoader:
         self.loader_options = check_loader_options(loader_options, owner)
         self._scored = 0
         self._trained = 0
+        self._cursor_owner: object | None = None
 
     # ------------------------------------------------------------------ protocol
     def __iter__(self) -> Iterator[WeightedBatch]:
@@ -230,6 +231,30 @@ class SchemeLoader:
 
     def _load_state(self, state: dict[str, Any]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ epoch cursor
+    # The loader's (epoch, position) is the resume point. The first live iterator owns it
+    # (reads it at its start and advances it); an iterator made while another is live
+    # runs the whole current epoch on its own cursor; set_epoch(another epoch) detaches
+    # the owner. So no iterator ever truncates another's epoch, as with torch.
+    def _claim_cursor(self) -> tuple[object, bool]:
+        """A token for a new iterator and whether it owns the loader's cursor."""
+        token = object()
+        if self._cursor_owner is None:
+            self._cursor_owner = token
+            return token, True
+        return token, False
+
+    def _owns_cursor(self, token: object) -> bool:
+        return self._cursor_owner is token
+
+    def _release_cursor(self, token: object) -> None:
+        if self._cursor_owner is token:
+            self._cursor_owner = None
+
+    def _detach_iterators(self) -> None:
+        """Called when the epoch is set: live iterators finish their own epoch without moving the cursor."""
+        self._cursor_owner = None
 
     # ------------------------------------------------------------------ helpers
     def _to_device(self, batch: WeightedBatch) -> WeightedBatch:

@@ -124,6 +124,11 @@ class HistoryIS(TableScheme):
         """Update the table with the step's losses or its output-gradient upper bound."""
         if self.score == "loss":
             self.update(batch.indices, losses)
+        elif outputs is None:
+            raise ValueError(
+                "HistoryIS(score='upper_bound') scores from the step's model outputs: pass them, "
+                "loader.update(losses, outputs=out.detach())."
+            )
         else:
             self.update(batch.indices, training_upper_bound(self.loss_fn, outputs, batch.targets))
 

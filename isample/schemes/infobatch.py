@@ -203,27 +203,31 @@ class InfoBatch(SchemeLoader):
 
     # ------------------------------------------------------------------ protocol
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = check_int(epoch, "epoch", "InfoBatch.set_epoch", minimum=0)
-        self.position = 0
+        """Set the epoch; the current epoch keeps its position, another starts at its first batch."""
+        epoch = check_int(epoch, "epoch", "InfoBatch.set_epoch", minimum=0)
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+            self._detach_iterators()
 
     def _batches(self) -> Iterator[WeightedBatch]:
         self._ensure_plan()
         self._iterated = True
-        epoch = self.epoch
+        token, owner = self._claim_cursor()
+        epoch, position = self.epoch, (self.position if owner else 0)
         b = self.batch_size
         count = self._lengths[epoch]
         order = self._plan_idx[: min(count * b, self._plan_idx.numel())]
         weights = self._plan_w
-        for indices, data in self.reader.from_indices(order, start=self.position * b):
-            start = self.position * b
-            rows = weights[start : start + indices.numel()].clone()
-            batch = WeightedBatch.from_collated(data, indices, rows)
-            self.position += 1
-            if self.position >= count:
-                self.epoch, self.position = epoch + 1, 0
-            yield batch
-            if self.epoch != epoch:
-                return
+        try:
+            for indices, data in self.reader.from_indices(order, start=position * b):
+                rows = weights[position * b : position * b + indices.numel()].clone()
+                batch = WeightedBatch.from_collated(data, indices, rows)
+                position += 1
+                if self._owns_cursor(token):
+                    self.epoch, self.position = (epoch + 1, 0) if position >= count else (epoch, position)
+                yield batch
+        finally:
+            self._release_cursor(token)
 
     def update(self, indices: Any, scores: Any) -> None:
         """Record the latest per-example losses (used when the next epoch is planned); O(k)."""

@@ -220,38 +220,42 @@ class RhoLoss(SchemeLoader):
         return self.num_batches
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = check_int(epoch, "epoch", "RhoLoss.set_epoch", minimum=0)
-        self.position = 0
+        """Set the epoch; the current epoch keeps its position, another starts at its first batch."""
+        epoch = check_int(epoch, "epoch", "RhoLoss.set_epoch", minimum=0)
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+            self._detach_iterators()
 
     def reducible_losses(self, indices: torch.Tensor, training_losses: torch.Tensor) -> torch.Tensor:
         """``training_losses - irreducible[indices]`` (float64, shape (k,))."""
         return training_losses.to("cpu", torch.float64) - self.irreducible[indices]
 
     def _batches(self) -> Iterator[WeightedBatch]:
-        epoch = self.epoch
+        token, owner = self._claim_cursor()
+        epoch, position = self.epoch, (self.position if owner else 0)
         device = model_device(self.model)
         length = self.num_batches * self.pool_size
-        stream = self.reader.from_stream(
-            self.seed, epoch, _STREAM, start=self.position * self.pool_size, length=length
-        )
-        for indices, data in stream:
-            data = move_to(data, device, non_blocking=True)
-            inputs, targets = split_batch(data)
-            losses = self.scorer(self.model, inputs, targets)
-            self._scored += indices.numel()
-            scores = self.reducible_losses(indices, losses)
-            scores = torch.where(torch.isfinite(scores), scores, torch.full_like(scores, -math.inf))
-            rows = top_k_rows(scores, self.batch_size)
-            self.last_selection = {"indices": indices, "scores": scores, "rows": rows}
-            selected = index_rows(data, rows)
-            self.position += 1
-            if self.position >= self.num_batches:
-                self.epoch, self.position = epoch + 1, 0
-            yield WeightedBatch.from_collated(
-                selected, indices[rows], torch.ones(rows.numel(), dtype=torch.float32)
-            )
-            if self.epoch != epoch:
-                return
+        start = position * self.pool_size
+        stream = self.reader.from_stream(self.seed, epoch, _STREAM, start=start, length=length)
+        try:
+            for indices, data in stream:
+                data = move_to(data, device, non_blocking=True)
+                inputs, targets = split_batch(data)
+                losses = self.scorer(self.model, inputs, targets)
+                self._scored += indices.numel()
+                scores = self.reducible_losses(indices, losses)
+                scores = torch.where(torch.isfinite(scores), scores, torch.full_like(scores, -math.inf))
+                rows = top_k_rows(scores, self.batch_size)
+                self.last_selection = {"indices": indices, "scores": scores, "rows": rows}
+                selected = index_rows(data, rows)
+                position += 1
+                if self._owns_cursor(token):
+                    done = position >= self.num_batches
+                    self.epoch, self.position = (epoch + 1, 0) if done else (epoch, position)
+                weights = torch.ones(rows.numel(), dtype=torch.float32)
+                yield WeightedBatch.from_collated(selected, indices[rows], weights)
+        finally:
+            self._release_cursor(token)
 
     def update(self, indices: Any, scores: Any) -> None:
         """Validated (same length) and ignored: pools are re-scored at every step."""

@@ -131,8 +131,16 @@ class SelectiveBackprop(SchemeLoader):
         return self.num_batches
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = check_int(epoch, "epoch", "SelectiveBackprop.set_epoch", minimum=0)
-        self._reset_epoch()
+        """Set the epoch; the current epoch keeps its position and queue, another starts afresh.
+
+        The selection queue is shared, so one iterator at a time: a live iterator detached
+        by setting another epoch raises ``RuntimeError`` at its next batch.
+        """
+        epoch = check_int(epoch, "epoch", "SelectiveBackprop.set_epoch", minimum=0)
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self._reset_epoch()
+            self._detach_iterators()
 
     def _reset_epoch(self) -> None:
         self.position = 0
@@ -146,6 +154,18 @@ class SelectiveBackprop(SchemeLoader):
         return torch.tensor(list(self._history), dtype=torch.float64)
 
     def _batches(self) -> Iterator[WeightedBatch]:
+        token, owner = self._claim_cursor()
+        if not owner:
+            raise RuntimeError(
+                "SelectiveBackprop supports one live iterator at a time (its selection queue is shared); "
+                "finish or close the other iterator first."
+            )
+        try:
+            yield from self._owned_batches(token)
+        finally:
+            self._release_cursor(token)
+
+    def _owned_batches(self, token: object) -> Iterator[WeightedBatch]:
         epoch = self.epoch
         b = self.batch_size
         device = model_device(self.model)
@@ -161,6 +181,11 @@ class SelectiveBackprop(SchemeLoader):
                     self.epoch = epoch + 1
                     self._reset_epoch()
                 yield WeightedBatch.from_collated(data, indices, torch.ones(b, dtype=torch.float32))
+                if not self._owns_cursor(token):
+                    raise RuntimeError(
+                        "This SelectiveBackprop iterator was detached by set_epoch() to another epoch; "
+                        "start a new iteration (for batch in loader) for the new epoch."
+                    )
                 if self.epoch != epoch:
                     return
             if chunks is None:

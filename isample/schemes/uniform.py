@@ -77,7 +77,6 @@ class Uniform(SchemeLoader):
         )
         self.epoch = 0
         self.position = 0
-        self._owner: object | None = None  # the live iterator that advances (epoch, position)
 
     def __len__(self) -> int:
         return self.num_batches
@@ -87,27 +86,23 @@ class Uniform(SchemeLoader):
         epoch = check_int(epoch, "epoch", "Uniform.set_epoch", minimum=0)
         if epoch != self.epoch:
             self.epoch, self.position = epoch, 0
-            self._owner = None  # a live iterator finishes its own epoch without moving the cursor
+            self._detach_iterators()
 
     def _batches(self) -> Iterator[WeightedBatch]:
-        token = object()
-        owner = self._owner is None
-        if owner:
-            self._owner = token
+        token, owner = self._claim_cursor()
         epoch, position = self.epoch, (self.position if owner else 0)
         b = self.batch_size
         order = epoch_permutation(self.num_samples, self.seed, epoch, 0, _STREAM)[: self.num_batches * b]
         try:
             for indices, data in self.reader.from_indices(order, start=position * b):
                 position += 1
-                if self._owner is token:
+                if self._owns_cursor(token):
                     done = position >= self.num_batches
                     self.epoch, self.position = (epoch + 1, 0) if done else (epoch, position)
                 weights = torch.ones(len(indices), dtype=torch.float32)
                 yield WeightedBatch.from_collated(data, indices, weights)
         finally:
-            if self._owner is token:
-                self._owner = None
+            self._release_cursor(token)
 
     def update(self, indices: Any, scores: Any) -> None:
         """Validated (same length) and ignored."""
