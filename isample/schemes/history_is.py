@@ -63,8 +63,8 @@ class HistoryIS(TableScheme):
         rescore_every: re-score everything at epochs 0, k, 2k, ... (None = never; default).
         power, additive, relative, bias_exponent, max_weight, initial_score: see
             :class:`isample.TableSampler`.
-        scoring_batch_size, num_batches, drop_last, num_workers, pin_memory, collate_fn:
-            loader options.
+        scoring_batch_size, num_batches, drop_last: loader options.
+        **loader_options: torch DataLoader options (see :class:`isample.DataLoader`).
 
     References:
         Loshchilov and Hutter 2015 (arXiv:1511.06343) and Katharopoulos and Fleuret 2018

@@ -57,7 +57,7 @@ class InfoBatch(SchemeLoader):
         initial_score: score of never-seen examples (3.0: above a typical mean, so kept).
         min_keep: keep at least this fraction of all N examples per epoch, in (0, 1] (0.1).
         drop_last: drop the epoch's last incomplete batch (when there are at least b examples).
-        num_workers, pin_memory, collate_fn: DataLoader options.
+        **loader_options: torch DataLoader options (see :class:`isample.DataLoader`).
 
     Warns:
         RuntimeWarning: when an epoch was iterated without any loss feedback (scores stay

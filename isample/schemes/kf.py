@@ -42,9 +42,9 @@ class KatharopoulosFleuret(PoolScheme):
         always: importance sampling from the first step (skips the switch).
         power, additive, relative, mixing: score smoothing (:class:`isample.policies.ScorePolicy`).
         closed_form: closed-form upper bound for cross-entropy / MSE (default True).
-        **pool_options: further :class:`isample.PoolLoader` options (``scoring_batch_size``,
-            ``num_batches``, ``drop_last``, ``num_workers``, ``pin_memory``, ``collate_fn``,
-            ``max_weight``, ``replacement``).
+        scoring_batch_size, num_batches, drop_last, max_weight, replacement:
+            :class:`isample.PoolLoader` options.
+        **loader_options: torch DataLoader options (see :class:`isample.DataLoader`).
 
     References:
         Katharopoulos and Fleuret, "Not All Samples Are Created Equal: Deep Learning with

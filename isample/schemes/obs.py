@@ -46,8 +46,8 @@ class OnlineBatchSelection(TableScheme):
         rescore_every: re-score the whole dataset with ``LossScorer`` at epochs 0, k, 2k, ...
             (default 2; None = never, training losses only; unconfirmed).
         unbiased: weights ``1 / (N p_i)`` instead of 1.
-        scoring_batch_size, num_batches, drop_last, num_workers, pin_memory, collate_fn:
-            loader options.
+        scoring_batch_size, num_batches, drop_last: loader options.
+        **loader_options: torch DataLoader options (see :class:`isample.DataLoader`).
 
     References:
         Loshchilov and Hutter, "Online Batch Selection for Faster Training of Neural

@@ -119,7 +119,7 @@ class RhoLoss(SchemeLoader):
         holdout_epochs, holdout_lr, holdout_batch_size: training of the holdout model.
         num_batches: batches per epoch (default ceil(N / b)).
         scoring_batch_size: batch size of the irreducible-loss precomputation (1024).
-        num_workers, pin_memory, collate_fn: DataLoader options.
+        **loader_options: torch DataLoader options (see :class:`isample.DataLoader`).
 
     Raises:
         ValueError: none (or more than one) of the irreducible loss sources is given.

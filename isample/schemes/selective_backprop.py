@@ -61,7 +61,7 @@ class SelectiveBackprop(SchemeLoader):
         chunk_size: candidates per scoring pass (default b).
         staleness: reuse a candidate's loss for this many epochs (None: always forward).
         num_batches: batches per epoch (default ceil(N / b)).
-        num_workers, pin_memory, collate_fn: DataLoader options for reading candidates.
+        **loader_options: torch DataLoader options for reading candidates (see :class:`isample.DataLoader`).
 
     Attributes:
         last_selection: dict with the last scored chunk's ``indices``, ``losses``,
