@@ -62,7 +62,7 @@ class Scheme:
         if not self.name:
             raise TypeError("Scheme is a base class; use a scheme object such as isample.schemes.HistoryIS.")
         owner = type(self).__name__
-        for key in params:
+        for key in params:  # subclasses list their parameters; this guards direct subclassing mistakes
             if key in LOADER_OPTIONS or key in LOADER_LEVEL:
                 raise TypeError(
                     f"{key!r} is a loader option, not a parameter of the scheme {owner}: pass it to "

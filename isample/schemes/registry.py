@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .._options import LOADER_OPTIONS
+from .._options import LOADER_OPTIONS, SAMPLING_OPTIONS
 from .base import SchemeLoader
 
 __all__ = ["available", "describe", "build", "scheme_class", "scheme_parameters", "LOADER_LEVEL"]
@@ -259,6 +259,9 @@ def build(
     cls = scheme_class(name)
     accepted = _accepted(name)
     for key in overrides:
+        if key in SAMPLING_OPTIONS:
+            why = SAMPLING_OPTIONS[key]
+            raise TypeError(f"Scheme {name!r} does not take the DataLoader option {key!r}: {why}.")
         if key not in accepted:
             raise TypeError(
                 f"Unknown override {key!r} for scheme {name!r}. Accepted overrides: {', '.join(accepted)}."
