@@ -430,3 +430,27 @@ def test_batches_are_on_the_models_device(name):
     loader = loader_for(name, model=model, pin_memory=True)
     batch = next(iter(loader))
     assert batch.inputs.is_cuda and batch.targets.is_cuda and batch.weights.is_cuda
+
+
+def test_recorder_fed_scheme_gets_its_norms_from_the_plain_loop():
+    """history-gradnorm records the training backward with no step_context in the loop."""
+    model = make_mlp()
+    loader = loader_for("history-gradnorm", model=model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, y, w in loader:
+        losses = CE(model(x), y)
+        (w * losses).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        loader.update(losses.detach())
+        scores = loader.loader.sampler.scores()[loader.last_batch.indices]
+        assert torch.isfinite(scores).all() and (scores > 0).all()
+        # the recorded norms, not the losses, were written
+        assert not torch.allclose(scores.float(), losses.detach())
+
+
+def test_update_after_a_skipped_backward_names_the_missing_step():
+    loader = loader_for("history-gradnorm")
+    x, y, w = next(iter(loader))
+    with pytest.raises(RuntimeError, match="no recorded norms.*forward and backward before update"):
+        loader.update(torch.ones(len(x)))  # no forward / backward ran for this batch

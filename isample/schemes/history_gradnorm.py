@@ -118,8 +118,9 @@ class HistoryGradNorm(TableScheme):
         """Write the norms recorded inside :meth:`step_context` into the table."""
         if not self._recorded:
             raise RuntimeError(
-                "HistoryGradNorm.feedback needs the step's forward and backward to run inside "
-                "`with loader.step_context(batch):`; no recorded norms for this batch."
+                "HistoryGradNorm.feedback found no recorded norms for this batch: run the step's forward "
+                "and backward before update() (isample.DataLoader records them between yielding the "
+                "batch and update), or inside `with loader.step_context(batch):` with the scheme's loader."
             )
         self._recorded = False
         self.update(batch.indices, self.recorder.norms())
