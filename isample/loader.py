@@ -27,8 +27,8 @@ from ._options import check_loader_options
 from ._validation import check_seed, param_error
 from .batch import WeightedBatch
 from .schemes.base import SchemeLoader, check_dataset
-from .schemes.objects import SCHEME_OBJECTS, Scheme
-from .schemes.registry import available, describe, scheme_class
+from .schemes.objects import Scheme, scheme_object
+from .schemes.registry import available, scheme_class
 
 __all__ = ["DataLoader"]
 
@@ -39,8 +39,7 @@ def _resolve_scheme(scheme: Any) -> Scheme:
     if isinstance(scheme, Scheme):
         return scheme
     if isinstance(scheme, str):
-        describe(scheme)  # ValueError listing the available names for an unknown one
-        return SCHEME_OBJECTS[scheme]()
+        return scheme_object(scheme)
     if isinstance(scheme, type) and issubclass(scheme, Scheme):
         raise TypeError(
             f"The 'scheme' parameter of {_OWNER} must be a scheme object or name. Got the class "

@@ -454,3 +454,15 @@ def test_update_after_a_skipped_backward_names_the_missing_step():
     x, y, w = next(iter(loader))
     with pytest.raises(RuntimeError, match="no recorded norms.*forward and backward before update"):
         loader.update(torch.ones(len(x)))  # no forward / backward ran for this batch
+
+
+def test_a_registry_name_without_its_own_class_still_builds():
+    """A scheme registered later (no class in isample.schemes.objects) works by name."""
+    from isample.schemes.objects import _Registered
+
+    scheme = _Registered("kf", presample=2.0)
+    loader = isample.DataLoader(data(), B, scheme, model=make_mlp(), loss_fn=CE, seed=0)
+    assert loader.loader.pool.pool_size == 2 * B
+    assert repr(scheme) == "scheme_object('kf', presample=2.0)"
+    with pytest.raises(TypeError, match="has no parameter 'nope'"):
+        _Registered("kf", nope=1)

@@ -52,7 +52,9 @@ def test_every_scheme_through_the_entry_point_passes_check_sampler(name, recwarn
         scheme = schemes.RhoLoss(holdout=torch.utils.data.TensorDataset(*make_classification(16, seed=5)))
 
     def make_loader(data, *, batch_size, seed, **options):
-        return isample.DataLoader(data, batch_size, scheme, model=model, loss_fn=CE, seed=seed, epochs=4, **options)
+        return isample.DataLoader(
+            data, batch_size, scheme, model=model, loss_fn=CE, seed=seed, epochs=4, **options
+        )
 
     skip = ("pickle_spawn", "dict_batches") + (("drop_last",) if name in NO_DROP_LAST else ())
     ran = check_sampler(make_loader, dataset, skip=skip)

@@ -32,6 +32,7 @@ from .objects import (
     Scheme,
     SelectiveBackprop,
     Uniform,
+    scheme_object,
 )
 from .registry import available, build, describe, scheme_class, scheme_parameters
 from .rho_loss import train_irreducible_loss_model
@@ -53,6 +54,7 @@ __all__ = [
     "build",
     "describe",
     "scheme_class",
+    "scheme_object",
     "scheme_parameters",
     "train_irreducible_loss_model",
 ]

@@ -28,9 +28,10 @@ from torch.utils.data import Dataset
 
 from .._options import LOADER_OPTIONS
 from .base import SchemeLoader
-from .registry import LOADER_LEVEL, build, describe, scheme_class
+from .registry import LOADER_LEVEL, build, describe, scheme_class, scheme_parameters
 
 __all__ = [
+    "scheme_object",
     "HistoryGradNorm",
     "HistoryIS",
     "InfoBatch",
@@ -435,3 +436,37 @@ SCHEME_OBJECTS: dict[str, type[Scheme]] = {
         PoolLinearGradNorm,
     )
 }
+
+
+class _Registered(Scheme):
+    """A scheme object for a registry name without its own class (its parameters are the loader's)."""
+
+    def __init__(self, name: str, **params: Any) -> None:
+        self.name = name  # type: ignore[misc]  # per instance: one class serves every such name
+        own = scheme_parameters(name)
+        unknown = sorted(set(params) - set(own))
+        if unknown:
+            listed = ", ".join(own)
+            raise TypeError(f"Scheme {name!r} has no parameter {unknown[0]!r}. Its parameters: {listed}.")
+        super().__init__(**{k: v for k, v in own.items() if v is not inspect.Parameter.empty} | params)
+
+    def changed(self) -> dict[str, Any]:
+        """The parameters whose value differs from the loader's default."""
+        own = scheme_parameters(self.name)
+        return {k: v for k, v in self.params.items() if k not in own or not _same(v, own[k])}
+
+    def __repr__(self) -> str:
+        args = "".join(f", {k}={v!r}" for k, v in self.changed().items())
+        return f"scheme_object({self.name!r}{args})"
+
+
+def scheme_object(name: str, **params: Any) -> Scheme:
+    """The scheme object of registry name ``name`` with ``params`` (its class when it has one).
+
+    Raises:
+        ValueError: unknown name. TypeError: a parameter the scheme does not take.
+    """
+    describe(name)  # ValueError listing the available names for an unknown one
+    if name in SCHEME_OBJECTS:
+        return SCHEME_OBJECTS[name](**params)
+    return _Registered(name, **params)
