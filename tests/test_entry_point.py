@@ -466,3 +466,30 @@ def test_a_registry_name_without_its_own_class_still_builds():
     assert repr(scheme) == "scheme_object('kf', presample=2.0)"
     with pytest.raises(TypeError, match="has no parameter 'nope'"):
         _Registered("kf", nope=1)
+
+
+@pytest.mark.parametrize("name", ["history-is", "kf", "infobatch"])
+def test_state_dict_through_the_entry_point_resumes_mid_epoch_exactly(name):
+    def run(loader, model, batches):
+        out = []
+        for x, y, w in loader:
+            losses = CE(model(x), y)
+            loader.update(losses.detach())
+            out.append((loader.last_batch.indices.clone(), w.clone()))
+            if len(out) == batches:
+                break
+        return out
+
+    model = make_mlp()
+    a = loader_for(name, model=model)
+    run(a, model, 2)
+    state = a.state_dict()
+    rest_a = run(a, model, 100)
+    b = loader_for(name, model=model)
+    b.load_state_dict(state)
+    b.set_epoch(b.epoch)  # what Lightning does on resume: must not reset the position
+    rest_b = run(b, model, 100)
+    assert len(rest_a) == len(rest_b) > 0
+    for (ia, wa), (ib, wb) in zip(rest_a, rest_b, strict=True):
+        torch.testing.assert_close(ia, ib)
+        torch.testing.assert_close(wa, wb)
