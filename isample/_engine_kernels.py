@@ -119,15 +119,17 @@ def _root_bounds(buf, root_start, width):  # pragma: no cover - compiled
 def _search_root(bounds, width, t):  # pragma: no cover - compiled
     # (node, remaining target): bounds[node] <= t < bounds[node + 1], as
     # numpy.searchsorted(bounds, t, "right") - 1; past the end: the last positive node, t = inf.
-    lo = 0
-    hi = width + 1
-    while lo < hi:  # first index with bounds[index] > t
-        mid = (lo + hi) >> 1
-        if bounds[mid] <= t:
-            lo = mid + 1
-        else:
-            hi = mid
-    node = lo - 1
+    # A branch-free binary search (the comparison picks the half, no jump to mispredict).
+    base = 0
+    n = width + 1
+    while n > 1:
+        half = n >> 1
+        if bounds[base + half] <= t:
+            base += half
+        n -= half
+    node = base - 1
+    if bounds[base] <= t:
+        node += 1
     if node < width:
         return node, t - bounds[node]
     end = bounds[width]
@@ -145,13 +147,18 @@ def _search_root(bounds, width, t):  # pragma: no cover - compiled
 @_jit
 def _pick(buf, start, fanout, t):  # pragma: no cover - compiled
     # The child of the node whose children start at buf[start]: the first k with
-    # s_{k+1} > t (sequential prefix sums s); none: the last positive child with t = inf.
+    # s_{k+1} > t (sequential prefix sums s, which never decrease, so k is the number of
+    # ends <= t and s_k the last of them); none: the last positive child with t = inf.
     s = 0.0
+    count = 0
+    before = 0.0
     for k in range(fanout):
-        end = s + buf[start + k]
-        if end > t:
-            return k, t - s
-        s = end
+        s += buf[start + k]
+        if s <= t:
+            count += 1
+            before = s
+    if count < fanout:
+        return count, t - before
     for k in range(fanout - 1, -1, -1):
         if buf[start + k] > 0.0:
             return k, np.inf
@@ -195,9 +202,11 @@ def descend_by_level(buf, starts, lengths, fanout, targets):  # pragma: no cover
     touched = 0.0
     for depth in range(top - 1, -1, -1):
         base = starts[depth]
-        for i in range(b):  # load pass
+        for i in range(b):  # load pass: one read per cache line of the block (8 float64 a line)
             start = base + node[i] * fanout
-            touched += buf[start] + buf[start + fanout - 1]
+            for k in range(0, fanout, 8):
+                touched += buf[start + k]
+            touched += buf[start + fanout - 1]
         for i in range(b):
             child, rest[i] = _pick(buf, base + node[i] * fanout, fanout, rest[i])
             node[i] = node[i] * fanout + child
