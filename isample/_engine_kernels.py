@@ -166,6 +166,19 @@ def _pick(buf, start, fanout, t):  # pragma: no cover - compiled
 
 
 @_jit
+def _touch_blocks(buf, start, nodes, fanout):  # pragma: no cover - compiled
+    # Load pass: one read per cache line (8 float64) of the children of each node, so that
+    # the cache misses of all nodes overlap before any of them is needed.
+    touched = 0.0
+    for j in range(nodes.shape[0]):
+        first = start + nodes[j] * fanout
+        for k in range(0, fanout, 8):
+            touched += buf[first + k]
+        touched += buf[first + fanout - 1]
+    return touched
+
+
+@_jit
 def descend(buf, starts, lengths, fanout, targets):  # pragma: no cover - compiled
     """Leaf of every target, one target at a time from the root to its leaf (int64 (b,))."""
     top = starts.shape[0] - 1
@@ -202,11 +215,7 @@ def descend_by_level(buf, starts, lengths, fanout, targets):  # pragma: no cover
     touched = 0.0
     for depth in range(top - 1, -1, -1):
         base = starts[depth]
-        for i in range(b):  # load pass: one read per cache line of the block (8 float64 a line)
-            start = base + node[i] * fanout
-            for k in range(0, fanout, 8):
-                touched += buf[start + k]
-            touched += buf[start + fanout - 1]
+        touched += _touch_blocks(buf, base, node, fanout)
         for i in range(b):
             child, rest[i] = _pick(buf, base + node[i] * fanout, fanout, rest[i])
             node[i] = node[i] * fanout + child
@@ -217,15 +226,20 @@ def descend_by_level(buf, starts, lengths, fanout, targets):  # pragma: no cover
 
 @_jit
 def propagate(buf, starts, lengths, fanout, leaves):  # pragma: no cover - compiled
-    """Recompute every ancestor of ``leaves`` as the sum of its children (in place)."""
+    """Recompute every ancestor of ``leaves`` as the sum of its children (in place).
+
+    Returns the load passes' sum of touched values (only there so the loads are kept).
+    """
     top = starts.shape[0] - 1
     u = leaves.shape[0]
     node = np.empty(u, dtype=np.int64)
     for j in range(u):
         node[j] = leaves[j] // fanout
+    touched = 0.0
     for depth in range(top):
         child_start = starts[depth]
         parent_start = starts[depth + 1]
+        touched += _touch_blocks(buf, child_start, node, fanout)
         last = -1
         for j in range(u):
             p = node[j]
@@ -233,11 +247,13 @@ def propagate(buf, starts, lengths, fanout, leaves):  # pragma: no cover - compi
                 buf[parent_start + p] = row_sum(buf, child_start + p * fanout, fanout)
                 last = p
             node[j] = p // fanout
+    return touched
 
 
 @_jit
 def write_and_propagate(buf, starts, lengths, fanout, leaves, values):  # pragma: no cover - compiled
     """Write ``values`` at ``leaves`` in order (the last write wins), then :func:`propagate`."""
+    touched = _touch_blocks(buf, 0, leaves // fanout, fanout)  # the writes then hit the cache
     for j in range(leaves.shape[0]):
         buf[leaves[j]] = values[j]
-    propagate(buf, starts, lengths, fanout, leaves)
+    return touched + propagate(buf, starts, lengths, fanout, leaves)
