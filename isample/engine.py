@@ -9,16 +9,23 @@ calls) by one short sequential pass.
 
 A batch of b draws then descends the remaining ``ceil(log_F(N / W))`` levels together: at
 every level it gathers the ``(b, F)`` block of child sums of the current nodes (one row
-gather, contiguous rows), forms the row prefix sums with one small matrix product against a
-0/1 triangle, and takes per row the first child whose prefix end exceeds the target
-(``argmax`` on a boolean block). A batch of u updates writes the leaves and recomputes the u
-touched parents of every level from their children (gather, row sum, scatter). Both cost
-``O(b F log_F N)`` work in a fixed number of vectorised NumPy calls per level; there is no
-per-example Python loop.
+gather, contiguous rows), forms the sequential row prefix sums (``np.add.accumulate``), and
+takes per row the first child whose prefix end exceeds the target (``argmax`` on a boolean
+block). A batch of u updates writes the leaves and recomputes the u touched parents of every
+level from their children (gather, row sum, scatter). Both cost ``O(b F log_F N)`` work in a
+fixed number of vectorised NumPy calls per level; there is no per-example Python loop.
+
+Two backends run these operations with the same results bit for bit (see
+:func:`descend` for the exact definition of the search, and ``docs/performance.md``):
+``numpy``, the vectorised functions of this module, and ``numba``, compiled loops in
+:mod:`isample._engine_kernels` (optional: used when numba is installed, never imported by
+``import isample``). :func:`resolve_backend` picks one; the environment variable
+``ISAMPLE_ENGINE`` (``auto``, ``numpy`` or ``numba``) forces it.
 
 Memory: ``8 (N + N / (F - 1) + F log_F N)`` bytes, about ``8.5 N`` for F = 16 (the
 constructor refuses, before allocating, a table larger than the available memory); a binary
-tree padded to a power of two needs up to ``32 N``.
+tree padded to a power of two needs up to ``32 N``. The buffer starts on a 64-byte boundary,
+so the 16 children of a node (128 bytes) span two cache lines, not three.
 
 Sums never accumulate rounding drift: an update recomputes each touched parent as the float64
 sum of its children (it never adds a delta), with the reduction :meth:`SumTree.rebuild` uses,
@@ -539,11 +546,13 @@ class SumTree:
         view.flags.writeable = False
         return view
 
-    def get(self, indices: Any) -> np.ndarray:
+    def get(self, indices: Any, check: bool = True) -> np.ndarray:
         """Leaf values at ``indices``.
 
         Args:
             indices: integer array-like of any shape, entries in [0, size).
+            check: validate ``indices`` (default). ``False`` is for callers that guarantee
+                int64 indices in [0, size) (a hot path); then nothing is checked.
 
         Returns:
             float64 array of the same shape as ``indices``.
@@ -552,6 +561,8 @@ class SumTree:
             TypeError: ``indices`` is not integer.
             IndexError: an index is outside [0, size).
         """
+        if not check:
+            return self._levels[0].take(indices)
         return self._levels[0].take(self._check_indices(indices, "get"))
 
     def find(self, targets: Any, check: bool = True) -> np.ndarray:

@@ -294,6 +294,8 @@ def test_values_view_is_read_only_and_get_keeps_shape():
         view[0] = 1.0
     assert tree.get(np.array([[1, 2], [3, 5]])).tolist() == [[1.0, 2.0], [3.0, 5.0]]
     assert tree.get([]).shape == (0,)
+    idx = np.array([[5, 0], [2, 2]])
+    np.testing.assert_array_equal(tree.get(idx, check=False), tree.get(idx))
 
 
 # ------------------------------------------------------------------ sampling
