@@ -253,7 +253,9 @@ def propagate(buf, starts, lengths, fanout, leaves):  # pragma: no cover - compi
 @_jit
 def write_and_propagate(buf, starts, lengths, fanout, leaves, values):  # pragma: no cover - compiled
     """Write ``values`` at ``leaves`` in order (the last write wins), then :func:`propagate`."""
-    touched = _touch_blocks(buf, 0, leaves // fanout, fanout)  # the writes then hit the cache
+    touched = 0.0
+    if starts.shape[0] > 1:  # the leaves are padded to whole blocks (a lone root level is not)
+        touched = _touch_blocks(buf, 0, leaves // fanout, fanout)  # the writes then hit the cache
     for j in range(leaves.shape[0]):
         buf[leaves[j]] = values[j]
     return touched + propagate(buf, starts, lengths, fanout, leaves)
