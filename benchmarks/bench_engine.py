@@ -15,8 +15,9 @@ engine (methods take turns, order rotated every repeat) so machine load affects 
 * ``table_sampler``: :class:`isample.table_sampler.TableSampler` (when importable):
   ``next(it)`` then ``sampler.update(idx, scores)``.
 
-Backends (``--kernels``, or part of the full run): ``find`` of 256 targets and ``set`` of 256
-values on the same table with the pure NumPy path (``backend="numpy"``) and the compiled
+Backends (``--kernels``, or part of the full run): ``find`` of 256 targets, ``set`` of 256
+values at random indices, and the engine's part of a table step (``find``, ``get`` and ``set``
+of the found indices) on the same table with the pure NumPy path (``backend="numpy"``) and the compiled
 kernels (``backend="numba"``, both descents: target by target and level by level with a load
 pass), interleaved with ``torch.multinomial`` over all N where torch allows it; and the start-up
 costs of the compiled path, each in a fresh subprocess: ``import numba``, the first tree built
@@ -217,6 +218,13 @@ def kernel_comparison(n: int, fanout: int, repeats: int, budget_s: float, seed: 
             methods["find_numba"] = find_depth_first
             methods["find_numba_by_level"] = find_by_level
         methods[f"set_{name}"] = lambda tree=tree: tree.set(indices[nxt()], scores[k["k"]], check=False)
+
+        def step(tree: SumTree = tree) -> None:  # the engine's part of a table step
+            idx = tree.find(targets[nxt()], check=False)
+            tree.get(idx, check=False)
+            tree.set(idx, scores[k["k"]], check=False)
+
+        methods[f"step_{name}"] = step
     if n <= MULTINOMIAL_LIMIT:
         probs = torch.from_numpy(values).to(torch.float32)
         gen = torch.Generator().manual_seed(seed)
@@ -232,6 +240,7 @@ def kernel_comparison(n: int, fanout: int, repeats: int, budget_s: float, seed: 
             ratios[f"find_numpy_over_{name}"] = base / timings[name]["median_s"]
     if "set_numba" in timings:
         ratios["set_numpy_over_set_numba"] = med["set_numpy"] / med["set_numba"]
+        ratios["step_numpy_over_step_numba"] = med["step_numpy"] / med["step_numba"]
     if "multinomial" in timings:
         for name in ("find_numpy", "find_numba", "find_numba_by_level"):
             if name in timings:
@@ -440,9 +449,10 @@ def markdown(results: list[dict], memory: list[dict]) -> str:
 def kernels_markdown(kernels: list[dict], startup: dict, state_memory: list[dict]) -> str:
     lines = [
         "| N | find NumPy (us) | find numba (us) | find numba by level (us) | NumPy / numba"
-        " | NumPy / by level | set NumPy (us) | set numba (us) | NumPy / numba | multinomial (us)"
-        " | multinomial / best numba find | load avg |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        " | NumPy / by level | set NumPy (us) | set numba (us) | NumPy / numba | step NumPy (us)"
+        " | step numba (us) | NumPy / numba | multinomial (us) | multinomial / best numba find"
+        " | load avg |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for res in kernels:
         t, r = res["timings"], res["ratios"]
@@ -462,11 +472,18 @@ def kernels_markdown(kernels: list[dict], startup: dict, state_memory: list[dict
             _us(t.get("set_numpy")),
             _us(t.get("set_numba")),
             _ratio(r, "set_numpy_over_set_numba"),
+            _us(t.get("step_numpy")),
+            _us(t.get("step_numba")),
+            _ratio(r, "step_numpy_over_step_numba"),
             _us(t.get("multinomial")),
             multi,
             "{:.1f} -> {:.1f}".format(*res["loadavg_1min"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Process CPU time per call, median (us; excludes time the process waited for a core):", ""]
+    for res in kernels:
+        cpu = ", ".join(f"{name} {v['cpu_median_s'] * 1e6:,.1f}" for name, v in res["timings"].items())
+        lines.append(f"- N = {res['n']:.0e}: {cpu}")
     lines += ["", "Spread (min, max) of the ratios' terms, us:", ""]
     for res in kernels:
         spread = ", ".join(
