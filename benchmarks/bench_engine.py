@@ -15,13 +15,22 @@ engine (methods take turns, order rotated every repeat) so machine load affects 
 * ``table_sampler``: :class:`isample.table_sampler.TableSampler` (when importable):
   ``next(it)`` then ``sampler.update(idx, scores)``.
 
+Backends (``--kernels``, or part of the full run): ``find`` of 256 targets, ``set`` of 256
+values at random indices, and the engine's part of a table step (``find``, ``get`` and ``set``
+of the found indices) on the same table with the pure NumPy path (``backend="numpy"``) and the compiled
+kernels (``backend="numba"``, both descents: target by target and level by level with a load
+pass), interleaved with ``torch.multinomial`` over all N where torch allows it; and the start-up
+costs of the compiled path, each in a fresh subprocess: ``import numba``, the first tree built
+with a cold cache (compiles the kernels) and with a warm one (loads them from numba's cache).
+
 Every figure is the median over ``repeats`` blocks (after warm-up) of the mean time per call
 inside a block. Build time is ``SumTree(N)`` plus ``fill(values)``; peak memory is the
 tracemalloc peak of everything the engine allocates during build and 50 steps (NumPy
 reports its buffers to tracemalloc), next to the table itself (8 N bytes).
 
 Run ``python benchmarks/bench_engine.py`` (full: N = 1e4 ... 1e8, several minutes, ~2-3 GB)
-or ``--quick`` (N <= 1e6, seconds). Writes JSON to ``benchmarks/results/engine.json``
+or ``--quick`` (N <= 1e6, seconds); ``--kernels`` runs only the backend comparison (N = 1e6,
+1e7, 1e8 unless ``--sizes``) and the start-up costs. Writes JSON to ``benchmarks/results/engine.json``
 (``engine_quick.json`` for ``--quick``) and prints Markdown tables.
 """
 
@@ -34,7 +43,9 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -44,7 +55,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, RandomSampler, WeightedRandomSampler
 
-from isample.engine import ROOT_WIDTH, SumTree
+from isample.engine import ROOT_WIDTH, SumTree, compiled_available
 
 BATCH = 256
 MULTINOMIAL_LIMIT = 2**24
@@ -169,6 +180,128 @@ def baseline_methods(n: int, values: np.ndarray, seed: int) -> tuple[dict[str, C
 
         methods["table_sampler"] = table_step
     return methods, notes
+
+
+def kernel_comparison(n: int, fanout: int, repeats: int, budget_s: float, seed: int) -> dict:
+    """find(256) and set(256) per backend on one table of size ``n``, plus torch.multinomial."""
+    rng = np.random.default_rng(seed)
+    values = rng.random(n) + 0.5
+    trees = {"numpy": SumTree(n, fanout, backend="numpy")}
+    if compiled_available():
+        trees["numba"] = SumTree(n, fanout, backend="numba")
+    for tree in trees.values():
+        tree.fill(values)
+    total = trees["numpy"].total
+    targets = [rng.random(BATCH) * total for _ in range(64)]
+    indices = [rng.integers(0, n, BATCH) for _ in range(64)]
+    scores = [rng.random(BATCH) + 0.5 for _ in range(64)]
+    k = {"k": 0}
+
+    def nxt() -> int:
+        k["k"] = (k["k"] + 1) % 64
+        return k["k"]
+
+    methods: dict[str, Callable[[], object]] = {}
+    for name, tree in trees.items():
+        if name == "numpy":
+            methods["find_numpy"] = lambda tree=tree: tree.find(targets[nxt()], check=False)
+        else:
+
+            def find_depth_first(tree: SumTree = tree) -> object:
+                tree._by_level = False  # noqa: SLF001 - pick the descent to time
+                return tree.find(targets[nxt()], check=False)
+
+            def find_by_level(tree: SumTree = tree) -> object:
+                tree._by_level = True  # noqa: SLF001
+                return tree.find(targets[nxt()], check=False)
+
+            methods["find_numba"] = find_depth_first
+            methods["find_numba_by_level"] = find_by_level
+        methods[f"set_{name}"] = lambda tree=tree: tree.set(indices[nxt()], scores[k["k"]], check=False)
+
+        def step(tree: SumTree = tree) -> None:  # the engine's part of a table step
+            idx = tree.find(targets[nxt()], check=False)
+            tree.get(idx, check=False)
+            tree.set(idx, scores[k["k"]], check=False)
+
+        methods[f"step_{name}"] = step
+    if n <= MULTINOMIAL_LIMIT:
+        probs = torch.from_numpy(values).to(torch.float32)
+        gen = torch.Generator().manual_seed(seed)
+        methods["multinomial"] = lambda: torch.multinomial(probs, BATCH, replacement=True, generator=gen)
+    load_start = os.getloadavg()[0]
+    timings = time_interleaved(methods, repeats, budget_s)
+    load_end = os.getloadavg()[0]
+    ratios = {}
+    med = {name: entry["median_s"] for name, entry in timings.items()}
+    base = med["find_numpy"]
+    for name in ("find_numba", "find_numba_by_level"):
+        if name in timings:
+            ratios[f"find_numpy_over_{name}"] = base / timings[name]["median_s"]
+    if "set_numba" in timings:
+        ratios["set_numpy_over_set_numba"] = med["set_numpy"] / med["set_numba"]
+        ratios["step_numpy_over_step_numba"] = med["step_numpy"] / med["step_numba"]
+    if "multinomial" in timings:
+        for name in ("find_numpy", "find_numba", "find_numba_by_level"):
+            if name in timings:
+                ratios[f"multinomial_over_{name}"] = med["multinomial"] / med[name]
+    del trees, values, methods
+    gc.collect()
+    return {"n": n, "loadavg_1min": [load_start, load_end], "timings": timings, "ratios": ratios}
+
+
+_STARTUP = """
+import json, os, sys, time
+start = time.perf_counter()
+import isample.engine as engine
+imported = time.perf_counter()
+out = {"import_isample_engine_s": imported - start, "numba_in_modules": "numba" in sys.modules}
+if engine.compiled_available():
+    ready = time.perf_counter()
+    out["import_numba_s"] = ready - imported
+    tree = engine.SumTree(1000, backend="numba")
+    built = time.perf_counter()
+    tree.fill([1.0] * 1000)
+    tree.set(tree.sample(256, __import__("numpy").random.default_rng(0)), [2.0] * 256)
+    out["first_tree_s"] = built - ready
+    out["first_tree_draw_set_s"] = time.perf_counter() - built
+print(json.dumps(out))
+"""
+
+
+def startup_costs() -> dict:
+    """Import and first-use costs of the compiled path, in fresh subprocesses (cold, then warm cache)."""
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache, "OMP_NUM_THREADS": "1"}
+        for label in ("cold_cache", "warm_cache"):
+            done = subprocess.run(
+                [sys.executable, "-c", _STARTUP], capture_output=True, text=True, env=env, check=True
+            )
+            out[label] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
+
+
+def state_dict_memory(n: int, fanout: int, seed: int) -> dict:
+    """Bytes of a SumTree of size ``n`` and the transient (tracemalloc peak) of its state_dict."""
+    tree = SumTree(n, fanout)
+    tree.fill(np.random.default_rng(seed).random(n) + 0.5)
+    gc.collect()
+    tracemalloc.start()
+    state = tree.state_dict()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    out = {
+        "n": n,
+        "tree_nbytes": tree.nbytes,
+        "tree_over_8n": tree.nbytes / (8 * n),
+        "state_dict_peak_bytes": peak,
+        "state_dict_peak_over_8n": peak / (8 * n),
+        "state_values_nbytes": int(state[SumTree.STATE_VALUES].nbytes),
+    }
+    del tree, state
+    gc.collect()
+    return out
 
 
 def build_and_memory(n: int, fanout: int, seed: int, steps: int = 50) -> dict:
@@ -313,6 +446,65 @@ def markdown(results: list[dict], memory: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def kernels_markdown(kernels: list[dict], startup: dict, state_memory: list[dict]) -> str:
+    lines = [
+        "| N | find NumPy (us) | find numba (us) | find numba by level (us) | NumPy / numba"
+        " | NumPy / by level | set NumPy (us) | set numba (us) | NumPy / numba | step NumPy (us)"
+        " | step numba (us) | NumPy / numba | multinomial (us) | multinomial / best numba find"
+        " | load avg |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for res in kernels:
+        t, r = res["timings"], res["ratios"]
+        best = min(
+            (t[name]["median_s"] for name in ("find_numba", "find_numba_by_level") if name in t), default=None
+        )
+        multi = "-"
+        if "multinomial" in t and best is not None:
+            multi = f"{t['multinomial']['median_s'] / best:,.0f}x"
+        cells = [
+            f"{res['n']:.0e}",
+            _us(t.get("find_numpy")),
+            _us(t.get("find_numba")),
+            _us(t.get("find_numba_by_level")),
+            _ratio(r, "find_numpy_over_find_numba"),
+            _ratio(r, "find_numpy_over_find_numba_by_level"),
+            _us(t.get("set_numpy")),
+            _us(t.get("set_numba")),
+            _ratio(r, "set_numpy_over_set_numba"),
+            _us(t.get("step_numpy")),
+            _us(t.get("step_numba")),
+            _ratio(r, "step_numpy_over_step_numba"),
+            _us(t.get("multinomial")),
+            multi,
+            "{:.1f} -> {:.1f}".format(*res["loadavg_1min"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Process CPU time per call, median (us; excludes time the process waited for a core):", ""]
+    for res in kernels:
+        cpu = ", ".join(f"{name} {v['cpu_median_s'] * 1e6:,.1f}" for name, v in res["timings"].items())
+        lines.append(f"- N = {res['n']:.0e}: {cpu}")
+    lines += ["", "Spread (min, max) of the ratios' terms, us:", ""]
+    for res in kernels:
+        spread = ", ".join(
+            f"{name} {v['min_s'] * 1e6:,.1f}-{v['max_s'] * 1e6:,.1f}" for name, v in res["timings"].items()
+        )
+        lines.append(f"- N = {res['n']:.0e}: {spread}")
+    if startup:
+        lines += ["", "| start-up (fresh process) | cold cache (s) | warm cache (s) |", "|---|---:|---:|"]
+        for key in ("import_isample_engine_s", "import_numba_s", "first_tree_s", "first_tree_draw_set_s"):
+            cold, warm = startup["cold_cache"].get(key), startup["warm_cache"].get(key)
+            if cold is not None:
+                lines.append(f"| {key} | {cold:.3f} | {warm:.3f} |")
+    if state_memory:
+        lines += ["", "| N | tree bytes / 8N | state_dict transient / 8N |", "|---:|---:|---:|"]
+        for mem in state_memory:
+            lines.append(
+                f"| {mem['n']:.0e} | {mem['tree_over_8n']:.4f} | {mem['state_dict_peak_over_8n']:.4f} |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="N <= 1e6, few repeats (seconds)")
@@ -321,7 +513,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="JSON path")
+    parser.add_argument("--kernels", action="store_true", help="only the NumPy / compiled comparison")
     args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.kernels:
+        return main_kernels(args)
     if args.sizes:
         sizes = [int(s) for s in args.sizes]
     elif args.quick:
@@ -331,12 +527,13 @@ def main(argv: list[str] | None = None) -> dict:
     repeats = args.repeats or (5 if args.quick else 15)
     budget = 0.01 if args.quick else 0.05
     out = args.out or RESULTS / ("engine_quick.json" if args.quick else "engine.json")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     results = []
     for n in sizes:
         print(f"N = {n:.0e} ...", file=sys.stderr, flush=True)
         results.append(run_size(n, args.fanout, repeats, budget, args.seed))
+    kernel_sizes = [n for n in sizes if n >= 10**6]
+    kernels = [kernel_comparison(n, args.fanout, max(repeats, 7), budget, args.seed) for n in kernel_sizes]
     memory = [build_and_memory(n, args.fanout, args.seed) for n in sizes if n >= 10**7]
     if args.quick and not memory:
         memory = [build_and_memory(sizes[-1], args.fanout, args.seed)]
@@ -356,16 +553,63 @@ def main(argv: list[str] | None = None) -> dict:
             "torch_threads": torch.get_num_threads(),
             "loadavg_end": os.getloadavg(),
         },
+        "backend": SumTree(1).backend,
         "results": results,
         "memory": memory,
+        "kernels": kernels,
     }
-    table = markdown(results, memory)
+    table = markdown(results, memory) + "\n\n" + kernels_markdown(kernels, {}, [])
     report["markdown"] = table
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(table)
     print(f"\nwrote {out}", file=sys.stderr)
     return report
+
+
+def main_kernels(args: argparse.Namespace) -> dict:
+    sizes = [int(s) for s in args.sizes] if args.sizes else [10**6, 10**7, 10**8]
+    repeats = max(args.repeats or 9, 7)
+    kernels = []
+    for n in sizes:
+        print(f"kernels N = {n:.0e} ...", file=sys.stderr, flush=True)
+        kernels.append(kernel_comparison(n, args.fanout, repeats, 0.05, args.seed))
+    startup = startup_costs() if compiled_available() else {}
+    state_memory = [state_dict_memory(max(sizes), args.fanout, args.seed)]
+    report = {
+        "benchmark": "engine_kernels",
+        "batch": BATCH,
+        "fanout": args.fanout,
+        "repeats": repeats,
+        "environment": {
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "torch": torch.__version__,
+            "numba": _numba_version(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "loadavg_end": os.getloadavg(),
+        },
+        "kernels": kernels,
+        "startup": startup,
+        "state_dict_memory": state_memory,
+    }
+    table = kernels_markdown(kernels, startup, state_memory)
+    report["markdown"] = table
+    out = args.out or RESULTS / "engine_kernels.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(table)
+    print(f"\nwrote {out}", file=sys.stderr)
+    return report
+
+
+def _numba_version() -> str | None:
+    if not compiled_available():
+        return None
+    from isample import _engine_kernels
+
+    return _engine_kernels.NUMBA_VERSION
 
 
 if __name__ == "__main__":

@@ -9,16 +9,23 @@ calls) by one short sequential pass.
 
 A batch of b draws then descends the remaining ``ceil(log_F(N / W))`` levels together: at
 every level it gathers the ``(b, F)`` block of child sums of the current nodes (one row
-gather, contiguous rows), forms the row prefix sums with one small matrix product against a
-0/1 triangle, and takes per row the first child whose prefix end exceeds the target
-(``argmax`` on a boolean block). A batch of u updates writes the leaves and recomputes the u
-touched parents of every level from their children (gather, row sum, scatter). Both cost
-``O(b F log_F N)`` work in a fixed number of vectorised NumPy calls per level; there is no
-per-example Python loop.
+gather, contiguous rows), forms the sequential row prefix sums (``np.add.accumulate``), and
+takes per row the first child whose prefix end exceeds the target (``argmax`` on a boolean
+block). A batch of u updates writes the leaves and recomputes the u touched parents of every
+level from their children (gather, row sum, scatter). Both cost ``O(b F log_F N)`` work in a
+fixed number of vectorised NumPy calls per level; there is no per-example Python loop.
+
+Two backends run these operations with the same results bit for bit (see
+:func:`descend` for the exact definition of the search, and ``docs/performance.md``):
+``numpy``, the vectorised functions of this module, and ``numba``, compiled loops in
+:mod:`isample._engine_kernels` (optional: used when numba is installed, never imported by
+``import isample``). :func:`resolve_backend` picks one; the environment variable
+``ISAMPLE_ENGINE`` (``auto``, ``numpy`` or ``numba``) forces it.
 
 Memory: ``8 (N + N / (F - 1) + F log_F N)`` bytes, about ``8.5 N`` for F = 16 (the
 constructor refuses, before allocating, a table larger than the available memory); a binary
-tree padded to a power of two needs up to ``32 N``.
+tree padded to a power of two needs up to ``32 N``. The buffer starts on a 64-byte boundary,
+so the 16 children of a node (128 bytes) span two cache lines, not three.
 
 Sums never accumulate rounding drift: an update recomputes each touched parent as the float64
 sum of its children (it never adds a delta), with the reduction :meth:`SumTree.rebuild` uses,
@@ -38,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from ._validation import check_int, param_error
+from ._validation import check_choice, check_int, param_error
 
 __all__ = [
     "SumTree",
@@ -46,6 +53,10 @@ __all__ = [
     "descend",
     "propagate",
     "available_memory",
+    "compiled_available",
+    "resolve_backend",
+    "BACKENDS",
+    "ENGINE_ENV",
 ]
 
 _OWNER = "SumTree"
@@ -55,6 +66,19 @@ _CHUNK = 1 << 16  # targets / updates per vectorised pass: scratch stays O(_CHUN
 
 #: Largest root level: the first level with at most this many nodes is searched directly.
 ROOT_WIDTH = 4096
+
+#: Environment variable read when a :class:`SumTree` is built without ``backend``: one of
+#: :data:`BACKENDS` (``numpy`` forces the pure NumPy path, e.g. to test it where numba is
+#: installed).
+ENGINE_ENV = "ISAMPLE_ENGINE"
+
+#: Backends of :class:`SumTree`: ``auto`` (the compiled kernels when numba imports, else
+#: NumPy), ``numpy`` and ``numba`` (an error without numba).
+BACKENDS = ("auto", "numpy", "numba")
+
+#: Compiled backend: trees with at least this many leaves descend level by level with a load
+#: pass (:func:`isample._engine_kernels.descend_by_level`), smaller ones target by target.
+BY_LEVEL_MIN = 1 << 17
 
 
 def tree_layout(size: int, fanout: int, root_width: int | None = None) -> list[int]:
@@ -90,41 +114,10 @@ def tree_layout(size: int, fanout: int, root_width: int | None = None) -> list[i
     return lengths
 
 
-@functools.lru_cache(maxsize=16)
-def _prefix_operator(fanout: int) -> np.ndarray:
-    # (F, F + 1) 0/1 matrix with U[j, k] = 1 for j < k: block @ U gives, per row, the sum of
-    # the children before each child (column 0 exactly 0, column F the row total).
-    op = np.triu(np.ones((fanout, fanout + 1), dtype=np.float64), k=1)
-    op.flags.writeable = False
-    return op
-
-
-def _row_prefix(block: np.ndarray) -> np.ndarray:
-    """Exclusive prefix sums of the rows of ``block`` (b, F), as a (b, F + 1) array.
-
-    One small matrix product, about three times faster than ``np.cumsum(axis=1)`` on short
-    rows. Products with 0 and 1 are exact; a BLAS may add in any order, so a prefix may
-    differ from the sequential sum by a few ulps and need not be monotone: :func:`descend`
-    checks its picks and redoes doubtful ones with sequential sums.
-    """
-    return block @ _prefix_operator(block.shape[1])
-
-
-def _exact_pick(block: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    # Sequential prefix sums are monotone, so the first child whose prefix end exceeds t has a
-    # positive value. A target past the end goes to the last positive child, with t = inf so
-    # that the levels below also take their last positive child.
+def _last_positive(block: np.ndarray) -> np.ndarray:
+    # Column of the last positive entry of each row of ``block`` (the last column if none).
     fanout = block.shape[1]
-    prefix = np.cumsum(block, axis=1)
-    child = np.count_nonzero(prefix <= t[:, None], axis=1).astype(np.int64)
-    past = child >= fanout
-    child = np.minimum(child, fanout - 1)
-    before = np.where(child > 0, prefix[np.arange(child.shape[0]), child - 1], 0.0)
-    t_new = t - before
-    if past.any():
-        child[past] = fanout - 1 - np.argmax(block[past, ::-1] > 0, axis=1)
-        t_new[past] = np.inf
-    return child, t_new
+    return fanout - 1 - np.argmax(block[:, ::-1] > 0, axis=1)
 
 
 def _search_root(root: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -143,38 +136,33 @@ def _search_root(root: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
-def _row_offsets(count: int, width: int) -> np.ndarray:
-    # Flat index of element -1 of each row of a (count, width) array.
-    offsets = np.arange(count, dtype=np.int64) * width - 1
+def _row_starts(count: int, width: int) -> np.ndarray:
+    # Flat index of element 0 of each row of a (count, width) array.
+    offsets = np.arange(count, dtype=np.int64) * width
     offsets.flags.writeable = False
     return offsets
 
 
-def _descend(levels: list[np.ndarray], fanout: int, t: np.ndarray, exact: bool) -> np.ndarray:
+def _descend(levels: list[np.ndarray], fanout: int, t: np.ndarray) -> np.ndarray:
     pos = _search_root(levels[-1], t)
     b = t.shape[0]
-    flat = _row_offsets(b, fanout + 1)  # flat + k: prefix[row, k - 1]
+    prefix = np.empty((b, fanout + 1), dtype=np.float64)  # column k: s_k, the sum of children < k
+    prefix[:, 0] = 0.0
+    ends = prefix[:, 1:]
+    flat = prefix.ravel()
+    rows = _row_starts(b, fanout + 1)
     for depth in range(len(levels) - 2, -1, -1):
         block = levels[depth].reshape(-1, fanout).take(pos, axis=0)  # (b, F) child sums
-        if exact:
-            child, t = _exact_pick(block, t)
-            pos *= fanout
-            pos += child
-            continue
-        prefix = _row_prefix(block)
-        above = np.argmax(prefix > t[:, None], axis=1)  # first prefix end > t, in 1..F; 0 if none
-        if above.all():
-            if depth:  # the leaf level needs no remaining target
-                t -= prefix.ravel().take(flat + above)  # the prefix before the child is <= t: t >= 0
-        else:
-            bad = np.flatnonzero(above == 0)  # past the end, or a rounding gap
-            child, t_bad = _exact_pick(block[bad], t[bad])
-            above[bad] = child + 1
-            t -= prefix.ravel().take(flat + above)
-            t[bad] = t_bad
+        np.add.accumulate(block, axis=1, out=ends)  # sequential s_{k+1} = s_k + c_k: monotone
+        child = np.argmax(ends > t[:, None], axis=1)  # first k with s_{k+1} > t; 0 if none
+        past = ends[:, -1] <= t
+        if depth:  # the leaf level needs no remaining target
+            t -= flat.take(rows + child)  # s_k <= t, so t stays >= 0
+        if past.any():  # t >= s_F (the node's end, or a rounding gap above it): last positive child
+            child[past] = _last_positive(block[past])
+            t[past] = np.inf
         pos *= fanout
-        pos += above
-        pos -= 1
+        pos += child
     return pos
 
 
@@ -187,15 +175,20 @@ def descend(levels: list[np.ndarray], fanout: int, targets: np.ndarray) -> np.nd
 
         \\sum_{j < i} v_j \\le t < \\sum_{j \\le i} v_j ,
 
-    evaluated top-down: one sorted search in the prefix sums of the root level, then, per
-    level, the ``(b, F)`` block of child sums of the current nodes is gathered, its row
-    prefix sums formed, and each row takes the first child whose prefix end exceeds the
-    remaining target. Sums are float64, so interval ends are exact up to rounding. The
-    returned leaf always has a positive value: zero values have empty intervals, a target
-    at or past the end of a node's children (``t >= total``, or a rounding gap between a
-    parent and the sum of its children) goes to the last positive child, and every result
-    is checked (a zero leaf, possible only when a BLAS adds out of order, is redone with
-    sequential sums). No zero or padding leaf is ever returned.
+    evaluated top-down with sequential float64 prefix sums (each
+    :math:`s_{k+1} = s_k + c_k`, left to right, so they never decrease): one right-sided
+    sorted search in the prefix sums of the root level, then, per level, the ``(b, F)``
+    block of child sums of the current nodes is gathered, its row prefix sums formed, and
+    each row takes the first child ``k`` with :math:`s_{k+1} > t`; the remaining target
+    becomes :math:`t - s_k`. A target at or past the end of a node's children
+    (:math:`t \\ge s_F`: ``t = total``, or a rounding gap between a parent's stored sum and
+    the sequential sum of its children) goes to the node's last positive child, and to the
+    last positive leaf below it (the remaining target becomes ``inf``). Every step is a
+    fixed sequence of float64 operations, so the result is defined bit for bit, and the
+    compiled kernels (:mod:`isample._engine_kernels`) reproduce it exactly. The returned
+    leaf always has a positive value: a child picked by :math:`s_k \\le t < s_{k+1}` has
+    :math:`c_k > 0`, so zero values have empty intervals and no zero or padding leaf is
+    ever returned.
 
     Args:
         levels: the level arrays, leaves first, root last (see :func:`tree_layout`); every
@@ -213,12 +206,7 @@ def descend(levels: list[np.ndarray], fanout: int, targets: np.ndarray) -> np.nd
         )
     if targets.shape[0] == 0:
         return np.zeros(0, dtype=np.int64)
-    pos = _descend(levels, fanout, targets.copy(), exact=False)
-    found = levels[0].take(pos)
-    if not found.min() > 0:
-        bad = np.flatnonzero(found <= 0)
-        pos[bad] = _descend(levels, fanout, targets[bad].copy(), exact=True)
-    return pos
+    return _descend(levels, fanout, targets.copy())
 
 
 def propagate(levels: list[np.ndarray], fanout: int, leaf_indices: np.ndarray) -> None:
@@ -256,6 +244,14 @@ def _rebuild(levels: list[np.ndarray], fanout: int) -> None:
         np.add.reduce(child, axis=1, out=levels[depth + 1][: child.shape[0]])
 
 
+def _aligned_zeros(count: int, align: int = 64) -> np.ndarray:
+    # float64 zeros starting on a cache-line boundary: with F = 16 a node's children (128
+    # bytes, at a multiple of 128 from the start) then span 2 cache lines instead of 3.
+    raw = np.zeros(count + align // 8, dtype=np.float64)
+    skip = (-raw.ctypes.data % align) // 8
+    return raw[skip : skip + count]
+
+
 def _total(levels: list[np.ndarray]) -> float:
     return float(np.add.reduce(levels[-1]))
 
@@ -286,6 +282,107 @@ def available_memory() -> int | None:
     return int(pages) * int(page)
 
 
+@functools.lru_cache(maxsize=1)
+def _kernels() -> Any:
+    # The compiled kernels module, or None where numba does not import (not installed, or a
+    # numba that refuses this NumPy). Imported on first use, never at ``import isample``.
+    try:
+        from . import _engine_kernels
+    except ImportError:
+        return None
+    return _engine_kernels
+
+
+def compiled_available() -> bool:
+    """Whether the compiled kernels can be used (numba imports); imports numba on first call.
+
+    Returns:
+        bool.
+    """
+    return _kernels() is not None
+
+
+@functools.cache
+def _kernels_agree(fanout: int) -> bool:
+    # One-off check per fanout, on a small random tree, that the compiled kernels give the
+    # NumPy path's sums and leaves bit for bit (it also compiles them, or loads numba's cache).
+    kernels = _kernels()
+    rng = np.random.default_rng(fanout)
+    size = 3 * fanout + 1
+    lengths = tree_layout(size, fanout, 1)
+    starts = np.cumsum([0] + lengths[:-1]).astype(np.int64)
+    bounds = np.array(lengths, dtype=np.int64)
+    compiled = np.zeros(sum(lengths))
+    reference = np.zeros(sum(lengths))
+    levels = [reference[a : a + n] for a, n in zip(starts.tolist(), lengths, strict=True)]
+    leaves = np.arange(size, dtype=np.int64)
+    values = np.exp(rng.uniform(-30.0, 30.0, size)) * (rng.random(size) < 0.8)
+    values[0] = 1.0
+    kernels.write_and_propagate(compiled, starts, bounds, fanout, leaves, values)
+    levels[0][:size] = values
+    _rebuild(levels, fanout)
+    if compiled.tobytes() != reference.tobytes():
+        return False
+    total = float(np.add.reduce(levels[-1]))
+    targets = np.concatenate([rng.random(64) * total, [0.0, total], np.cumsum(values)[:-1]])
+    targets = np.minimum(targets, total)
+    expected = descend(levels, fanout, targets)
+    return bool(
+        np.array_equal(kernels.descend(compiled, starts, bounds, fanout, targets), expected)
+        and np.array_equal(kernels.descend_by_level(compiled, starts, bounds, fanout, targets), expected)
+    )
+
+
+def resolve_backend(backend: str | None = None, fanout: int = 16) -> str:
+    """The backend a :class:`SumTree` will use: ``"numpy"`` or ``"numba"``.
+
+    Args:
+        backend: one of :data:`BACKENDS`, or ``None`` for the environment variable
+            :data:`ENGINE_ENV` (``ISAMPLE_ENGINE``), itself ``auto`` when unset or empty.
+        fanout: the tree's fanout; the compiled kernels are checked against the NumPy path
+            once per fanout (``auto`` falls back to NumPy if they disagree).
+
+    Returns:
+        str, ``"numba"`` for the compiled kernels, ``"numpy"`` for the pure NumPy path.
+
+    Raises:
+        TypeError: ``backend`` is not a str (or None).
+        ValueError: ``backend`` or the environment variable is not one of :data:`BACKENDS`.
+        ImportError: ``numba`` was asked for and numba does not import.
+        RuntimeError: ``numba`` was asked for and its kernels disagree with the NumPy path.
+    """
+    owner = "SumTree"
+    if backend is None:
+        raw = os.environ.get(ENGINE_ENV, "").strip().lower() or "auto"
+        if raw not in BACKENDS:
+            raise ValueError(
+                f"The environment variable {ENGINE_ENV} must be one of "
+                + ", ".join(repr(c) for c in BACKENDS)
+                + f" (or unset). Got {os.environ.get(ENGINE_ENV)!r}."
+            )
+        backend = raw
+    elif not isinstance(backend, str):
+        raise param_error("backend", owner, "a str (" + ", ".join(BACKENDS) + ") or None", backend, TypeError)
+    check_choice(backend, "backend", owner, BACKENDS)
+    if backend == "numpy":
+        return "numpy"
+    if _kernels() is None:
+        if backend == "numba":
+            raise ImportError(
+                "SumTree(backend='numba') needs numba, which does not import here; install it with "
+                "`pip install isample[fast]` (or numba), or use backend='numpy'."
+            )
+        return "numpy"
+    if not _kernels_agree(fanout):
+        if backend == "numba":
+            raise RuntimeError(
+                f"The compiled SumTree kernels disagree with the NumPy path for fanout {fanout} "
+                f"(numba {_kernels().NUMBA_VERSION}, numpy {np.__version__}); use backend='numpy'."
+            )
+        return "numpy"
+    return "numba"
+
+
 class SumTree:
     """A table of ``size`` non-negative float64 values with O(b log N) weighted draws and updates.
 
@@ -313,11 +410,16 @@ class SumTree:
         root_width: the first level with at most this many nodes is the root level, searched
             with one prefix sum over its nodes (int >= 1, default :data:`ROOT_WIDTH`); a
             table of at most ``root_width`` values is a single flat level.
+        backend: ``"auto"``, ``"numpy"`` or ``"numba"`` (see :data:`BACKENDS` and
+            :func:`resolve_backend`); ``None`` (default) reads the environment variable
+            ``ISAMPLE_ENGINE``, else ``"auto"``: the compiled kernels when numba is installed.
+            Both backends give the same draws and the same sums bit for bit.
 
     Raises:
         TypeError: ``size``, ``fanout``, ``rebuild_every`` or ``root_width`` is not an int
-            (bool included).
+            (bool included), or ``backend`` not a str.
         ValueError: one of them is out of range.
+        ImportError: ``backend="numba"`` without numba.
         MemoryError: the table (:meth:`memory_estimate` bytes) does not fit in the memory
             available now; raised before anything is allocated.
 
@@ -346,6 +448,7 @@ class SumTree:
         rebuild_every: int | None = None,
         *,
         root_width: int = ROOT_WIDTH,
+        backend: str | None = None,
     ) -> None:
         size = check_int(size, "size", _OWNER, minimum=1)  # type: ignore[assignment]
         fanout = check_int(fanout, "fanout", _OWNER, minimum=2, maximum=_MAX_FANOUT)  # type: ignore[assignment]
@@ -363,14 +466,20 @@ class SumTree:
         self._rebuild_every_arg = rebuild_every
         self._rebuild_every = rebuild_every if rebuild_every is not None else max(size, 1 << 16)
         self._root_width = root_width
+        self._backend_arg = backend
+        self._backend = resolve_backend(backend, fanout)
+        self._kernels = _kernels() if self._backend == "numba" else None
+        self._by_level = size >= BY_LEVEL_MIN
         self._value_cap = float(np.finfo(np.float64).max) / size
         lengths = tree_layout(size, fanout, root_width)
-        self._buf = np.zeros(sum(lengths), dtype=np.float64)
+        self._buf = _aligned_zeros(sum(lengths))
         self._levels: list[np.ndarray] = []
         start = 0
         for length in lengths:
             self._levels.append(self._buf[start : start + length])
             start += length
+        self._starts = np.cumsum([0] + lengths[:-1]).astype(np.int64)  # level offsets in the buffer
+        self._lengths = np.array(lengths, dtype=np.int64)
         self._total = 0.0
         self._writes = 0
 
@@ -385,6 +494,11 @@ class SumTree:
     def fanout(self) -> int:
         """Children per internal node F."""
         return self._fanout
+
+    @property
+    def backend(self) -> str:
+        """``"numba"`` (compiled kernels) or ``"numpy"``: the path this tree's draws and updates take."""
+        return self._backend
 
     @property
     def total(self) -> float:
@@ -432,11 +546,13 @@ class SumTree:
         view.flags.writeable = False
         return view
 
-    def get(self, indices: Any) -> np.ndarray:
+    def get(self, indices: Any, check: bool = True) -> np.ndarray:
         """Leaf values at ``indices``.
 
         Args:
             indices: integer array-like of any shape, entries in [0, size).
+            check: validate ``indices`` (default). ``False`` is for callers that guarantee
+                int64 indices in [0, size) (a hot path); then nothing is checked.
 
         Returns:
             float64 array of the same shape as ``indices``.
@@ -445,6 +561,8 @@ class SumTree:
             TypeError: ``indices`` is not integer.
             IndexError: an index is outside [0, size).
         """
+        if not check:
+            return self._levels[0].take(indices)
         return self._levels[0].take(self._check_indices(indices, "get"))
 
     def find(self, targets: Any, check: bool = True) -> np.ndarray:
@@ -469,7 +587,7 @@ class SumTree:
         """
         t = np.asarray(targets, dtype=np.float64).ravel()
         if not check:  # the caller guarantees 0 <= t <= total and total > 0 (hot path)
-            return descend(self._levels, self._fanout, t)
+            return self._descend(t)
         if t.size:
             lo, hi = t.min(), t.max()
             if not (lo >= 0) or not (hi <= self._total):
@@ -478,7 +596,7 @@ class SumTree:
                     f"(no NaN). Got values in [{lo!r}, {hi!r}]."
                 )
         self._require_positive_total("find")
-        return descend(self._levels, self._fanout, t)
+        return self._descend(t)
 
     def sample(self, count: int, rng: np.random.Generator, replacement: bool = True) -> np.ndarray:
         """Draw ``count`` indices with probability proportional to value.
@@ -538,7 +656,7 @@ class SumTree:
             return np.zeros(0, dtype=np.int64)
         self._require_positive_total("sample")
         if replacement:
-            return descend(self._levels, self._fanout, rng.random(count) * self._total)
+            return self._descend(rng.random(count) * self._total)
         return self._sample_distinct(count, rng)
 
     def _sample_distinct(self, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -553,7 +671,7 @@ class SumTree:
                         f"SumTree.sample(replacement=False) needs at least count={count} positive "
                         f"values; only {have} are positive."
                     )
-                draws = descend(self._levels, self._fanout, rng.random(count - have) * self._total)
+                draws = self._descend(rng.random(count - have) * self._total)
                 uniq, first = np.unique(draws, return_index=True)
                 new = uniq[np.argsort(first, kind="stable")]  # order of first appearance
                 chosen.append(new)
@@ -609,6 +727,13 @@ class SumTree:
 
     def _write_leaves(self, idx: np.ndarray, val: np.ndarray) -> None:
         """Write leaves (last write wins for repeated indices) and update the sums."""
+        if self._kernels is not None:
+            self._kernels.write_and_propagate(
+                self._buf, self._starts, self._lengths, self._fanout, idx, np.ascontiguousarray(val)
+            )
+            self._total = _total(self._levels)
+            self._count_writes(idx.shape[0])
+            return
         leaves = self._levels[0]
         leaves[idx] = val
         if not (leaves.take(idx) == val).all():
@@ -621,7 +746,10 @@ class SumTree:
             np.not_equal(ordered[1:], ordered[:-1], out=last[:-1])
             leaves[ordered[last]] = val.take(order[last])
         self._propagate(idx)
-        self._writes += idx.shape[0]
+        self._count_writes(idx.shape[0])
+
+    def _count_writes(self, count: int) -> None:
+        self._writes += count
         if self._writes >= self._rebuild_every:
             self.rebuild()
 
@@ -691,22 +819,42 @@ class SumTree:
             "fanout": self._fanout,
             "rebuild_every": self._rebuild_every_arg,
             "root_width": self._root_width,
+            "backend": self._backend_arg,
             "values": self.values().copy(),
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(  # type: ignore[misc]
-            state["size"], state["fanout"], state["rebuild_every"], root_width=state["root_width"]
+            state["size"],
+            state["fanout"],
+            state["rebuild_every"],
+            root_width=state["root_width"],
+            backend=state.get("backend"),
         )
         self.fill(state["values"])
 
     def __repr__(self) -> str:
-        return f"SumTree(size={self._size}, fanout={self._fanout}, total={self._total!r})"
+        return (
+            f"SumTree(size={self._size}, fanout={self._fanout}, total={self._total!r}, "
+            f"backend={self._backend!r})"
+        )
 
     # ------------------------------------------------------------------ helpers
 
+    def _descend(self, targets: np.ndarray) -> np.ndarray:
+        # targets: float64 (b,), in [0, total], total > 0 (checked by the callers).
+        if self._kernels is None:
+            return descend(self._levels, self._fanout, targets)
+        kernel = self._kernels.descend_by_level if self._by_level else self._kernels.descend
+        return kernel(self._buf, self._starts, self._lengths, self._fanout, np.ascontiguousarray(targets))
+
     def _propagate(self, idx: np.ndarray) -> None:
-        propagate(self._levels, self._fanout, idx)
+        if self._kernels is None:
+            propagate(self._levels, self._fanout, idx)
+        else:
+            self._kernels.propagate(
+                self._buf, self._starts, self._lengths, self._fanout, np.ascontiguousarray(idx, np.int64)
+            )
         self._total = _total(self._levels)
 
     def _check_indices(self, indices: Any, method: str) -> np.ndarray:

@@ -5,6 +5,10 @@ float64 prefix sums in any summation order, so ``find`` must return the exact le
 target on the integer grid; every internal node must equal ``np.add.reduce`` of its children
 bit for bit, after any sequence of updates. Sampling is checked by seeded chi-square tests and
 by exact enumeration of the successive-sampling inclusion probabilities.
+
+Every test that builds a tree runs once per backend (the ``backend`` fixture sets
+``ISAMPLE_ENGINE``): the pure NumPy path always, the compiled kernels where numba is
+installed; the two are also compared with each other bit for bit on random trees.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import itertools
 import math
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -20,9 +26,34 @@ from hypothesis import strategies as st
 from scipy import stats
 
 import isample.engine as engine
-from isample.engine import ROOT_WIDTH, SumTree, available_memory, descend, tree_layout
+from isample.engine import ENGINE_ENV, ROOT_WIDTH, SumTree, available_memory, descend, tree_layout
 
 SMALL = settings(max_examples=60, deadline=None)
+
+HAVE_NUMBA = engine.compiled_available()
+BACKEND_PARAMS = [
+    "numpy",
+    pytest.param("numba", marks=pytest.mark.skipif(not HAVE_NUMBA, reason="numba is not installed")),
+]
+
+
+def own_backends(test):
+    """Mark a test that picks its backends itself: it runs once, not once per backend."""
+    test.own_backends = True
+    return test
+
+
+def pytest_generate_tests(metafunc):
+    if "backend" in metafunc.fixturenames:
+        own = getattr(metafunc.function, "own_backends", False)
+        metafunc.parametrize("backend", ["numpy"] if own else BACKEND_PARAMS, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def backend(request, monkeypatch):
+    """Every tree built in a test uses this backend (through the environment variable)."""
+    monkeypatch.setenv(ENGINE_ENV, request.param)
+    return request.param
 
 # Small fanouts and root widths so that tiny tables still have several levels.
 shapes = st.tuples(st.integers(2, 5), st.integers(1, 4))
@@ -263,6 +294,8 @@ def test_values_view_is_read_only_and_get_keeps_shape():
         view[0] = 1.0
     assert tree.get(np.array([[1, 2], [3, 5]])).tolist() == [[1.0, 2.0], [3.0, 5.0]]
     assert tree.get([]).shape == (0,)
+    idx = np.array([[5, 0], [2, 2]])
+    np.testing.assert_array_equal(tree.get(idx, check=False), tree.get(idx))
 
 
 # ------------------------------------------------------------------ sampling
@@ -300,30 +333,35 @@ def test_sample_on_a_large_table_never_returns_zero_or_padding():
     assert tree.find([tree.total] * 3).tolist() == [last] * 3
 
 
-def test_descend_with_out_of_order_prefix_sums_never_returns_a_zero_leaf(monkeypatch):
-    """A BLAS that adds out of order gives prefix sums off by ulps, not monotone: still safe."""
-    noise = np.random.default_rng(6)
-    original = engine._row_prefix
+def gap_tree(backend: str) -> tuple[SumTree, np.ndarray]:
+    """A two-level tree whose parent sum exceeds the sequential sum of its children.
 
-    def noisy(block):
-        prefix = original(block)
-        jitter = noise.integers(-3, 4, prefix.shape) * np.spacing(prefix)
-        return prefix + jitter
-
-    monkeypatch.setattr(engine, "_row_prefix", noisy)
-    rng = np.random.default_rng(7)
-    vals = rng.random(5000) * (rng.random(5000) < 0.5)
-    vals[::7] = 0.0
-    vals[100:140] = 1e-300  # tiny values next to huge ones
-    vals[200] = 1e300
-    tree = SumTree(5000, 4, root_width=3)
+    The 16 children ``[1, 2**-53 x 15]`` add up to exactly 1 from left to right (each tiny
+    term is rounded away) but to more than 1 in NumPy's pairwise order, the order the stored
+    parent uses: targets in ``[1, parent)`` fall in a rounding gap past the children's end.
+    """
+    vals = np.zeros(32)
+    vals[0] = 1.0
+    vals[1:16] = 2.0**-53
+    vals[16:20] = [0.0, 3.0, 0.0, 0.0]
+    tree = SumTree(32, 16, root_width=2, backend=backend)
     tree.fill(vals)
-    idx = tree.sample(50_000, rng)
-    assert np.all(vals[idx] > 0)
-    # Every target is found, including the total and targets at exact leaf boundaries.
-    prefix = np.concatenate([[0.0], np.cumsum(vals)])
-    found = descend(tree._levels, tree.fanout, np.clip(prefix, 0, tree.total))
-    assert np.all(vals[found] > 0)
+    return tree, vals
+
+
+def test_rounding_gap_goes_to_the_last_positive_child(backend):
+    tree, vals = gap_tree(backend)
+    parent = tree._levels[1][0]
+    assert parent > 1.0, "the pairwise parent must exceed the sequential sum of its children"
+    gap = [1.0, np.nextafter(1.0, 2.0), parent - 2.0**-60]
+    gap = [t for t in gap if 1.0 <= t < parent]
+    assert gap, "no target inside the gap"
+    np.testing.assert_array_equal(tree.find(gap), [15] * len(gap))  # last positive child
+    assert tree.find([parent])[0] == 17  # the next node's first positive leaf
+    assert tree.find([np.nextafter(1.0, 0.0)])[0] == 0
+    assert tree.find([tree.total])[0] == 17
+    np.testing.assert_array_equal(tree.find(gap), descend(tree._levels, 16, np.array(gap)))
+    assert np.all(vals[tree.sample(10_000, np.random.default_rng(0))] > 0)
 
 
 def test_large_batches_are_processed_in_chunks(monkeypatch):
@@ -548,3 +586,190 @@ def test_load_state_dict_checks_size_and_keys():
         tree.load_state_dict({SumTree.STATE_SIZE: 5})
     with pytest.raises(ValueError, match="negative"):
         tree.load_state_dict({SumTree.STATE_SIZE: 5, SumTree.STATE_VALUES: -np.ones(5)})
+
+
+# ------------------------------------------------------------------ backends
+
+needs_numba = pytest.mark.skipif(not HAVE_NUMBA, reason="numba is not installed")
+
+# Values that stress rounding: zeros, subnormals, and magnitudes 2**-60 ... 2**60 side by side.
+stress_values = st.one_of(
+    st.just(0.0),
+    st.just(5e-324),
+    st.floats(0, 1e6, allow_nan=False, allow_infinity=False),
+    st.integers(-60, 60).map(lambda e: 2.0**e),
+    st.integers(-60, 60).map(lambda e: 2.0**e * (1 + 2.0**-52)),
+)
+
+
+def boundary_targets(values: np.ndarray, total: float, rng: np.random.Generator) -> np.ndarray:
+    """Random targets plus every sequential prefix end, its float neighbours, 0 and the total."""
+    prefix = np.cumsum(values)
+    near = np.concatenate([prefix, np.nextafter(prefix, 0.0), np.nextafter(prefix, np.inf)])
+    targets = np.concatenate([rng.random(200) * total, near, [0.0, total, np.nextafter(total, 0.0)]])
+    return targets[(targets >= 0) & (targets <= total)]
+
+
+@own_backends
+@needs_numba
+@SMALL
+@given(
+    values=st.lists(stress_values, min_size=1, max_size=150),
+    fanout=st.integers(2, 17),
+    width=st.integers(1, 40),
+    updates=st.lists(
+        st.lists(st.tuples(st.integers(0, 10**6), stress_values), min_size=1, max_size=40),
+        min_size=0,
+        max_size=4,
+    ),
+    seed=st.integers(0, 2**32 - 1),
+)
+@example(values=[1.0] + [2.0**-53] * 15 + [0.0, 3.0], fanout=16, width=1, updates=[], seed=0)
+@example(values=[5e-324] * 5, fanout=2, width=1, updates=[[(0, 0.0), (4, 0.0)]], seed=1)
+def test_backends_agree_bit_for_bit(values, fanout, width, updates, seed):
+    """Same sums (every node, bit for bit) and same leaves for every target, both kernels."""
+    vals = np.array(values, dtype=np.float64)
+    size = len(vals)
+    trees = [SumTree(size, fanout, root_width=width, backend=name) for name in ("numpy", "numba")]
+    rng = np.random.default_rng(seed)
+    for tree in trees:
+        tree.fill(vals)
+    reference = vals.copy()
+    for batch in [[]] + updates:
+        if batch:
+            idx = np.array([i % size for i, _ in batch], dtype=np.int64)
+            new = np.array([v for _, v in batch])
+            for tree in trees:
+                tree.set(idx, new)
+            for i, v in zip(idx.tolist(), new.tolist(), strict=True):
+                reference[i] = v
+        numpy_tree, numba_tree = trees
+        assert numpy_tree._buf.tobytes() == numba_tree._buf.tobytes()
+        assert numpy_tree.total == numba_tree.total
+        check_consistent(numba_tree, reference)
+        if numba_tree.total == 0:
+            continue
+        targets = boundary_targets(reference, numba_tree.total, rng)
+        expected = numpy_tree.find(targets)
+        assert np.all(reference[expected] > 0)
+        np.testing.assert_array_equal(numba_tree.find(targets), expected)
+        kernels = engine._kernels()
+        args = (numba_tree._buf, numba_tree._starts, numba_tree._lengths, fanout, targets)
+        np.testing.assert_array_equal(kernels.descend_by_level(*args), expected)
+        np.testing.assert_array_equal(kernels.descend(*args), expected)
+
+
+@own_backends
+@needs_numba
+def test_compiled_row_sum_is_numpy_add_reduce_for_every_fanout():
+    kernels = engine._kernels()
+    rng = np.random.default_rng(40)
+    for fanout in range(1, 257):
+        rows = np.exp(rng.uniform(-40, 40, (16, fanout))) * (rng.random((16, fanout)) < 0.8)
+        expected = np.add.reduce(rows, axis=1)
+        flat = rows.ravel()
+        got = np.array([kernels.row_sum(flat, r * fanout, fanout) for r in range(16)])
+        assert got.tobytes() == expected.tobytes(), fanout
+
+
+@own_backends
+@needs_numba
+@pytest.mark.parametrize("fanout", [2, 16, 64])
+def test_level_by_level_descent_on_a_large_tree(monkeypatch, fanout):
+    rng = np.random.default_rng(41)
+    size = 300_007
+    vals = rng.random(size) * (rng.random(size) < 0.6)
+    numpy_tree = SumTree(size, fanout, backend="numpy")
+    numpy_tree.fill(vals)
+    monkeypatch.setattr(engine, "BY_LEVEL_MIN", size)
+    deep = SumTree(size, fanout, backend="numba")
+    monkeypatch.setattr(engine, "BY_LEVEL_MIN", size + 1)
+    shallow = SumTree(size, fanout, backend="numba")
+    assert deep._by_level and not shallow._by_level
+    for tree in (deep, shallow):
+        tree.fill(vals)
+    targets = boundary_targets(vals[:2000], numpy_tree.total, rng)
+    targets = np.concatenate([targets, rng.random(50_000) * numpy_tree.total])
+    expected = numpy_tree.find(targets)
+    np.testing.assert_array_equal(deep.find(targets), expected)
+    np.testing.assert_array_equal(shallow.find(targets), expected)
+    a, b = np.random.default_rng(3), np.random.default_rng(3)
+    np.testing.assert_array_equal(deep.sample(4096, a), numpy_tree.sample(4096, b))
+
+
+@own_backends
+def test_backend_selection_and_bad_values(monkeypatch):
+    assert SumTree(4, backend="numpy").backend == "numpy"
+    monkeypatch.setenv(ENGINE_ENV, "numpy")
+    assert SumTree(4).backend == "numpy"
+    assert "backend='numpy'" in repr(SumTree(4))
+    monkeypatch.setenv(ENGINE_ENV, "")
+    assert SumTree(4).backend == ("numba" if HAVE_NUMBA else "numpy")
+    monkeypatch.setenv(ENGINE_ENV, " Auto ")
+    assert SumTree(4).backend == ("numba" if HAVE_NUMBA else "numpy")
+    monkeypatch.setenv(ENGINE_ENV, "fast")
+    with pytest.raises(ValueError, match="ISAMPLE_ENGINE must be one of 'auto', 'numpy', 'numba'"):
+        SumTree(4)
+    assert SumTree(4, backend="numpy").backend == "numpy"  # an argument overrides the variable
+    with pytest.raises(ValueError, match="'backend' parameter of SumTree must be one of"):
+        SumTree(4, backend="cython")
+    with pytest.raises(TypeError, match="'backend' parameter of SumTree"):
+        SumTree(4, backend=1)
+
+
+@own_backends
+def test_without_numba_auto_falls_back_and_numba_is_an_error(monkeypatch):
+    monkeypatch.setattr(engine, "_kernels", lambda: None)
+    assert SumTree(10, backend="auto").backend == "numpy"
+    assert not engine.compiled_available()
+    with pytest.raises(ImportError, match=r"needs numba.*isample\[fast\]"):
+        SumTree(10, backend="numba")
+
+
+@own_backends
+@needs_numba
+def test_disagreeing_kernels_are_not_used(monkeypatch):
+    monkeypatch.setattr(engine, "_kernels_agree", lambda fanout: False)
+    assert SumTree(10, backend="auto").backend == "numpy"
+    with pytest.raises(RuntimeError, match="disagree with the NumPy path for fanout 16"):
+        SumTree(10, backend="numba")
+
+
+@own_backends
+@needs_numba
+def test_pickled_tree_keeps_its_backend_argument():
+    tree = SumTree(100, 4, root_width=3, backend="numpy")
+    tree.fill(np.arange(100.0))
+    clone = pickle.loads(pickle.dumps(tree))
+    assert clone.backend == "numpy"
+    compiled = pickle.loads(pickle.dumps(SumTree(100, 4, root_width=3, backend="numba")))
+    assert compiled.backend == "numba"
+
+
+@own_backends
+def test_importing_isample_does_not_import_numba():
+    code = "import sys, isample, isample.engine; print('numba' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
+@own_backends
+@needs_numba
+def test_kernels_compile_without_a_writable_cache(monkeypatch):
+    """Where numba refuses cache=True (no writable cache directory), kernels still compile."""
+    import numba
+
+    from isample import _engine_kernels
+
+    calls = []
+    real = numba.njit
+
+    def njit(**options):
+        calls.append(options["cache"])
+        if options["cache"]:
+            raise RuntimeError("cannot cache function: no locator available")
+        return real(**options)
+
+    monkeypatch.setattr(numba, "njit", njit)
+    double = _engine_kernels._jit(lambda x: 2 * x)
+    assert calls == [True, False] and double(21) == 42
