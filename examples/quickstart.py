@@ -36,15 +36,16 @@ def make_model(seed: int) -> nn.Module:
 
 
 def train(loader, model, loss_fn, steps: int, lr: float) -> None:
+    """The plain training loop: one weighted loss and one ``update`` call differ from a torch loop."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     done = 0
     while done < steps:
-        for batch in loader:
-            losses = loss_fn(model(batch.inputs), batch.targets)
-            opt.zero_grad()
-            (batch.weights * losses).mean().backward()
+        for x, y, w in loader:
+            losses = loss_fn(model(x), y)
+            (w * losses).mean().backward()
             opt.step()
-            loader.update(batch.indices, losses.detach())
+            opt.zero_grad()
+            loader.update(losses.detach())  # the scores of the last batch
             done += 1
             if done == steps:
                 break
@@ -63,30 +64,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     loss_fn = nn.CrossEntropyLoss(reduction="none")
     results = {}
 
-    # Uniform baseline: the same loop, weights all 1.
+    # Uniform baseline: the same loop, a shuffled loader with weights all 1.
     model = make_model(args.seed)
-    uniform = isample.PoolLoader(
-        train_set,
-        model,
-        isample.LossScorer(loss_fn),
-        args.batch_size,
-        presample=1.0,
-        seed=args.seed,
-        tau_threshold=float("inf"),
-    )
+    uniform = isample.DataLoader(train_set, args.batch_size, scheme="uniform", seed=args.seed)
     train(uniform, model, loss_fn, args.steps, args.lr)
     results["uniform"] = _evaluate(model, loss_fn, x_train, y_train, x_test, y_test)
 
     # Importance sampling: pools of 4b scored with the gradient-norm upper bound.
     model = make_model(args.seed)
-    sampled = isample.PoolLoader(
+    sampled = isample.DataLoader(
         train_set,
-        model,
-        isample.UpperBoundScorer(loss_fn),
         args.batch_size,
-        presample=4.0,
+        scheme=isample.schemes.KatharopoulosFleuret(presample=4.0, always=True),
+        model=model,
+        loss_fn=loss_fn,
         seed=args.seed,
-        always=True,
     )
     train(sampled, model, loss_fn, args.steps, args.lr)
     results["upper-bound IS"] = _evaluate(model, loss_fn, x_train, y_train, x_test, y_test)

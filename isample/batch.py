@@ -8,7 +8,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["WeightedBatch", "split_batch", "index_rows", "slice_rows", "move_to", "TARGET_KEYS"]
+__all__ = [
+    "WeightedBatch",
+    "split_batch",
+    "extras_of",
+    "index_rows",
+    "slice_rows",
+    "move_to",
+    "TARGET_KEYS",
+]
 
 #: Keys recognised as the target entry when a dataset yields dicts.
 TARGET_KEYS = ("labels", "label", "targets", "target", "y")
@@ -24,8 +32,12 @@ class WeightedBatch:
         indices: LongTensor of shape (b,), the dataset index of every row.
         weights: float32 Tensor of shape (b,), the importance weight of every row.
             Multiply the per-example losses by it: ``(batch.weights * losses).mean()``.
+        extras: the fields after the first two when the dataset yields longer tuples
+            (``(x, y, mask)`` gives ``extras == (mask,)``, collated like ``x`` and ``y``);
+            ``None`` for pairs, dicts and single values.
 
-    It unpacks as ``inputs, targets, weights``::
+    It unpacks as ``inputs, targets, weights`` whatever the dataset yields (extras are
+    never unpacked: read them as ``batch.extras``)::
 
         for inputs, targets, weights in loader: ...
     """
@@ -34,6 +46,13 @@ class WeightedBatch:
     targets: Any
     indices: torch.Tensor
     weights: torch.Tensor
+    extras: tuple[Any, ...] | None = None
+
+    @classmethod
+    def from_collated(cls, data: Any, indices: torch.Tensor, weights: torch.Tensor) -> WeightedBatch:
+        """A batch from a collated dataset batch: inputs, targets and extras (see :func:`split_batch`)."""
+        inputs, targets = split_batch(data)
+        return cls(inputs, targets, indices, weights, extras_of(data))
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.inputs, self.targets, self.weights))
@@ -48,12 +67,17 @@ class WeightedBatch:
             move_to(self.targets, device, non_blocking),
             self.indices,
             self.weights.to(device, non_blocking=non_blocking),
+            move_to(self.extras, device, non_blocking),
         )
 
     def pin_memory(self) -> WeightedBatch:
         """Pinned-memory copy, called by ``DataLoader(pin_memory=True)``."""
         return WeightedBatch(
-            _pin(self.inputs), _pin(self.targets), self.indices.pin_memory(), self.weights.pin_memory()
+            _pin(self.inputs),
+            _pin(self.targets),
+            self.indices.pin_memory(),
+            self.weights.pin_memory(),
+            _pin(self.extras),
         )
 
 
@@ -75,6 +99,17 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
         if len(batch) == 1:
             return batch[0], None
     return batch, None
+
+
+def extras_of(batch: Any) -> tuple[Any, ...] | None:
+    """The fields after ``(inputs, targets)`` of a collated sequence batch, as a tuple; else ``None``."""
+    if isinstance(batch, Mapping) or isinstance(batch, (str, bytes)):
+        return None
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return tuple(batch[2:]) if len(batch) > 2 else None
+    if isinstance(batch, Sequence) and len(batch) > 2:
+        return tuple(batch[2:])
+    return None
 
 
 def index_rows(data: Any, rows: torch.Tensor) -> Any:

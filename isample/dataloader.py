@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ._fetch import Gathered, can_gather, gather_rows
 from ._validation import check_int, param_error
-from .batch import WeightedBatch, split_batch
+from .batch import WeightedBatch
 from .table_sampler import TableSampler
 
 __all__ = ["ImportanceDataLoader"]
@@ -51,12 +51,10 @@ class _WeightedCollate:
         if isinstance(items, Gathered):
             indices = torch.tensor([i for i, _ in items.keys], dtype=torch.long)
             weights = torch.tensor([w for _, w in items.keys], dtype=torch.float32)
-            inputs, targets = split_batch(items.data)
-            return WeightedBatch(inputs, targets, indices, weights)
+            return WeightedBatch.from_collated(items.data, indices, weights)
         indices = torch.tensor([i for i, _, _ in items], dtype=torch.long)
         weights = torch.tensor([w for _, w, _ in items], dtype=torch.float32)
-        inputs, targets = split_batch(self.base([item for _, _, item in items]))
-        return WeightedBatch(inputs, targets, indices, weights)
+        return WeightedBatch.from_collated(self.base([item for _, _, item in items]), indices, weights)
 
 
 class ImportanceDataLoader:

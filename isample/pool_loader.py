@@ -337,8 +337,7 @@ class PoolLoader:
             rows = torch.randperm(m, generator=g)[:b]
             weights = torch.ones(b, dtype=torch.float32)
         selected = index_rows(data, rows.to(device) if device.type != "cpu" else rows)
-        sel_inputs, sel_targets = split_batch(selected)
-        return WeightedBatch(sel_inputs, sel_targets, indices[rows], weights.to(device))
+        return WeightedBatch.from_collated(selected, indices[rows], weights.to(device))
 
     def _score(self, inputs: Any, targets: Any) -> torch.Tensor:
         from .batch import batch_size_of

@@ -7,6 +7,7 @@ import inspect
 import isample
 
 STABLE = [
+    "DataLoader",
     "GradNormScorer",
     "ImportanceDataLoader",
     "LossScorer",
@@ -47,3 +48,25 @@ def test_importing_isample_does_not_patch_torch():
 
     assert data.DataLoader.__module__.startswith("torch.")
     assert data.WeightedRandomSampler.__module__.startswith("torch.")
+
+
+def test_every_scheme_object_is_exported_and_documented():
+    from isample import schemes
+    from isample.schemes.objects import SCHEME_OBJECTS
+
+    assert set(SCHEME_OBJECTS) <= set(schemes.available())
+    for name in schemes.available():  # a registry name without its own class still has an object
+        assert schemes.scheme_object(name).name == name
+    assert list(schemes.__all__) == sorted(schemes.__all__)
+    for name, cls in SCHEME_OBJECTS.items():
+        assert getattr(schemes, cls.__name__) is cls
+        assert inspect.getdoc(cls) and f"``{name}``" in inspect.getdoc(cls) or name == "uniform"
+        for attr in ("build", "describe", "changed"):
+            assert inspect.getdoc(getattr(cls, attr))
+
+
+def test_the_entry_point_is_not_torchs_dataloader_and_does_not_patch_it():
+    import torch.utils.data as data
+
+    assert isample.DataLoader is not data.DataLoader
+    assert isample.DataLoader.__module__ == "isample.loader"

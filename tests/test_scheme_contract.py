@@ -37,3 +37,25 @@ def test_scheme_passes_check_sampler(name, recwarn):
     skip = ALWAYS_SKIPPED + (("drop_last",) if name in NO_DROP_LAST else ())
     ran = check_sampler(make_loader, dataset, skip=skip)
     assert ran == [c for c in CHECKS if c not in skip]
+
+
+@pytest.mark.parametrize("name", schemes.available())
+def test_every_scheme_through_the_entry_point_passes_check_sampler(name, recwarn):
+    """isample.DataLoader passes the DataLoader options through, persistent_workers included."""
+    import isample
+
+    x, y = make_classification(24)
+    dataset = torch.utils.data.TensorDataset(x, y)
+    model = make_mlp()
+    scheme = name
+    if name == "rho-loss":
+        scheme = schemes.RhoLoss(holdout=torch.utils.data.TensorDataset(*make_classification(16, seed=5)))
+
+    def make_loader(data, *, batch_size, seed, **options):
+        return isample.DataLoader(
+            data, batch_size, scheme, model=model, loss_fn=CE, seed=seed, epochs=4, **options
+        )
+
+    skip = ("pickle_spawn", "dict_batches") + (("drop_last",) if name in NO_DROP_LAST else ())
+    ran = check_sampler(make_loader, dataset, skip=skip)
+    assert "persistent_workers" in ran and "num_workers" in ran

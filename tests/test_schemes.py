@@ -9,6 +9,7 @@ biased schemes.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import io
 import math
 
@@ -612,3 +613,37 @@ def test_history_gradnorm_records_exact_norms():
     losses = CE(out, batch.targets)
     with pytest.raises(RuntimeError, match="step_context"):
         loader.feedback(batch, out.detach(), losses.detach())
+
+
+# ---------------------------------------------------------------- DataLoader options through build()
+@pytest.mark.parametrize("name", schemes.available())
+def test_build_validates_the_dataloader_options_in_one_place(name):
+    with pytest.raises(ValueError, match="'prefetch_factor' parameter of .* must be an int >= 1"):
+        make(name, num_workers=1, prefetch_factor=0)
+    with pytest.raises(ValueError, match="needs worker processes"):
+        make(name, persistent_workers=True)
+    with pytest.raises(TypeError, match="the scheme decides the order"):
+        make(name, shuffle=True)
+
+
+@pytest.mark.parametrize("name", schemes.available())
+def test_build_refuses_an_iterable_dataset_with_len_clearly(name):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from dataset()
+
+        def __len__(self):
+            return N
+
+    with pytest.raises(TypeError, match="IterableDataset"):
+        make(name, ds=Stream())
+
+
+@pytest.mark.parametrize("name", schemes.available())
+def test_scheme_describe_lists_own_parameters_not_dataloader_options(name):
+    needs(name)
+    defaults = schemes.describe(name)["defaults"]
+    assert not {"num_workers", "pin_memory", "collate_fn"} & set(defaults)
+    assert set(schemes.scheme_parameters(name)) <= set(defaults) | {
+        k for k, v in schemes.scheme_parameters(name).items() if v is inspect.Parameter.empty
+    }

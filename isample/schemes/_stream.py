@@ -9,13 +9,14 @@ index tensor or a stream of consecutive random permutations seeded by
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .._fetch import IndexedCollate, IndexedDataset, can_gather
+from .._options import check_loader_options
 from .._random import permutation
 
 __all__ = ["epoch_permutation", "RowReader", "cat_rows"]
@@ -64,18 +65,15 @@ class RowReader:
     Args:
         dataset: a map-style dataset.
         chunk_size: rows per chunk.
-        num_workers, pin_memory, collate_fn: passed to the DataLoader.
+        **loader_options: torch DataLoader options (``num_workers``, ``pin_memory``,
+            ``collate_fn``, ``persistent_workers``, ``prefetch_factor``, ``worker_init_fn``,
+            ``multiprocessing_context``, ``timeout``), validated by
+            :func:`isample._options.check_loader_options`.
     """
 
-    def __init__(
-        self,
-        dataset: Dataset,
-        chunk_size: int,
-        *,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        collate_fn: Callable | None = None,
-    ) -> None:
+    def __init__(self, dataset: Dataset, chunk_size: int, **loader_options: Any) -> None:
+        options = check_loader_options(loader_options, "RowReader")
+        collate_fn = options.pop("collate_fn")
         self.dataset = dataset
         self.collate = collate_fn or torch.utils.data.default_collate
         self.source = _Source(len(dataset))  # type: ignore[arg-type]
@@ -83,9 +81,8 @@ class RowReader:
             IndexedDataset(dataset, gather=can_gather(dataset, collate_fn)),
             batch_size=chunk_size,
             sampler=self.source,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
             collate_fn=IndexedCollate(collate_fn),
+            **options,
         )
 
     def from_indices(self, indices: torch.Tensor, start: int = 0) -> Iterator[tuple[torch.Tensor, Any]]:

@@ -36,11 +36,14 @@ class PoolScheme(SchemeLoader):
         batch_size: int,
         seed: int | None,
         scorer: Callable,
+        loader_options: dict[str, Any] | None = None,
         **pool_kwargs: Any,
     ) -> None:
-        super().__init__(dataset, model, loss_fn, batch_size, seed)
+        super().__init__(dataset, model, loss_fn, batch_size, seed, loader_options)
         self.scorer = scorer
-        self.pool = PoolLoader(dataset, model, scorer, self.batch_size, seed=self.seed, **pool_kwargs)
+        self.pool = PoolLoader(
+            dataset, model, scorer, self.batch_size, seed=self.seed, **pool_kwargs, **self.loader_options
+        )
 
     @property
     def epoch(self) -> int:
@@ -54,7 +57,9 @@ class PoolScheme(SchemeLoader):
         return len(self.pool)
 
     def set_epoch(self, epoch: int) -> None:
-        self.pool.set_epoch(epoch)
+        """Set the epoch; the current epoch keeps its position (see :meth:`SchemeLoader.set_epoch`)."""
+        if check_int(epoch, "epoch", f"{type(self).__name__}.set_epoch", minimum=0) != self.pool.epoch:
+            self.pool.set_epoch(epoch)
 
     def _batches(self) -> Iterator[WeightedBatch]:
         for batch in self.pool:
@@ -92,20 +97,16 @@ class TableScheme(SchemeLoader):
         *,
         rescore_every: int | None = None,
         scoring_batch_size: int = 1024,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        collate_fn: Callable | None = None,
+        loader_options: dict[str, Any] | None = None,
         **sampler_kwargs: Any,
     ) -> None:
-        super().__init__(dataset, model, loss_fn, batch_size, seed)
+        super().__init__(dataset, model, loss_fn, batch_size, seed, loader_options)
         owner = type(self).__name__
         self.rescore_every = check_int(rescore_every, "rescore_every", owner, minimum=1, allow_none=True)
         self.scoring_batch_size = check_int(scoring_batch_size, "scoring_batch_size", owner, minimum=1)
-        self.collate_fn = collate_fn
+        self.collate_fn = self.loader_options["collate_fn"]
         self.sampler = TableSampler(self.num_samples, self.batch_size, seed=self.seed, **sampler_kwargs)
-        self.loader = ImportanceDataLoader(
-            dataset, self.sampler, num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate_fn
-        )
+        self.loader = ImportanceDataLoader(dataset, self.sampler, **self.loader_options)
         self._prepared_epoch = -1
         self._last_rescore: int | None = None
 
@@ -121,7 +122,9 @@ class TableScheme(SchemeLoader):
         return len(self.loader)
 
     def set_epoch(self, epoch: int) -> None:
-        self.loader.set_epoch(epoch)
+        """Set the epoch; the current epoch keeps its position (see :meth:`SchemeLoader.set_epoch`)."""
+        if check_int(epoch, "epoch", f"{type(self).__name__}.set_epoch", minimum=0) != self.sampler.epoch:
+            self.loader.set_epoch(epoch)
 
     def _batches(self) -> Iterator[WeightedBatch]:
         if self.sampler.position == 0 and self._prepared_epoch != self.sampler.epoch:

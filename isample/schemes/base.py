@@ -26,13 +26,38 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
+from .._options import check_loader_options
 from .._validation import check_int, check_seed, param_error
 from ..batch import WeightedBatch
 from ..scorers import _check_reduction, model_device
 
-__all__ = ["SchemeLoader", "feedback_arrays"]
+__all__ = ["SchemeLoader", "check_dataset", "feedback_arrays"]
+
+
+def check_dataset(dataset: Any, owner: str) -> int:
+    """Check that ``dataset`` is a non-empty map-style dataset; returns its length.
+
+    Raises:
+        TypeError: an ``IterableDataset`` (even one with ``__len__``) or an object without
+            ``__getitem__`` / ``__len__``: importance sampling draws examples by index.
+        ValueError: an empty dataset.
+    """
+    if isinstance(dataset, IterableDataset):
+        raise TypeError(
+            f"The 'dataset' parameter of {owner} must be a map-style Dataset (random access by index, "
+            f"with __len__ and __getitem__). Got an IterableDataset ({type(dataset).__name__}): "
+            "importance sampling draws examples by index, so a stream cannot be sampled."
+        )
+    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        raise param_error(
+            "dataset", owner, "a map-style Dataset (with __len__ and __getitem__)", dataset, TypeError
+        )
+    size = len(dataset)
+    if size == 0:
+        raise ValueError(f"The 'dataset' parameter of {owner} is empty (len 0).")
+    return size
 
 
 def feedback_arrays(indices: Any, scores: Any, num_samples: int, owner: str) -> tuple[np.ndarray, np.ndarray]:
@@ -79,42 +104,54 @@ class SchemeLoader:
     :meth:`set_epoch`, :meth:`update` and ``_state`` / ``_load_state``; this class counts
     costs, moves batches to the model's device and wraps the state.
 
+    The torch DataLoader options (``num_workers``, ``pin_memory``, ``collate_fn``,
+    ``persistent_workers``, ``prefetch_factor``, ``worker_init_fn``,
+    ``multiprocessing_context``, ``timeout``) arrive as ``**loader_options`` in every
+    scheme's constructor and are validated here, once (:func:`isample._options.check_loader_options`);
+    ``self.loader_options`` holds all of them, defaults filled in.
+
     Attributes:
         name: the registry name.
         kind: ``"pool"``, ``"table"`` or ``"uniform"``.
         unbiased: whether the weighted batch gradient is unbiased for the full gradient.
+        requires_model: whether the scheme needs ``model`` and ``loss_fn`` (False only for
+            the uniform baseline).
     """
 
     name = "scheme"
     kind = "uniform"
     unbiased = False
+    requires_model = True
     STATE_VERSION = 1
 
     def __init__(
-        self, dataset: Dataset, model: nn.Module, loss_fn: Callable, batch_size: int, seed: int | None
+        self,
+        dataset: Dataset,
+        model: nn.Module | None,
+        loss_fn: Callable | None,
+        batch_size: int,
+        seed: int | None,
+        loader_options: dict[str, Any] | None = None,
     ) -> None:
         owner = type(self).__name__
-        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
-            raise param_error(
-                "dataset", owner, "a map-style Dataset (with __len__ and __getitem__)", dataset, TypeError
-            )
-        if len(dataset) == 0:  # type: ignore[arg-type]
-            raise ValueError(f"The 'dataset' parameter of {owner} is empty (len 0).")
-        if not isinstance(model, nn.Module):
-            raise param_error("model", owner, "a torch.nn.Module", model, TypeError)
-        if not callable(loss_fn):
-            raise param_error(
-                "loss_fn", owner, "a callable (outputs, targets) -> per-example losses", loss_fn, TypeError
-            )
-        _check_reduction(loss_fn, owner)
+        self.num_samples = check_dataset(dataset, owner)
+        if model is not None or self.requires_model:
+            if not isinstance(model, nn.Module):
+                raise param_error("model", owner, "a torch.nn.Module", model, TypeError)
+        if loss_fn is not None or self.requires_model:
+            if not callable(loss_fn):
+                expected = "a callable (outputs, targets) -> per-example losses"
+                raise param_error("loss_fn", owner, expected, loss_fn, TypeError)
+            _check_reduction(loss_fn, owner)
         self.dataset = dataset
         self.model = model
         self.loss_fn = loss_fn
-        self.num_samples = len(dataset)  # type: ignore[arg-type]
         self.batch_size = check_int(batch_size, "batch_size", owner, minimum=1)
         self.seed = check_seed(seed, None, owner)
+        self.loader_options = check_loader_options(loader_options, owner)
         self._scored = 0
         self._trained = 0
+        self._cursor_owner: object | None = None
 
     # ------------------------------------------------------------------ protocol
     def __iter__(self) -> Iterator[WeightedBatch]:
@@ -129,7 +166,11 @@ class SchemeLoader:
         raise NotImplementedError
 
     def set_epoch(self, epoch: int) -> None:  # pragma: no cover - abstract
-        """Set the epoch (its batches are a pure function of the seed, the epoch and the scheme state)."""
+        """Set the epoch (its batches are a pure function of the seed, the epoch and the scheme state).
+
+        Setting the epoch the loader is already in keeps its position (Lightning calls
+        ``set_epoch(current)`` on resume); another epoch starts at its first batch.
+        """
         raise NotImplementedError
 
     def update(self, indices: Any, scores: Any) -> None:  # pragma: no cover - abstract
@@ -191,8 +232,34 @@ class SchemeLoader:
     def _load_state(self, state: dict[str, Any]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ epoch cursor
+    # The loader's (epoch, position) is the resume point. The first live iterator owns it
+    # (reads it at its start and advances it); an iterator made while another is live
+    # runs the whole current epoch on its own cursor; set_epoch(another epoch) detaches
+    # the owner. So no iterator ever truncates another's epoch, as with torch.
+    def _claim_cursor(self) -> tuple[object, bool]:
+        """A token for a new iterator and whether it owns the loader's cursor."""
+        token = object()
+        if self._cursor_owner is None:
+            self._cursor_owner = token
+            return token, True
+        return token, False
+
+    def _owns_cursor(self, token: object) -> bool:
+        return self._cursor_owner is token
+
+    def _release_cursor(self, token: object) -> None:
+        if self._cursor_owner is token:
+            self._cursor_owner = None
+
+    def _detach_iterators(self) -> None:
+        """Called when the epoch is set: live iterators finish their own epoch without moving the cursor."""
+        self._cursor_owner = None
+
     # ------------------------------------------------------------------ helpers
     def _to_device(self, batch: WeightedBatch) -> WeightedBatch:
+        if self.model is None:
+            return batch
         device = model_device(self.model)
         if batch.weights.device == device:
             return batch

@@ -74,9 +74,7 @@ class HistoryGradNorm(TableScheme):
         scoring_batch_size: int = 1024,
         num_batches: int | None = None,
         drop_last: bool = False,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        collate_fn: Callable | None = None,
+        **loader_options: Any,
     ) -> None:
         from ..recorder import GradNormRecorder  # written in parallel: imported lazily
 
@@ -88,9 +86,7 @@ class HistoryGradNorm(TableScheme):
             seed,
             rescore_every=rescore_every,
             scoring_batch_size=scoring_batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            collate_fn=collate_fn,
+            loader_options=loader_options,
             num_batches=num_batches,
             drop_last=drop_last,
             mixing=mixing,
@@ -122,8 +118,9 @@ class HistoryGradNorm(TableScheme):
         """Write the norms recorded inside :meth:`step_context` into the table."""
         if not self._recorded:
             raise RuntimeError(
-                "HistoryGradNorm.feedback needs the step's forward and backward to run inside "
-                "`with loader.step_context(batch):`; no recorded norms for this batch."
+                "HistoryGradNorm.feedback found no recorded norms for this batch: run the step's forward "
+                "and backward before update() (isample.DataLoader records them between yielding the "
+                "batch and update), or inside `with loader.step_context(batch):` with the scheme's loader."
             )
         self._recorded = False
         self.update(batch.indices, self.recorder.norms())

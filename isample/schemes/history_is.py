@@ -63,8 +63,8 @@ class HistoryIS(TableScheme):
         rescore_every: re-score everything at epochs 0, k, 2k, ... (None = never; default).
         power, additive, relative, bias_exponent, max_weight, initial_score: see
             :class:`isample.TableSampler`.
-        scoring_batch_size, num_batches, drop_last, num_workers, pin_memory, collate_fn:
-            loader options.
+        scoring_batch_size, num_batches, drop_last: loader options.
+        **loader_options: torch DataLoader options (see :class:`isample.DataLoader`).
 
     References:
         Loshchilov and Hutter 2015 (arXiv:1511.06343) and Katharopoulos and Fleuret 2018
@@ -96,9 +96,7 @@ class HistoryIS(TableScheme):
         scoring_batch_size: int = 1024,
         num_batches: int | None = None,
         drop_last: bool = False,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        collate_fn: Callable | None = None,
+        **loader_options: Any,
     ) -> None:
         self.score = check_choice(score, "score", type(self).__name__, SCORES)
         super().__init__(
@@ -109,9 +107,7 @@ class HistoryIS(TableScheme):
             seed,
             rescore_every=rescore_every,
             scoring_batch_size=scoring_batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            collate_fn=collate_fn,
+            loader_options=loader_options,
             num_batches=num_batches,
             drop_last=drop_last,
             mixing=mixing,
@@ -128,6 +124,11 @@ class HistoryIS(TableScheme):
         """Update the table with the step's losses or its output-gradient upper bound."""
         if self.score == "loss":
             self.update(batch.indices, losses)
+        elif outputs is None:
+            raise ValueError(
+                "HistoryIS(score='upper_bound') scores from the step's model outputs: pass them, "
+                "loader.update(losses, outputs=out.detach())."
+            )
         else:
             self.update(batch.indices, training_upper_bound(self.loss_fn, outputs, batch.targets))
 

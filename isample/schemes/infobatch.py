@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from .._random import step_generator
 from .._validation import check_float, check_int, param_error
-from ..batch import WeightedBatch, split_batch
+from ..batch import WeightedBatch
 from ..rank_policies import infobatch_kept_count, infobatch_plan
 from ._stream import RowReader
 from .base import SchemeLoader, feedback_arrays
@@ -57,7 +57,7 @@ class InfoBatch(SchemeLoader):
         initial_score: score of never-seen examples (3.0: above a typical mean, so kept).
         min_keep: keep at least this fraction of all N examples per epoch, in (0, 1] (0.1).
         drop_last: drop the epoch's last incomplete batch (when there are at least b examples).
-        num_workers, pin_memory, collate_fn: DataLoader options.
+        **loader_options: torch DataLoader options (see :class:`isample.DataLoader`).
 
     Warns:
         RuntimeWarning: when an epoch was iterated without any loss feedback (scores stay
@@ -87,11 +87,9 @@ class InfoBatch(SchemeLoader):
         initial_score: float = 3.0,
         min_keep: float = 0.1,
         drop_last: bool = False,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        collate_fn: Callable | None = None,
+        **loader_options: Any,
     ) -> None:
-        super().__init__(dataset, model, loss_fn, batch_size, seed)
+        super().__init__(dataset, model, loss_fn, batch_size, seed, loader_options)
         owner = type(self).__name__
         if epochs is None:
             raise param_error(
@@ -114,9 +112,7 @@ class InfoBatch(SchemeLoader):
         self.reader = RowReader(
             dataset,
             self.batch_size,
-            num_workers=check_int(num_workers, "num_workers", owner, minimum=0),
-            pin_memory=bool(pin_memory),
-            collate_fn=collate_fn,
+            **self.loader_options,
         )
         self.scores = np.full(self.num_samples, self.initial_score, dtype=np.float64)
         self.epoch = 0
@@ -207,27 +203,31 @@ class InfoBatch(SchemeLoader):
 
     # ------------------------------------------------------------------ protocol
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = check_int(epoch, "epoch", "InfoBatch.set_epoch", minimum=0)
-        self.position = 0
+        """Set the epoch; the current epoch keeps its position, another starts at its first batch."""
+        epoch = check_int(epoch, "epoch", "InfoBatch.set_epoch", minimum=0)
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+            self._detach_iterators()
 
     def _batches(self) -> Iterator[WeightedBatch]:
         self._ensure_plan()
         self._iterated = True
-        epoch = self.epoch
+        token, owner = self._claim_cursor()
+        epoch, position = self.epoch, (self.position if owner else 0)
         b = self.batch_size
         count = self._lengths[epoch]
         order = self._plan_idx[: min(count * b, self._plan_idx.numel())]
         weights = self._plan_w
-        for indices, data in self.reader.from_indices(order, start=self.position * b):
-            start = self.position * b
-            inputs, targets = split_batch(data)
-            batch = WeightedBatch(inputs, targets, indices, weights[start : start + indices.numel()].clone())
-            self.position += 1
-            if self.position >= count:
-                self.epoch, self.position = epoch + 1, 0
-            yield batch
-            if self.epoch != epoch:
-                return
+        try:
+            for indices, data in self.reader.from_indices(order, start=position * b):
+                rows = weights[position * b : position * b + indices.numel()].clone()
+                batch = WeightedBatch.from_collated(data, indices, rows)
+                position += 1
+                if self._owns_cursor(token):
+                    self.epoch, self.position = (epoch + 1, 0) if position >= count else (epoch, position)
+                yield batch
+        finally:
+            self._release_cursor(token)
 
     def update(self, indices: Any, scores: Any) -> None:
         """Record the latest per-example losses (used when the next epoch is planned); O(k)."""

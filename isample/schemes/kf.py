@@ -42,9 +42,9 @@ class KatharopoulosFleuret(PoolScheme):
         always: importance sampling from the first step (skips the switch).
         power, additive, relative, mixing: score smoothing (:class:`isample.policies.ScorePolicy`).
         closed_form: closed-form upper bound for cross-entropy / MSE (default True).
-        **pool_options: further :class:`isample.PoolLoader` options (``scoring_batch_size``,
-            ``num_batches``, ``drop_last``, ``num_workers``, ``pin_memory``, ``collate_fn``,
-            ``max_weight``, ``replacement``).
+        scoring_batch_size, num_batches, drop_last, max_weight, replacement:
+            :class:`isample.PoolLoader` options.
+        **loader_options: torch DataLoader options (see :class:`isample.DataLoader`).
 
     References:
         Katharopoulos and Fleuret, "Not All Samples Are Created Equal: Deep Learning with
@@ -76,11 +76,9 @@ class KatharopoulosFleuret(PoolScheme):
         scoring_batch_size: int | None = None,
         num_batches: int | None = None,
         drop_last: bool = False,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        collate_fn: Callable | None = None,
         max_weight: float | None = None,
         replacement: bool = True,
+        **loader_options: Any,
     ) -> None:
         options: dict[str, Any] = dict(
             presample=presample,
@@ -94,9 +92,7 @@ class KatharopoulosFleuret(PoolScheme):
             scoring_batch_size=scoring_batch_size,
             num_batches=num_batches,
             drop_last=drop_last,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            collate_fn=collate_fn,
+            loader_options=loader_options,
             max_weight=max_weight,
             replacement=replacement,
         )

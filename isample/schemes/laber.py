@@ -66,9 +66,7 @@ class LaBER(PoolScheme):
         scoring_batch_size: int | None = None,
         num_batches: int | None = None,
         drop_last: bool = False,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        collate_fn: Callable | None = None,
+        **loader_options: Any,
     ) -> None:
         options: dict[str, Any] = dict(
             presample=presample,
@@ -80,9 +78,7 @@ class LaBER(PoolScheme):
             scoring_batch_size=scoring_batch_size,
             num_batches=num_batches,
             drop_last=drop_last,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            collate_fn=collate_fn,
+            loader_options=loader_options,
             normalize="none",
         )
         super().__init__(

@@ -46,8 +46,8 @@ class OnlineBatchSelection(TableScheme):
         rescore_every: re-score the whole dataset with ``LossScorer`` at epochs 0, k, 2k, ...
             (default 2; None = never, training losses only; unconfirmed).
         unbiased: weights ``1 / (N p_i)`` instead of 1.
-        scoring_batch_size, num_batches, drop_last, num_workers, pin_memory, collate_fn:
-            loader options.
+        scoring_batch_size, num_batches, drop_last: loader options.
+        **loader_options: torch DataLoader options (see :class:`isample.DataLoader`).
 
     References:
         Loshchilov and Hutter, "Online Batch Selection for Faster Training of Neural
@@ -74,9 +74,7 @@ class OnlineBatchSelection(TableScheme):
         scoring_batch_size: int = 1024,
         num_batches: int | None = None,
         drop_last: bool = False,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        collate_fn: Callable | None = None,
+        **loader_options: Any,
     ) -> None:
         owner = type(self).__name__
         self.selection_pressure = check_float(selection_pressure, "selection_pressure", owner, minimum=1.0)
@@ -95,9 +93,7 @@ class OnlineBatchSelection(TableScheme):
             seed,
             rescore_every=rescore_every,
             scoring_batch_size=scoring_batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            collate_fn=collate_fn,
+            loader_options=loader_options,
             num_batches=num_batches,
             drop_last=drop_last,
             mixing=0.0,

@@ -69,9 +69,7 @@ class PoolLinearGradNorm(PoolScheme):
         scoring_batch_size: int | None = None,
         num_batches: int | None = None,
         drop_last: bool = False,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        collate_fn: Callable | None = None,
+        **loader_options: Any,
     ) -> None:
         from ..linear_scorer import LinearGradNormScorer  # written in parallel: imported lazily
 
@@ -93,8 +91,6 @@ class PoolLinearGradNorm(PoolScheme):
             scoring_batch_size=scoring_batch_size,
             num_batches=num_batches,
             drop_last=drop_last,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            collate_fn=collate_fn,
+            loader_options=loader_options,
         )
         super().__init__(dataset, model, loss_fn, batch_size, seed, scorer, **options)

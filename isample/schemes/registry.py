@@ -16,9 +16,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .._options import LOADER_OPTIONS, SAMPLING_OPTIONS
 from .base import SchemeLoader
 
-__all__ = ["available", "describe", "build", "scheme_class"]
+__all__ = ["available", "describe", "build", "scheme_class", "scheme_parameters", "LOADER_LEVEL"]
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,11 @@ _SCHEMES: dict[str, _Spec] = {
 
 _COMMON = ("dataset", "model", "loss_fn", "batch_size", "seed", "epochs", "optimizer")
 
+#: Loader-level options some schemes take besides the torch DataLoader options: they shape
+#: the epoch or the scoring passes, not the sampling rule, so scheme objects leave them to
+#: :class:`isample.DataLoader`.
+LOADER_LEVEL = ("drop_last", "num_batches", "scoring_batch_size")
+
 
 def available() -> list[str]:
     """Sorted names of the registered schemes."""
@@ -163,6 +169,32 @@ def scheme_class(name: str) -> type[SchemeLoader]:
     return getattr(module, spec.attribute)
 
 
+def _own_parameters(name: str) -> dict[str, Any]:
+    """Keyword parameters of the loader class of ``name`` beyond the common ones, with defaults."""
+    params = inspect.signature(scheme_class(name).__init__).parameters
+    return {
+        k: p.default
+        for k, p in params.items()
+        if k not in _COMMON and k != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD
+    }
+
+
+def _accepted(name: str) -> list[str]:
+    """Every keyword :func:`build` accepts for ``name`` besides the common ones, sorted."""
+    params = inspect.signature(scheme_class(name).__init__).parameters
+    takes_options = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return sorted(set(_own_parameters(name)) | (set(LOADER_OPTIONS) if takes_options else set()))
+
+
+def scheme_parameters(name: str) -> dict[str, Any]:
+    """The scheme's own hyperparameters and their defaults (what a scheme object takes).
+
+    Excludes the common arguments of :func:`build`, the torch DataLoader options and the
+    loader-level options :data:`LOADER_LEVEL`.
+    """
+    return {k: v for k, v in _own_parameters(name).items() if k not in LOADER_LEVEL}
+
+
 def describe(name: str) -> dict[str, Any]:
     """What scheme ``name`` is: kind, unbiasedness, score, weights, extra cost, reference, defaults.
 
@@ -175,11 +207,7 @@ def describe(name: str) -> dict[str, Any]:
     """
     spec = _spec(name)
     try:
-        defaults = {
-            k: p.default
-            for k, p in inspect.signature(scheme_class(name).__init__).parameters.items()
-            if k not in _COMMON and k != "self" and p.default is not inspect.Parameter.empty
-        }
+        defaults = {k: v for k, v in _own_parameters(name).items() if v is not inspect.Parameter.empty}
     except ImportError:
         defaults = {}
     return {
@@ -218,7 +246,8 @@ def build(
         seed: randomness source (int >= 0).
         epochs: total number of training epochs (needed by ``infobatch``, used by ``obs``).
         optimizer: the optimizer, for schemes that score in its geometry (gradient-norm schemes).
-        **overrides: scheme hyperparameters (see ``describe(name)["defaults"]``).
+        **overrides: scheme hyperparameters (see ``describe(name)["defaults"]``) and torch
+            DataLoader options (``num_workers``, ``pin_memory``, ``collate_fn``, ...).
 
     Returns:
         A :class:`isample.schemes.base.SchemeLoader`.
@@ -228,9 +257,11 @@ def build(
         TypeError: an override the scheme does not accept (named in the message).
     """
     cls = scheme_class(name)
-    params = inspect.signature(cls.__init__).parameters
-    accepted = sorted(k for k in params if k not in _COMMON and k != "self")
+    accepted = _accepted(name)
     for key in overrides:
+        if key in SAMPLING_OPTIONS:
+            why = SAMPLING_OPTIONS[key]
+            raise TypeError(f"Scheme {name!r} does not take the DataLoader option {key!r}: {why}.")
         if key not in accepted:
             raise TypeError(
                 f"Unknown override {key!r} for scheme {name!r}. Accepted overrides: {', '.join(accepted)}."

@@ -119,7 +119,7 @@ class RhoLoss(SchemeLoader):
         holdout_epochs, holdout_lr, holdout_batch_size: training of the holdout model.
         num_batches: batches per epoch (default ceil(N / b)).
         scoring_batch_size: batch size of the irreducible-loss precomputation (1024).
-        num_workers, pin_memory, collate_fn: DataLoader options.
+        **loader_options: torch DataLoader options (see :class:`isample.DataLoader`).
 
     Raises:
         ValueError: none (or more than one) of the irreducible loss sources is given.
@@ -151,11 +151,9 @@ class RhoLoss(SchemeLoader):
         holdout_batch_size: int = 64,
         num_batches: int | None = None,
         scoring_batch_size: int = 1024,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        collate_fn: Callable | None = None,
+        **loader_options: Any,
     ) -> None:
-        super().__init__(dataset, model, loss_fn, batch_size, seed)
+        super().__init__(dataset, model, loss_fn, batch_size, seed, loader_options)
         owner = type(self).__name__
         self.ratio = check_float(ratio, "ratio", owner, minimum=0.0, maximum=1.0, min_inclusive=False)
         self.pool_size = max(self.batch_size, int(round(self.batch_size / self.ratio)))
@@ -180,7 +178,7 @@ class RhoLoss(SchemeLoader):
                 lr=holdout_lr,
                 batch_size=holdout_batch_size,
                 seed=self.seed,
-                collate_fn=collate_fn,
+                collate_fn=self.loader_options["collate_fn"],
             )
         if irreducible_model is not None:
             if not isinstance(irreducible_model, nn.Module):
@@ -188,7 +186,11 @@ class RhoLoss(SchemeLoader):
                     "irreducible_model", owner, "a torch.nn.Module", irreducible_model, TypeError
                 )
             irreducible_losses = compute_irreducible_losses(
-                irreducible_model, dataset, loss_fn, batch_size=scoring_batch_size, collate_fn=collate_fn
+                irreducible_model,
+                dataset,
+                loss_fn,
+                batch_size=scoring_batch_size,
+                collate_fn=self.loader_options["collate_fn"],
             )
             self._scored += self.num_samples
         if not isinstance(irreducible_losses, torch.Tensor) or irreducible_losses.shape != (
@@ -208,9 +210,7 @@ class RhoLoss(SchemeLoader):
         self.reader = RowReader(
             dataset,
             self.pool_size,
-            num_workers=check_int(num_workers, "num_workers", owner, minimum=0),
-            pin_memory=bool(pin_memory),
-            collate_fn=collate_fn,
+            **self.loader_options,
         )
         self.epoch = 0
         self.position = 0
@@ -220,39 +220,42 @@ class RhoLoss(SchemeLoader):
         return self.num_batches
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = check_int(epoch, "epoch", "RhoLoss.set_epoch", minimum=0)
-        self.position = 0
+        """Set the epoch; the current epoch keeps its position, another starts at its first batch."""
+        epoch = check_int(epoch, "epoch", "RhoLoss.set_epoch", minimum=0)
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+            self._detach_iterators()
 
     def reducible_losses(self, indices: torch.Tensor, training_losses: torch.Tensor) -> torch.Tensor:
         """``training_losses - irreducible[indices]`` (float64, shape (k,))."""
         return training_losses.to("cpu", torch.float64) - self.irreducible[indices]
 
     def _batches(self) -> Iterator[WeightedBatch]:
-        epoch = self.epoch
+        token, owner = self._claim_cursor()
+        epoch, position = self.epoch, (self.position if owner else 0)
         device = model_device(self.model)
         length = self.num_batches * self.pool_size
-        stream = self.reader.from_stream(
-            self.seed, epoch, _STREAM, start=self.position * self.pool_size, length=length
-        )
-        for indices, data in stream:
-            data = move_to(data, device, non_blocking=True)
-            inputs, targets = split_batch(data)
-            losses = self.scorer(self.model, inputs, targets)
-            self._scored += indices.numel()
-            scores = self.reducible_losses(indices, losses)
-            scores = torch.where(torch.isfinite(scores), scores, torch.full_like(scores, -math.inf))
-            rows = top_k_rows(scores, self.batch_size)
-            self.last_selection = {"indices": indices, "scores": scores, "rows": rows}
-            selected = index_rows(data, rows)
-            sel_inputs, sel_targets = split_batch(selected)
-            self.position += 1
-            if self.position >= self.num_batches:
-                self.epoch, self.position = epoch + 1, 0
-            yield WeightedBatch(
-                sel_inputs, sel_targets, indices[rows], torch.ones(rows.numel(), dtype=torch.float32)
-            )
-            if self.epoch != epoch:
-                return
+        start = position * self.pool_size
+        stream = self.reader.from_stream(self.seed, epoch, _STREAM, start=start, length=length)
+        try:
+            for indices, data in stream:
+                data = move_to(data, device, non_blocking=True)
+                inputs, targets = split_batch(data)
+                losses = self.scorer(self.model, inputs, targets)
+                self._scored += indices.numel()
+                scores = self.reducible_losses(indices, losses)
+                scores = torch.where(torch.isfinite(scores), scores, torch.full_like(scores, -math.inf))
+                rows = top_k_rows(scores, self.batch_size)
+                self.last_selection = {"indices": indices, "scores": scores, "rows": rows}
+                selected = index_rows(data, rows)
+                position += 1
+                if self._owns_cursor(token):
+                    done = position >= self.num_batches
+                    self.epoch, self.position = (epoch + 1, 0) if done else (epoch, position)
+                weights = torch.ones(rows.numel(), dtype=torch.float32)
+                yield WeightedBatch.from_collated(selected, indices[rows], weights)
+        finally:
+            self._release_cursor(token)
 
     def update(self, indices: Any, scores: Any) -> None:
         """Validated (same length) and ignored: pools are re-scored at every step."""

@@ -61,7 +61,7 @@ class SelectiveBackprop(SchemeLoader):
         chunk_size: candidates per scoring pass (default b).
         staleness: reuse a candidate's loss for this many epochs (None: always forward).
         num_batches: batches per epoch (default ceil(N / b)).
-        num_workers, pin_memory, collate_fn: DataLoader options for reading candidates.
+        **loader_options: torch DataLoader options for reading candidates (see :class:`isample.DataLoader`).
 
     Attributes:
         last_selection: dict with the last scored chunk's ``indices``, ``losses``,
@@ -93,11 +93,9 @@ class SelectiveBackprop(SchemeLoader):
         chunk_size: int | None = None,
         staleness: int | None = None,
         num_batches: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        collate_fn: Callable | None = None,
+        **loader_options: Any,
     ) -> None:
-        super().__init__(dataset, model, loss_fn, batch_size, seed)
+        super().__init__(dataset, model, loss_fn, batch_size, seed, loader_options)
         owner = type(self).__name__
         self.beta = check_float(beta, "beta", owner, minimum=0.0, min_inclusive=False)
         self.s_min = check_float(s_min, "s_min", owner, minimum=0.0, maximum=1.0)
@@ -114,9 +112,7 @@ class SelectiveBackprop(SchemeLoader):
         self.reader = RowReader(
             dataset,
             self.chunk_size,
-            num_workers=check_int(num_workers, "num_workers", owner, minimum=0),
-            pin_memory=bool(pin_memory),
-            collate_fn=collate_fn,
+            **self.loader_options,
         )
         self.epoch = 0
         self.position = 0
@@ -135,8 +131,16 @@ class SelectiveBackprop(SchemeLoader):
         return self.num_batches
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = check_int(epoch, "epoch", "SelectiveBackprop.set_epoch", minimum=0)
-        self._reset_epoch()
+        """Set the epoch; the current epoch keeps its position and queue, another starts afresh.
+
+        The selection queue is shared, so one iterator at a time: a live iterator detached
+        by setting another epoch raises ``RuntimeError`` at its next batch.
+        """
+        epoch = check_int(epoch, "epoch", "SelectiveBackprop.set_epoch", minimum=0)
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self._reset_epoch()
+            self._detach_iterators()
 
     def _reset_epoch(self) -> None:
         self.position = 0
@@ -150,6 +154,18 @@ class SelectiveBackprop(SchemeLoader):
         return torch.tensor(list(self._history), dtype=torch.float64)
 
     def _batches(self) -> Iterator[WeightedBatch]:
+        token, owner = self._claim_cursor()
+        if not owner:
+            raise RuntimeError(
+                "SelectiveBackprop supports one live iterator at a time (its selection queue is shared); "
+                "finish or close the other iterator first."
+            )
+        try:
+            yield from self._owned_batches(token)
+        finally:
+            self._release_cursor(token)
+
+    def _owned_batches(self, token: object) -> Iterator[WeightedBatch]:
         epoch = self.epoch
         b = self.batch_size
         device = model_device(self.model)
@@ -164,8 +180,12 @@ class SelectiveBackprop(SchemeLoader):
                 if self.position >= self.num_batches:
                     self.epoch = epoch + 1
                     self._reset_epoch()
-                inputs, targets = split_batch(data)
-                yield WeightedBatch(inputs, targets, indices, torch.ones(b, dtype=torch.float32))
+                yield WeightedBatch.from_collated(data, indices, torch.ones(b, dtype=torch.float32))
+                if not self._owns_cursor(token):
+                    raise RuntimeError(
+                        "This SelectiveBackprop iterator was detached by set_epoch() to another epoch; "
+                        "start a new iteration (for batch in loader) for the new epoch."
+                    )
                 if self.epoch != epoch:
                     return
             if chunks is None:

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .._validation import check_int
-from ..batch import WeightedBatch, split_batch
+from ..batch import WeightedBatch
 from ._stream import RowReader, epoch_permutation
 from .base import SchemeLoader
 
@@ -31,44 +31,49 @@ class Uniform(SchemeLoader):
     last one smaller unless ``drop_last``). No scoring, no feedback (``update`` validates
     and ignores its arguments). The baseline every scheme is compared against.
 
+    The epoch cursor belongs to the iterator, as in torch: the loader's ``(epoch,
+    position)`` is only the resume point (what :meth:`state_dict` saves). The first live
+    iterator continues from it and advances it; an iterator made while another one is
+    live yields the whole current epoch and leaves the resume point alone; and
+    :meth:`set_epoch` with another epoch detaches a live iterator (it finishes its own
+    epoch), so neither truncates the next epoch.
+
     Args:
-        dataset, model, loss_fn, batch_size: as for every scheme (the model only fixes the
-            device batches are moved to; ``loss_fn`` is checked for ``reduction="none"``).
+        dataset, model, loss_fn, batch_size: as for every scheme; ``model`` and ``loss_fn``
+            may be None (the model only fixes the device batches are moved to; a
+            ``loss_fn`` is checked for ``reduction="none"``).
         seed: randomness source.
         epochs, optimizer: unused.
         drop_last: drop the last incomplete batch.
-        num_workers, pin_memory, collate_fn: passed to the DataLoader.
+        **loader_options: torch DataLoader options (see :class:`isample.DataLoader`).
     """
 
     name = "uniform"
     kind = "uniform"
     unbiased = True
+    requires_model = False
 
     def __init__(
         self,
         dataset: Dataset,
-        model: nn.Module,
-        loss_fn: Callable,
+        model: nn.Module | None,
+        loss_fn: Callable | None,
         batch_size: int,
         *,
         seed: int | None = 0,
         epochs: int | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         drop_last: bool = False,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        collate_fn: Callable | None = None,
+        **loader_options: Any,
     ) -> None:
-        super().__init__(dataset, model, loss_fn, batch_size, seed)
+        super().__init__(dataset, model, loss_fn, batch_size, seed, loader_options)
         self.drop_last = bool(drop_last)
         n, b = self.num_samples, self.batch_size
         self.num_batches = max(n // b if self.drop_last else math.ceil(n / b), 1)
         self.reader = RowReader(
             dataset,
             b,
-            num_workers=check_int(num_workers, "num_workers", "Uniform", minimum=0),
-            pin_memory=bool(pin_memory),
-            collate_fn=collate_fn,
+            **self.loader_options,
         )
         self.epoch = 0
         self.position = 0
@@ -77,21 +82,27 @@ class Uniform(SchemeLoader):
         return self.num_batches
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = check_int(epoch, "epoch", "Uniform.set_epoch", minimum=0)
-        self.position = 0
+        """Set the epoch; the current epoch keeps its position, another starts at its first batch."""
+        epoch = check_int(epoch, "epoch", "Uniform.set_epoch", minimum=0)
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+            self._detach_iterators()
 
     def _batches(self) -> Iterator[WeightedBatch]:
-        epoch = self.epoch
+        token, owner = self._claim_cursor()
+        epoch, position = self.epoch, (self.position if owner else 0)
         b = self.batch_size
         order = epoch_permutation(self.num_samples, self.seed, epoch, 0, _STREAM)[: self.num_batches * b]
-        for indices, data in self.reader.from_indices(order, start=self.position * b):
-            inputs, targets = split_batch(data)
-            self.position += 1
-            if self.position >= self.num_batches:
-                self.epoch, self.position = epoch + 1, 0
-            yield WeightedBatch(inputs, targets, indices, torch.ones(len(indices), dtype=torch.float32))
-            if self.epoch != epoch:
-                return
+        try:
+            for indices, data in self.reader.from_indices(order, start=position * b):
+                position += 1
+                if self._owns_cursor(token):
+                    done = position >= self.num_batches
+                    self.epoch, self.position = (epoch + 1, 0) if done else (epoch, position)
+                weights = torch.ones(len(indices), dtype=torch.float32)
+                yield WeightedBatch.from_collated(data, indices, weights)
+        finally:
+            self._release_cursor(token)
 
     def update(self, indices: Any, scores: Any) -> None:
         """Validated (same length) and ignored."""
