@@ -24,8 +24,8 @@ def dataset(n: int = 96):
 
 
 def build(scheme: str, model: nn.Module, ds, optimizer=None):
-    return isample.schemes.build(
-        scheme, ds, model, LOSS, batch_size=16, seed=3, epochs=4, optimizer=optimizer
+    return isample.DataLoader(
+        ds, batch_size=16, scheme=scheme, model=model, loss_fn=LOSS, optimizer=optimizer, epochs=4, seed=3
     )
 
 
@@ -70,21 +70,20 @@ def trainer(tmp_path, **kwargs) -> L.Trainer:
 
 
 def plain_loop(scheme: str, ds, epochs: int) -> list[tuple[list[int], list[float]]]:
+    """The documented drop-in loop (isample.DataLoader opens history-gradnorm's recording itself)."""
     module = Module(scheme, ds)
     opt = torch.optim.SGD(module.parameters(), lr=0.1)
     loader = build(scheme, module, ds, optimizer=opt if scheme == "history-gradnorm" else None)
     seen = []
-    for epoch in range(epochs):
-        loader.set_epoch(epoch)
+    for _ in range(epochs):
         for batch in loader:
             x, y, w = batch
             seen.append((batch.indices.tolist(), w.tolist()))
-            with loader.step_context(batch):
-                losses = LOSS(module(x), y)
-                (w * losses).mean().backward()
+            losses = LOSS(module(x), y)
+            (w * losses).mean().backward()
             opt.step()
             opt.zero_grad()
-            loader.feedback(batch, None, losses.detach())
+            loader.update(losses.detach())
     return seen
 
 
@@ -154,7 +153,7 @@ class SpawnModule(Module):
 
     def on_train_end(self) -> None:
         loader = self.trainer.train_dataloader
-        table = loader.sampler.state_dict()["table"]
+        table = loader.loader.sampler.state_dict()["table"]
         torch.save({"seen": self.seen, "table": table}, f"{self.out_dir}/rank{self.global_rank}.pt")
 
 

@@ -13,7 +13,8 @@ returns the weighted loss and the per-example losses::
             return {"loss": (w * losses).mean(), "losses": losses.detach()}
 
         def train_dataloader(self):
-            return isample.schemes.build("history-is", train_set, self, loss_fn, batch_size=64)
+            return isample.DataLoader(train_set, batch_size=64, scheme="history-is",
+                                      model=self, loss_fn=loss_fn)
 
     L.Trainer(callbacks=[ImportanceSamplingCallback()]).fit(Module())
 
@@ -100,7 +101,7 @@ class ImportanceSamplingCallback(pl.Callback):
         if not hasattr(loader, "update"):
             raise RuntimeError(
                 "ImportanceSamplingCallback needs an isample loader as the training dataloader "
-                f"(an object with update(), e.g. isample.schemes.build(...)); got {type(loader).__name__}."
+                f"(an object with update(), e.g. isample.DataLoader(...)); got {type(loader).__name__}."
             )
         return loader
 
@@ -110,6 +111,11 @@ class ImportanceSamplingCallback(pl.Callback):
             context.close()
 
     # ------------------------------------------------------------------ hooks
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loader = self.loader(trainer)
+        if hasattr(loader, "auto_step_context"):  # isample.DataLoader: this callback wraps each step
+            loader.auto_step_context = False
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
