@@ -150,7 +150,11 @@ class DataLoader:
         self.dataset = dataset
         self.batch_size = self.loader.batch_size
         self.last_batch: WeightedBatch | None = None
-        self._auto_context = type(self.loader).step_context is not SchemeLoader.step_context
+        #: open the scheme's step context when a batch is yielded and close it at ``update``, so a
+        #: plain loop needs no ``with loader.step_context(batch):`` (history-gradnorm). An
+        #: integration that wraps each step itself (e.g. the Lightning callback, whose framework
+        #: may fetch ahead) sets it to False.
+        self.auto_step_context = type(self.loader).step_context is not SchemeLoader.step_context
         self._step: contextlib.ExitStack | None = None
 
     # ------------------------------------------------------------------ iteration
@@ -164,7 +168,7 @@ class DataLoader:
         try:
             for batch in self.loader:
                 self._close_step(abandoned=True)  # a batch the loop skipped (no update) records nothing
-                if self._auto_context:  # e.g. history-gradnorm records the step's backward
+                if self.auto_step_context:  # e.g. history-gradnorm records the step's backward
                     stack = contextlib.ExitStack()
                     stack.enter_context(self.loader.step_context(batch))
                     self._step = stack
@@ -229,7 +233,7 @@ class DataLoader:
 
     def step_context(self, batch: WeightedBatch) -> contextlib.AbstractContextManager:
         """The scheme's context around forward + backward (already open for the current batch)."""
-        if self._auto_context and batch is self.last_batch and self._step is not None:
+        if self.auto_step_context and batch is self.last_batch and self._step is not None:
             return contextlib.nullcontext()
         return self.loader.step_context(batch)
 
