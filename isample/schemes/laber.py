@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..pool_loader import check_presample
 from ..scorers import UpperBoundScorer
 from ._wrappers import PoolScheme
 
@@ -70,6 +71,7 @@ class LaBER(PoolScheme):
         pin_memory: bool = False,
         collate_fn: Callable | None = None,
     ) -> None:
+        presample = check_presample(presample, type(self).__name__)
         options: dict[str, Any] = dict(
             presample=presample,
             always=True,
