@@ -26,6 +26,7 @@ from isample.metrics.per_example import per_example_gradients
 CE = nn.CrossEntropyLoss(reduction="none")
 N, D, C, B = 48, 5, 3, 8
 ALL = [
+    "auto",
     "history-gradnorm",
     "history-is",
     "infobatch",
@@ -122,7 +123,7 @@ def test_registry_names_and_describe():
 
 def test_registry_errors():
     ds, model = dataset(), make_mlp(D, 8, C, 0)
-    with pytest.raises(ValueError, match=r"Unknown scheme 'kff'\. Available: history-gradnorm, .*uniform"):
+    with pytest.raises(ValueError, match=r"Unknown scheme 'kff'\. Available: auto, history-gradnorm, .*uniform"):
         schemes.build("kff", ds, model, CE, B)
     with pytest.raises(ValueError, match="Unknown scheme"):
         schemes.describe("nope")
