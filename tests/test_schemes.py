@@ -123,7 +123,9 @@ def test_registry_names_and_describe():
 
 def test_registry_errors():
     ds, model = dataset(), make_mlp(D, 8, C, 0)
-    with pytest.raises(ValueError, match=r"Unknown scheme 'kff'\. Available: auto, history-gradnorm, .*uniform"):
+    with pytest.raises(
+        ValueError, match=r"Unknown scheme 'kff'\. Available: auto, history-gradnorm, .*uniform"
+    ):
         schemes.build("kff", ds, model, CE, B)
     with pytest.raises(ValueError, match="Unknown scheme"):
         schemes.describe("nope")
