@@ -165,6 +165,12 @@ def _scores_from_outputs_supported(scorer: Any) -> bool:
     )
 
 
+def _first_parameter(model: nn.Module) -> torch.Tensor | None:
+    for p in model.parameters():
+        return p
+    return None
+
+
 def _cat_rows(parts: list[Any]) -> Any:
     """Concatenate collated chunks along dim 0 (tensors, mappings, tuples, lists of per-row values)."""
     first = parts[0]
@@ -400,6 +406,7 @@ class PoolLoader:
         self.dataset = dataset
         self.model = model
         self.scorer = scorer
+        self._first_param = _first_parameter(model)
         self.seed = _dist.shared_seed(seed, generator, owner, self.num_replicas)
         # progress after the last batch yielded (what state_dict saves and a new iterator starts from)
         self.epoch = 0
@@ -417,7 +424,7 @@ class PoolLoader:
         self._yielded_at: float | None = None
         self._last_step_seconds: float | None = None
         # Algorithm 1 state: the last B scores, batches awaiting feedback, last step's timings
-        self._window = torch.empty(0, dtype=torch.float64)
+        self._window: deque[tuple[float, float, float]] = deque(maxlen=self.chunks_per_pool)
         self._window_source = "none"
         self._awaiting: deque[torch.Tensor] = deque(maxlen=self.FEEDBACK_QUEUE)
         self._fed: list[torch.Tensor] = []
@@ -641,7 +648,8 @@ class PoolLoader:
         started = time.perf_counter()
         parts = [next(chunks) for _ in range(k)]
         self._fetch_seconds, self._fetch_chunks = time.perf_counter() - started, k
-        device = model_device(self.model)
+        # the first parameter object survives model.to(...) (its data moves), so its device is current
+        device = self._first_param.device if self._first_param is not None else model_device(self.model)
         if on:
             indices = torch.cat([i for i, _ in parts])
             data = move_to(_cat_rows([d for _, d in parts]), device, non_blocking=True)
@@ -657,8 +665,9 @@ class PoolLoader:
         indices, data = parts[0]
         data = move_to(data, device, non_blocking=True)
         inputs, targets = split_batch(data)
+        weights = torch.ones(len(indices), dtype=torch.float32)
         batch = WeightedBatch(
-            inputs, targets, indices, torch.ones(len(indices), dtype=torch.float32, device=device)
+            inputs, targets, indices, weights if device.type == "cpu" else weights.to(device)
         )
         if getattr(self.switch, "wants_score_timing", False) and self.steps > 0:
             started = time.perf_counter()  # a timed probe: what scoring costs, scaled to a pool of B
@@ -687,34 +696,59 @@ class PoolLoader:
         )
 
     def _push_scores(self, scores: torch.Tensor, source: str) -> None:
-        """Append scores (CPU float64) to the window of the last B scores."""
-        if scores.shape[0] >= self.pool_size:
-            self._window = scores[-self.pool_size :].clone()
+        """Enter scores (a pool's B, or a probe's b; CPU float64, finite, >= 0) into the tau window."""
+        s1, s2 = float(scores.sum()), float(torch.dot(scores, scores))
+        self._push_moments(int(scores.shape[0]), s1, s2, source)
+
+    def _push_moments(self, count: int, s1: float, s2: float, source: str) -> None:
+        """The window holds the moments ``(count, sum s, sum s^2)`` of the last B / b batches.
+
+        A pool of B enters as B / b equal parts, so that later batches displace its share
+        one batch at a time (its scores are exchangeable: the moments of any b of them are
+        estimated by a 1 / k share of the pool's).
+        """
+        k = self.chunks_per_pool
+        if count >= self.pool_size and k > 1:
+            self._window.clear()
+            for _ in range(k):
+                self._window.append((count / k, s1 / k, s2 / k))
         else:
-            self._window = torch.cat([self._window, scores])[-self.pool_size :]
+            self._window.append((float(count), s1, s2))
         self._window_source = source
 
     def _window_tau(self) -> float:
-        """tau over the last B scores, NaN until B scores have been seen (or when they are all zero)."""
-        s = self._window
-        if s.shape[0] < self.pool_size:
+        """tau over the last B scores, NaN until B / b batches have been seen (or when all are zero).
+
+        .. math:: \\tau = \\sqrt{n \\textstyle\\sum s^2} / \\textstyle\\sum s, \\quad n = \\#\\text{scores}
+        """
+        window = self._window
+        if len(window) < self.chunks_per_pool:
             return float("nan")
-        total = float(s.sum())
-        if not total > 0:
+        n = s1 = s2 = 0.0
+        for count, a, b in window:
+            n, s1, s2 = n + count, s1 + a, s2 + b
+        if not s1 > 0:
             return float("nan")
-        return math.sqrt(self.pool_size * float(s.square().sum())) / total
+        return math.sqrt(n * s2) / s1
 
     def _drain_feedback(self) -> None:
+        if not self._fed:
+            return
         fed, self._fed = self._fed, []
         for scores in fed:
-            s = scores.detach().to(torch.float64).cpu().reshape(-1)
-            keep = torch.isfinite(s)
-            if not bool(keep.all()):
-                s = s[keep]
-            if bool((s < 0).any()):
-                raise ValueError(f"PoolLoader.feedback got negative scores (min {float(s.min()):.4g}).")
-            if s.numel():
-                self._push_scores(s, "batch")
+            values = scores.tolist()  # one device synchronisation per batch; b floats
+            if not values:
+                continue
+            s1 = math.fsum(values)
+            if not math.isfinite(s1):  # drop NaN / inf scores
+                values = [v for v in values if math.isfinite(v)]
+                if not values:
+                    continue
+                s1 = math.fsum(values)
+            low = min(values)
+            if low < 0:
+                raise ValueError(f"PoolLoader.feedback got negative scores (min {low:.4g}).")
+            self._push_moments(len(values), s1, math.fsum(v * v for v in values), "batch")
 
     def feedback(self, batch: WeightedBatch, outputs: Any, losses: torch.Tensor | None = None) -> None:
         """Hand the training step's outputs back (Algorithm 1 mode); called after the forward pass.
@@ -734,12 +768,14 @@ class PoolLoader:
         """
         if not self.lazy or not self._awaiting:
             return
-        idx = batch.indices.detach().cpu() if isinstance(batch.indices, torch.Tensor) else None
-        if idx is None:
+        idx = getattr(batch, "indices", None)
+        if not isinstance(idx, torch.Tensor):
             raise param_error("batch", "PoolLoader.feedback", "a WeightedBatch", batch, TypeError)
-        for pending in self._awaiting:
-            if pending.shape == idx.shape and torch.equal(pending, idx):
-                self._awaiting.remove(pending)
+        for position, pending in enumerate(self._awaiting):
+            if pending is idx or (
+                pending.shape == idx.shape and torch.equal(pending, idx.detach().to(pending.device))
+            ):
+                del self._awaiting[position]  # by position: tensors do not compare with ==
                 break
         else:
             return  # not an off batch still awaited: nothing to learn from it
@@ -751,7 +787,7 @@ class PoolLoader:
                 f"PoolLoader.feedback got {scores.shape[0]} scores for a batch of {idx.shape[0]} examples."
             )
         self._feedbacks += 1
-        self._fed.append(scores.detach())
+        self._fed.append(scores.detach().reshape(-1))  # read at the next request: no sync here
 
     # ------------------------------------------------------------------ visibility
     def describe(self) -> dict[str, Any]:
@@ -869,7 +905,7 @@ class PoolLoader:
             "scored_examples": self.scored_examples,
             "switch": self.switch.state_dict(),
             "tau_history": list(self.tau_history),
-            "window": self._window.tolist(),
+            "window": [list(m) for m in self._window],
             "window_source": self._window_source,
         }
 
@@ -918,16 +954,7 @@ class PoolLoader:
             else position
         )
         on_steps = _state_int(state, "on_steps", 0, steps) if "on_steps" in state else 0
-        window = torch.as_tensor(state.get("window", []), dtype=torch.float64).reshape(-1)
-        if (
-            window.shape[0] > self.pool_size
-            or not bool(torch.isfinite(window).all())
-            or bool((window < 0).any())
-        ):
-            raise ValueError(
-                "PoolLoader state holds an invalid score window: "
-                f"at most {self.pool_size} finite scores >= 0."
-            )
+        window = _state_window(state.get("window", []), self.chunks_per_pool)
         self.switch.load_state_dict(state["switch"])
         self.seed = seed
         self._stream.seed = seed
@@ -938,10 +965,32 @@ class PoolLoader:
         )
         self._generation += 1
         self.tau_history = History(state.get("tau_history", []), maxlen=self.HISTORY_LIMIT)
-        self._window = window
+        self._window = deque(window, maxlen=self.chunks_per_pool)
         self._window_source = str(state.get("window_source", "none"))
         self._awaiting.clear()
         self._fed = []
+
+
+def _state_window(window: Any, parts: int) -> list[tuple[float, float, float]]:
+    """Check a saved tau window: <= ``parts`` finite ``(count > 0, sum >= 0, sum of squares >= 0)``."""
+    bad = ValueError(
+        f"PoolLoader state holds an invalid tau window: expected at most {parts} entries "
+        "[count > 0, sum >= 0, sum of squares >= 0], all finite."
+    )
+    if not isinstance(window, (list, tuple)) or len(window) > parts:
+        raise bad
+    out = []
+    for entry in window:
+        if not isinstance(entry, (list, tuple)) or len(entry) != 3:
+            raise bad
+        try:
+            count, s1, s2 = (float(v) for v in entry)
+        except (TypeError, ValueError):
+            raise bad from None
+        if not all(math.isfinite(v) for v in (count, s1, s2)) or count <= 0 or s1 < 0 or s2 < 0:
+            raise bad
+        out.append((count, s1, s2))
+    return out
 
 
 def _state_int(state: Mapping[str, Any], key: str, lo: int, hi: int | None) -> int:

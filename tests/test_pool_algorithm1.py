@@ -179,6 +179,10 @@ def test_feedback_matches_prefetched_batches_and_ignores_unknown_ones():
     loader.feedback(third, model(third.inputs).detach())  # twice: the second is ignored
     next(it)
     assert loader.tau_history[-1]["tau"] >= 1.0 and loader._feedbacks == 3
+    skipped, kept = next(it), next(it)
+    loader.feedback(kept, model(kept.inputs).detach())  # a batch without feedback stays queued
+    loader.feedback(skipped, model(skipped.inputs).detach())
+    assert loader._feedbacks == 5
 
 
 def test_missing_feedback_warns_once():
