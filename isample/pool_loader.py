@@ -771,13 +771,7 @@ class PoolLoader:
         idx = getattr(batch, "indices", None)
         if not isinstance(idx, torch.Tensor):
             raise param_error("batch", "PoolLoader.feedback", "a WeightedBatch", batch, TypeError)
-        for position, pending in enumerate(self._awaiting):
-            if pending is idx or (
-                pending.shape == idx.shape and torch.equal(pending, idx.detach().to(pending.device))
-            ):
-                del self._awaiting[position]  # by position: tensors do not compare with ==
-                break
-        else:
+        if not self._take_awaiting(idx):
             return  # not an off batch still awaited: nothing to learn from it
         scores = scores_from_outputs(self.scorer, outputs, batch.targets, losses)
         if scores is None:  # pragma: no cover - checked at construction
@@ -788,6 +782,16 @@ class PoolLoader:
             )
         self._feedbacks += 1
         self._fed.append(scores.detach().reshape(-1))  # read at the next request: no sync here
+
+    def _take_awaiting(self, idx: torch.Tensor) -> bool:
+        """Remove the off batch with these indices from the queue awaiting feedback; False if absent."""
+        for position, pending in enumerate(self._awaiting):
+            if pending is idx or (
+                pending.shape == idx.shape and torch.equal(pending, idx.detach().to(pending.device))
+            ):
+                del self._awaiting[position]  # by position: tensors do not compare with ==
+                return True
+        return False
 
     # ------------------------------------------------------------------ visibility
     def describe(self) -> dict[str, Any]:
@@ -865,13 +869,20 @@ class PoolLoader:
     def update(self, indices: torch.Tensor, scores: torch.Tensor) -> None:
         """Accepted for API symmetry with :class:`TableSampler`; pools are rescored every step.
 
-        The arguments are validated (same length) and otherwise ignored. In Algorithm 1
-        mode the training scores come through :meth:`feedback`, which needs the outputs.
+        The arguments are validated (same length) and otherwise ignored, except in
+        Algorithm 1 mode with a :class:`LossScorer`: there the scores of a batch yielded
+        while importance sampling was off are its losses, so ``update(batch.indices,
+        losses)`` feeds tau exactly as :meth:`feedback` would. Other scorers need the
+        outputs: call :meth:`feedback`.
         """
         if len(indices) != len(scores):
             raise ValueError(
                 f"PoolLoader.update got {len(indices)} indices and {len(scores)} scores; lengths must match."
             )
+        if self.lazy and isinstance(self.scorer, LossScorer) and isinstance(indices, torch.Tensor):
+            if self._awaiting and self._take_awaiting(indices):
+                self._feedbacks += 1
+                self._fed.append(torch.as_tensor(scores).detach().reshape(-1))
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue bit-identically.

@@ -373,3 +373,67 @@ def test_tau_parameter_errors_name_the_users_parameters():
             build(tau_momentum="0.9")
     with pytest.raises(TypeError, match="'score_when_off' parameter of PoolLoader must be a bool"):
         PoolLoader(dataset(), make_mlp(), Counting(), B, score_when_off=1)
+
+
+def test_update_with_losses_feeds_tau_for_a_loss_scorer():
+    """A plain loop's ``update(indices, losses)`` is the training-batch score when the score is the loss."""
+    model, scorer = make_mlp(), LossScorer(CE)
+    loader = lazy(model=model, scorer=scorer, tau_threshold=1e6, check_loss_fn=False)
+    x, y = loader.dataset.tensors
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        loader.update(batch.indices, CE(model(batch.inputs), batch.targets).detach())
+        if len(batches) == 3:
+            break
+    next(iter(loader))
+    idx = torch.cat([b.indices for b in batches])
+    assert loader.tau_history[-1]["tau"] == pytest.approx(tau_of(scorer(model, x[idx], y[idx])), rel=1e-6)
+
+
+def test_algorithm1_replicas_read_disjoint_batches_and_pools():
+    """Rank r reads global chunks r, r + R, ...: disjoint within an epoch, whatever the decisions."""
+    ds = dataset(96)
+    loaders = [
+        lazy(ds, make_mlp(), RecordingLoss(), tau_momentum=0.0, num_replicas=2, rank=r, check_loss_fn=False)
+        for r in range(2)
+    ]
+    assert len(loaders[0]) == 96 // (2 * B)
+    per_rank = []
+    for loader in loaders:
+        model = loader.model
+        seen = []
+        for batch in loader:  # the same feedback on both ranks: the same decisions
+            seen.append((bool(loader.tau_history[-1]["on"]), batch.indices))
+            loader.feedback(batch, model(batch.inputs).detach(), heavy_losses(batch))
+        per_rank.append(seen)
+    assert [on for on, _ in per_rank[0]] == [on for on, _ in per_rank[1]]
+    # the first permutation block holds 96 / (2 b) = 6 chunks per rank; batches read from it are disjoint
+    first_block = []
+    for seen in per_rank:
+        chunk, rows = 0, []
+        for on, indices in seen:
+            if not on and chunk < 6:
+                rows += indices.tolist()
+            chunk += 3 if on else 1
+        first_block.append(rows)
+    assert first_block[0] and first_block[1] and set(first_block[0]).isdisjoint(first_block[1])
+    assert len(set(first_block[0])) == len(first_block[0])
+    assert loaders[0].chunk == loaders[1].chunk == 0  # both completed the epoch
+    pools = [p for loader in loaders for p in loader.scorer.pools]
+    assert len(pools) == 2 * sum(on for on, _ in per_rank[0]) > 0
+
+
+@pytest.mark.gpu
+def test_algorithm1_on_cuda():
+    device = torch.device("cuda")
+    model = make_mlp().to(device)
+    loader = lazy(model=model, scorer=RecordingLoss(), tau_momentum=0.0, check_loss_fn=False)
+    states = []
+    for _ in range(2):
+        for batch in loader:
+            assert batch.inputs.device.type == "cuda" and batch.weights.device.type == "cuda"
+            assert batch.indices.device.type == "cpu"
+            states.append(loader.tau_history[-1]["on"])
+            loader.feedback(batch, model(batch.inputs).detach(), heavy_losses(batch).to(device))
+    assert any(states) and not all(states)
