@@ -20,6 +20,7 @@ argument above, so their average (what DDP's all-reduce computes) is unbiased to
 from __future__ import annotations
 
 import math
+import operator
 import time
 import warnings
 from collections import deque
@@ -143,11 +144,10 @@ def scores_from_outputs(
     if callable(hook):
         return hook(outputs, targets)
     if isinstance(scorer, UpperBoundScorer):
-        z = _output_tensor(outputs).detach()
+        z = _output_tensor(outputs).detach()  # detached: no graph is recorded below
         scores = None
         if scorer.closed_form and isinstance(targets, torch.Tensor):
-            with torch.no_grad():
-                scores = upper_bound_closed_form(scorer.loss_fn, z, targets)
+            scores = upper_bound_closed_form(scorer.loss_fn, z, targets)
         if scores is None:
             scores = output_gradient_norms(scorer.loss_fn, z, targets, "PoolLoader.feedback")
         return scores
@@ -739,16 +739,16 @@ class PoolLoader:
             values = scores.tolist()  # one device synchronisation per batch; b floats
             if not values:
                 continue
-            s1 = math.fsum(values)
+            s1 = sum(values)
             if not math.isfinite(s1):  # drop NaN / inf scores
                 values = [v for v in values if math.isfinite(v)]
                 if not values:
                     continue
-                s1 = math.fsum(values)
+                s1 = sum(values)
             low = min(values)
             if low < 0:
                 raise ValueError(f"PoolLoader.feedback got negative scores (min {low:.4g}).")
-            self._push_moments(len(values), s1, math.fsum(v * v for v in values), "batch")
+            self._push_moments(len(values), s1, sum(map(operator.mul, values, values)), "batch")
 
     def feedback(self, batch: WeightedBatch, outputs: Any, losses: torch.Tensor | None = None) -> None:
         """Hand the training step's outputs back (Algorithm 1 mode); called after the forward pass.
