@@ -204,3 +204,18 @@ def test_auto_scheme_picks_the_gain_rule_and_reports_its_decision(classification
     assert sgd.status().startswith("IS ")
     with pytest.raises(ValueError, match="'gain' parameter of Auto"):
         schemes.build("auto", classification, model, ce, 8, gain="fast")
+
+
+def test_cost_aware_switch_in_algorithm1_gets_timed_probes_while_off(classification):
+    model = make_mlp()
+    ce = nn.CrossEntropyLoss(reduction="none")
+    switch = CostAwareSwitch()
+    loader = PoolLoader(
+        classification, model, UpperBoundScorer(ce), 8, 3.0, switch=switch, seed=0, score_when_off=False
+    )
+    for batch in loader:
+        loader.feedback(batch, model(batch.inputs).detach())
+    probes = [h for h in loader.tau_history if h.get("source") == "probe"]
+    assert probes and switch.score_seconds is not None and not switch.wants_score_timing
+    assert switch.describe()["threshold_source"] == "measured"
+    assert loader.scored_examples == 8 * len(probes) + 24 * sum(bool(h["on"]) for h in loader.tau_history)
