@@ -20,10 +20,11 @@ argument above, so their average (what DDP's all-reduce computes) is unbiased to
 from __future__ import annotations
 
 import math
+import operator
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -36,11 +37,26 @@ from ._random import permutation, step_generator
 from ._validation import check_choice, check_float, check_int, param_error
 from .batch import WeightedBatch, index_rows, move_to, slice_rows, split_batch
 from .policies import ScorePolicy
-from .scorers import model_device, per_example_losses, scoring_mode
-from .switch import TauSwitch, default_tau_threshold
+from .scorers import (
+    LossScorer,
+    UpperBoundScorer,
+    model_device,
+    output_gradient_norms,
+    per_example_losses,
+    scoring_mode,
+    upper_bound_closed_form,
+)
+from .switch import (
+    History,
+    ImportanceSamplingOffWarning,
+    TauSwitch,
+    check_tau_momentum,
+    check_tau_threshold,
+    default_tau_threshold,
+)
 from .weighting import NORMALIZATIONS, importance_weights
 
-__all__ = ["PoolLoader", "pool_tau"]
+__all__ = ["PoolLoader", "check_presample", "format_status", "pool_tau", "scores_from_outputs"]
 
 
 def pool_tau(scores: torch.Tensor) -> float:
@@ -50,45 +66,130 @@ def pool_tau(scores: torch.Tensor) -> float:
     return float(tau(scores))
 
 
-class _PoolStream(Sampler[int]):
-    """The candidates of one epoch for one rank.
+class _ChunkStream(Sampler[list[int]]):
+    """The candidates of one epoch for one rank, as a batch sampler of fixed-size chunks.
 
     The global stream concatenates random permutations of the dataset seeded by
-    ``(seed, epoch, block)``; it is cut into chunks of ``pool_size``, and step s of rank r
-    reads chunk ``s * num_replicas + r``. With one replica the chunks are consecutive.
+    ``(seed, epoch, block)``; it is cut into chunks of ``chunk_size``, and the j-th chunk
+    of rank r is global chunk ``j * num_replicas + r``. A step reads one chunk (a pool of
+    B, or in Algorithm 1 mode a batch of b while importance sampling is off) or
+    ``B / b`` chunks (a pool, in Algorithm 1 mode while it is on); the sequence of chunks
+    does not depend on those decisions, so workers can prefetch it.
+    The range to read is captured when ``iter()`` is called (two iterators do not share it).
     """
 
-    def __init__(
-        self,
-        num_samples: int,
-        pool_size: int,
-        num_batches: int,
-        seed: int,
-        num_replicas: int = 1,
-        rank: int = 0,
-    ) -> None:
+    def __init__(self, num_samples: int, chunk_size: int, seed: int, num_replicas: int = 1, rank: int = 0):
         self.num_samples = num_samples
-        self.pool_size = pool_size
-        self.num_batches = num_batches
+        self.chunk_size = chunk_size
         self.seed = seed
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
-        self.start_step = 0
+        self.start = 0
+        self.stop = 0
 
     def __len__(self) -> int:
-        return (self.num_batches - self.start_step) * self.pool_size
+        return max(self.stop - self.start, 0)
 
-    def __iter__(self) -> Iterator[int]:
-        n, size = self.num_samples, self.pool_size
+    def __iter__(self) -> Iterator[list[int]]:
+        return self._chunks(self.seed, self.epoch, self.start, self.stop)
+
+    def _chunks(self, seed: int, epoch: int, start: int, stop: int) -> Iterator[list[int]]:
+        n, size, replicas, rank = self.num_samples, self.chunk_size, self.num_replicas, self.rank
         cached_block, perm = -1, torch.empty(0, dtype=torch.long)
-        for step in range(self.start_step, self.num_batches):
-            lo = (step * self.num_replicas + self.rank) * size
+        for j in range(start, stop):
+            lo = (j * replicas + rank) * size
             hi = lo + size
+            out: list[int] = []
             for block in range(lo // n, (hi - 1) // n + 1):
                 if block != cached_block:
-                    perm, cached_block = permutation(n, self.seed, self.epoch, block, 1), block
-                yield from perm[max(lo - block * n, 0) : min(hi - block * n, n)].tolist()
+                    perm, cached_block = permutation(n, seed, epoch, block, 1), block
+                out.extend(perm[max(lo - block * n, 0) : min(hi - block * n, n)].tolist())
+            yield out
+
+
+def _output_tensor(outputs: Any) -> torch.Tensor:
+    """The logits inside model outputs: a tensor, ``.logits``, ``["logits"]`` or the first entry."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    logits = getattr(outputs, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(outputs, Mapping) and isinstance(outputs.get("logits"), torch.Tensor):
+        return outputs["logits"]
+    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
+        return outputs[0]
+    raise TypeError(
+        "PoolLoader.feedback could not find the logits in the model outputs (a Tensor, an object "
+        "with .logits, a dict with 'logits' or a tuple whose first entry is a Tensor); "
+        f"got {type(outputs).__name__}."
+    )
+
+
+def scores_from_outputs(
+    scorer: Any, outputs: Any, targets: Any, losses: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """The scorer's scores computed from the training step's outputs, without another forward pass.
+
+    * :class:`isample.UpperBoundScorer`: ``||d l_i / d z_i||`` from the (detached) outputs
+      z, in closed form for cross-entropy and MSE, else by one backward of the loss alone.
+    * :class:`isample.LossScorer`: the per-example losses (``losses`` when given).
+    * any scorer with a ``scores_from_outputs(outputs, targets)`` method: that method.
+
+    Returns:
+        Tensor of shape (b,) on the outputs' device, or None when the scorer cannot score
+        from outputs (its scores need a pass of its own).
+    """
+    hook = getattr(scorer, "scores_from_outputs", None)
+    if callable(hook):
+        return hook(outputs, targets)
+    if isinstance(scorer, UpperBoundScorer):
+        z = _output_tensor(outputs).detach()  # detached: no graph is recorded below
+        scores = None
+        if scorer.closed_form and isinstance(targets, torch.Tensor):
+            scores = upper_bound_closed_form(scorer.loss_fn, z, targets)
+        if scores is None:
+            scores = output_gradient_norms(scorer.loss_fn, z, targets, "PoolLoader.feedback")
+        return scores
+    if isinstance(scorer, LossScorer):
+        if losses is not None:
+            return losses.detach()
+        with torch.no_grad():
+            return per_example_losses(scorer.loss_fn, _output_tensor(outputs).detach(), targets, "PoolLoader")
+    return None
+
+
+def _scores_from_outputs_supported(scorer: Any) -> bool:
+    return callable(getattr(scorer, "scores_from_outputs", None)) or isinstance(
+        scorer, (UpperBoundScorer, LossScorer)
+    )
+
+
+def _first_parameter(model: nn.Module) -> torch.Tensor | None:
+    for p in model.parameters():
+        return p
+    return None
+
+
+def _cat_rows(parts: list[Any]) -> Any:
+    """Concatenate collated chunks along dim 0 (tensors, mappings, tuples, lists of per-row values)."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, Mapping):
+        return type(first)({k: _cat_rows([p[k] for p in parts]) for k in first})  # type: ignore[call-arg]
+    if isinstance(first, tuple) and hasattr(first, "_fields"):
+        return type(first)(*(_cat_rows([p[i] for p in parts]) for i in range(len(first))))
+    if isinstance(first, (list, tuple)):
+        if first and isinstance(first[0], (torch.Tensor, Mapping, list, tuple)):
+            return type(first)(_cat_rows([p[i] for p in parts]) for i in range(len(first)))
+        out: list[Any] = []
+        for p in parts:
+            out.extend(p)
+        return type(first)(out)
+    return first
 
 
 class PoolLoader:
@@ -99,12 +200,37 @@ class PoolLoader:
         p_i = \\mathrm{policy}(s)_i \\text{ over the pool}, \\qquad
         w_i = \\Big(\\frac{1}{B p_i}\\Big)^k
 
+    **Two ways to run the switch.** With ``score_when_off=True`` (default) every step
+    reads and scores a pool of B, and the switch follows the tau of that pool; while it is
+    off the batch is a uniform subset of the pool (weights 1). With
+    ``score_when_off=False`` the loader follows Katharopoulos and Fleuret's Algorithm 1:
+    while the switch is off a step reads only a uniform batch of b (no presampling, no
+    scoring pass, the cost of a uniform step) and tau comes from that batch's own scores,
+    computed from the training outputs the loop hands to :meth:`feedback` (for
+    :class:`UpperBoundScorer` the closed-form bound on the detached logits; no extra
+    forward). Once on, it reads and scores a pool of B as above.
+
+    **tau on a batch of b and on a pool of B.** ``tau**2 = mean(s**2) / mean(s)**2`` over
+    the M scores it is computed on; it is capped at M and, for heavy-tailed scores, biased
+    low on small sets (on a batch of b it underestimates what a pool of B would show). So
+    the loader always computes tau over the B most recent scores: the pool's own B scores
+    after a pool step, and otherwise the last B training-batch scores (the last B / b
+    uniform batches, scored within the last B / b steps). Both regimes therefore estimate
+    the same quantity, the tau of a uniform set of B, whose square estimates the variance
+    multiplier of drawing b from a pool of B. The decision for a step is made before the
+    step reads its data, from the scores seen up to the previous step.
+
+    **Unbiasedness.** A step with the switch off trains on a uniform batch (weights 1); a
+    step with it on draws b from a uniform pool with weights ``1 / (B p_i)``. Both
+    minibatch gradients are unbiased for the full gradient, whatever the decision history.
+
     Args:
         dataset: a map-style dataset of ``(input, target)`` pairs or dicts.
         model: the model being trained; it scores each pool (in eval mode, restored after).
         scorer: ``scorer(model, inputs, targets) -> Tensor[B]``, e.g. ``UpperBoundScorer``.
         batch_size: b, examples per yielded batch.
-        presample: B / b (float >= 1, default 4.0). B = round(presample x b).
+        presample: B / b, a float in [1, 1024] (default 4.0). B = round(presample x b);
+            with ``score_when_off=False`` B is rounded to a whole number of batches.
         replacement: draw the b with replacement (default True, the unbiased i.i.d.
             estimator). Without replacement the weights are the same i.i.d. weights,
             an approximation that is exact only when p is uniform.
@@ -114,13 +240,23 @@ class PoolLoader:
         normalize: ``"none"``, ``"mean"`` or ``"max"`` (see :mod:`isample.weighting`).
         always: importance sampling from the first step; otherwise batches are uniform
             until the EMA of tau exceeds ``tau_threshold``.
-        tau_threshold: default ``(B + 3b) / (3b)``.
-        tau_momentum: EMA momentum of tau (0.9).
+        tau_threshold: a float >= 1 (``inf``: never on); default ``(B + 3b) / (3b)``.
+        tau_momentum: EMA momentum of tau, in [0, 1) (0.9).
         switch: an object with ``observe(tau, timing) -> bool``, ``state_dict``,
             ``load_state_dict`` and ``describe`` replacing the tau switch. ``timing`` is a
-            dict with ``score_seconds`` (scoring this pool), ``step_seconds`` (wall time the
-            training loop spent between the previous batch and this request, None at
-            the first step), ``pool_size`` and ``batch_size``.
+            dict with ``score_seconds`` (scoring a pool: this pool, or in Algorithm 1 mode
+            the previous step's pool or a timed probe scaled to B; None when not measured),
+            ``step_seconds`` (wall time the training loop spent between the previous batch
+            and this request, None at the first step), ``fetch_seconds`` and ``chunks``
+            (Algorithm 1 mode: time spent reading the previous step's ``chunks`` batches of
+            b), ``pool_size`` and ``batch_size``. A switch whose ``wants_score_timing`` is
+            true gets a timed scoring probe of the current batch while off.
+        score_when_off: see above (default True; False = Algorithm 1, which needs
+            :meth:`feedback` after every training step and a scorer that can score from
+            outputs, see :func:`scores_from_outputs`).
+        warn_off_epochs: warn (:class:`isample.switch.ImportanceSamplingOffWarning`) once
+            when pools were scored for this many epochs in a row with importance sampling
+            off (None = never; default 3).
         scoring_batch_size: score the pool in chunks of this size (default: the whole pool).
         num_batches: batches per epoch (default ceil(N / b), floor with drop_last).
         drop_last: see ``num_batches``.
@@ -140,17 +276,28 @@ class PoolLoader:
         :class:`WeightedBatch` with inputs and targets on the model's device, indices
         on the CPU and float32 weights on the model's device.
 
+    The epoch cursor belongs to each iterator: ``set_epoch`` (with another epoch) or a
+    second iterator never changes the batches of an iterator already running, and
+    ``set_epoch`` with the current epoch keeps the position (a mid-epoch resume survives
+    it). :meth:`state_dict` saves the position after the last batch yielded.
+
     Under DDP with ``torch.distributed`` initialised, the tau fed to the switch is the
-    mean of the ranks' pool taus (one all-gather of a float per step), so every rank
+    mean of the ranks' taus (one all-gather of a float per step), so every rank
     switches importance sampling on at the same step.
 
     References:
-        Katharopoulos and Fleuret, ICML 2018 (arXiv:1803.00942).
+        Katharopoulos and Fleuret, ICML 2018 (arXiv:1803.00942), Algorithm 1.
     """
 
-    STATE_VERSION = 1
+    STATE_VERSION = 2
     #: steps of ``tau_history`` kept (and saved in ``state_dict``)
     HISTORY_LIMIT = 10_000
+    #: largest accepted ``presample`` (B / b)
+    MAX_PRESAMPLE = 1024.0
+    #: off batches awaiting :meth:`feedback` (older ones are forgotten)
+    FEEDBACK_QUEUE = 8
+    #: warn when this many off batches were yielded in Algorithm 1 mode without any feedback
+    NO_FEEDBACK_WARN_STEPS = 50
 
     def __init__(
         self,
@@ -172,6 +319,8 @@ class PoolLoader:
         tau_threshold: float | None = None,
         tau_momentum: float = 0.9,
         switch: Any = None,
+        score_when_off: bool = True,
+        warn_off_epochs: int | None = 3,
         scoring_batch_size: int | None = None,
         num_batches: int | None = None,
         drop_last: bool = False,
@@ -202,8 +351,25 @@ class PoolLoader:
         if self.num_samples == 0:
             raise ValueError("The 'dataset' parameter of PoolLoader is empty (len 0).")
         self.batch_size = check_int(batch_size, "batch_size", owner, minimum=1)
-        self.presample = check_float(presample, "presample", owner, minimum=1.0)
-        self.pool_size = max(self.batch_size, int(round(self.presample * self.batch_size)))
+        self.presample = check_presample(presample, owner)
+        if not isinstance(score_when_off, bool):
+            raise param_error("score_when_off", owner, "a bool", score_when_off, TypeError)
+        self.always = bool(always)
+        #: Algorithm 1: read only b while the switch is off, tau from the training batches
+        self.lazy = not score_when_off and not self.always
+        self.score_when_off = score_when_off
+        if self.lazy:
+            self.chunks_per_pool = max(1, int(math.floor(self.presample + 0.5)))
+            self.pool_size = self.chunks_per_pool * self.batch_size
+            if not _scores_from_outputs_supported(scorer):
+                raise ValueError(
+                    "PoolLoader(score_when_off=False) computes tau from the training outputs, which needs "
+                    "UpperBoundScorer, LossScorer or a scorer with a scores_from_outputs(outputs, targets) "
+                    f"method; got {type(scorer).__name__}. Use score_when_off=True."
+                )
+        else:
+            self.chunks_per_pool = 1
+            self.pool_size = max(self.batch_size, int(round(self.presample * self.batch_size)))
         self.replacement = bool(replacement)
         self.policy = ScorePolicy(power=power, additive=additive, relative=relative, mixing=mixing)
         self.bias_exponent = check_float(bias_exponent, "bias_exponent", owner, minimum=0.0, maximum=1.0)
@@ -214,6 +380,9 @@ class PoolLoader:
         self.scoring_batch_size = check_int(
             scoring_batch_size, "scoring_batch_size", owner, minimum=1, allow_none=True
         )
+        self.warn_off_epochs = check_int(
+            warn_off_epochs, "warn_off_epochs", owner, minimum=1, allow_none=True
+        )
         self.drop_last = bool(drop_last)
         self.num_replicas, self.rank = _dist.resolve_world(num_replicas, rank, owner)
         step_size = self.batch_size * self.num_replicas
@@ -223,75 +392,160 @@ class PoolLoader:
         self.num_batches = check_int(num_batches, "num_batches", owner, minimum=1, allow_none=True) or max(
             default_batches, 1
         )
+        threshold = check_tau_threshold(tau_threshold, owner)
+        momentum = check_tau_momentum(tau_momentum, owner)
         if switch is None:
-            threshold = tau_threshold
             if threshold is None:
                 threshold = default_tau_threshold(self.pool_size, self.batch_size)
-            switch = TauSwitch(threshold, momentum=tau_momentum, always=always)
+            switch = TauSwitch(threshold, momentum=momentum, always=always)
+        elif not callable(getattr(switch, "observe", None)):
+            raise param_error(
+                "switch", owner, "an object with observe(tau, timing) -> bool", switch, TypeError
+            )
         self.switch = switch
         self.dataset = dataset
         self.model = model
         self.scorer = scorer
+        self._first_param = _first_parameter(model)
         self.seed = _dist.shared_seed(seed, generator, owner, self.num_replicas)
+        # progress after the last batch yielded (what state_dict saves and a new iterator starts from)
         self.epoch = 0
         self.position = 0
+        self.chunk = 0
         self.steps = 0
-        #: per-step switch inputs and decision, most recent ``HISTORY_LIMIT`` steps
-        self.tau_history: deque[dict[str, Any]] = deque(maxlen=self.HISTORY_LIMIT)
+        #: examples passed to the scorer so far (pools, and probes in Algorithm 1 mode)
+        self.scored_examples = 0
+        self._generation = 0
+        #: per-step switch inputs and decision, most recent ``HISTORY_LIMIT`` steps (list-like)
+        self.tau_history = History(maxlen=self.HISTORY_LIMIT)
+        self._on_steps = 0
+        self._scored_off_steps = 0
+        self._warned_off = False
         self._yielded_at: float | None = None
         self._last_step_seconds: float | None = None
-        self._stream = _PoolStream(
-            self.num_samples, self.pool_size, self.num_batches, self.seed, self.num_replicas, self.rank
+        # Algorithm 1 state: the last B scores, batches awaiting feedback, last step's timings
+        self._window: deque[tuple[float, float, float]] = deque(maxlen=self.chunks_per_pool)
+        self._window_source = "none"
+        self._awaiting: deque[torch.Tensor] = deque(maxlen=self.FEEDBACK_QUEUE)
+        self._fed: list[torch.Tensor] = []
+        self._feedbacks = 0
+        self._off_yielded = 0
+        self._warned_feedback = False
+        self._score_seconds: float | None = None
+        self._fetch_seconds: float | None = None
+        self._fetch_chunks = 0
+        self._stream = _ChunkStream(
+            self.num_samples,
+            self.batch_size if self.lazy else self.pool_size,
+            self.seed,
+            self.num_replicas,
+            self.rank,
         )
-        self._loader = DataLoader(
-            IndexedDataset(dataset, gather=can_gather(dataset, collate_fn)),
-            batch_size=self.pool_size,
-            sampler=self._stream,
+        self._loader_options = dict(
             num_workers=check_int(num_workers, "num_workers", owner, minimum=0),
             pin_memory=bool(pin_memory),
             collate_fn=IndexedCollate(collate_fn),
-            drop_last=False,
-            persistent_workers=bool(persistent_workers) and num_workers > 0,
             prefetch_factor=prefetch_factor,
             worker_init_fn=worker_init_fn,
             multiprocessing_context=multiprocessing_context,
             timeout=timeout,
         )
+        self._gather = can_gather(dataset, collate_fn)
+        self._persistent = bool(persistent_workers) and num_workers > 0
+        self._loader = self._make_loader(self._stream, self._persistent)
+        self._shared_busy = False
         if check_loss_fn:
             self._check_scorer()
+
+    def _make_loader(self, stream: _ChunkStream, persistent: bool) -> DataLoader:
+        return DataLoader(
+            IndexedDataset(self.dataset, gather=self._gather),
+            batch_sampler=stream,
+            persistent_workers=persistent,
+            **self._loader_options,  # type: ignore[arg-type]
+        )
 
     # ------------------------------------------------------------------ protocol
     def __len__(self) -> int:
         return self.num_batches
 
     def set_epoch(self, epoch: int) -> None:
-        """Set the epoch: the epoch's pools and draws are a pure function of (seed, epoch)."""
-        self.epoch = check_int(epoch, "epoch", "PoolLoader.set_epoch", minimum=0)
-        self.position = 0
+        """Set the epoch the next iterator runs: its pools and draws are a pure function of (seed, epoch).
+
+        With the current epoch this is a no-op (the position within the epoch is kept, so a
+        resumed mid-epoch state survives a framework calling ``set_epoch`` again). With
+        another epoch the next iterator starts that epoch from its first batch; an iterator
+        already running finishes its own epoch unchanged.
+        """
+        epoch = check_int(epoch, "epoch", "PoolLoader.set_epoch", minimum=0)
+        if epoch == self.epoch:
+            return
+        self.epoch, self.position, self.chunk = epoch, 0, 0
+        self._generation += 1
 
     def __iter__(self) -> Iterator[WeightedBatch]:
-        return self._iterate()
+        return self._iterate(self.epoch, self.position, self.chunk, self._generation)
 
-    def _iterate(self) -> Iterator[WeightedBatch]:
-        self._stream.epoch = self.epoch
-        self._stream.start_step = self.position
-        epoch = self.epoch
-        self._yielded_at = None
-        for indices, data in self._loader:
-            now = time.perf_counter()
-            # time the loop spent on the previous batch (training step + loading wait)
-            self._last_step_seconds = None if self._yielded_at is None else now - self._yielded_at
-            batch = self._select(indices, data, epoch, self.position)
-            self.position += 1
-            self.steps += 1
-            if self.position >= self.num_batches:  # epoch complete: the next iteration is a new epoch
-                self.epoch += 1
-                self.position = 0
-            self._yielded_at = time.perf_counter()
-            yield batch
+    def _iterate(self, epoch: int, step: int, chunk: int, generation: int) -> Iterator[WeightedBatch]:
+        use_shared = not (self._persistent and self._shared_busy)
+        stream = (
+            self._stream
+            if use_shared
+            else _ChunkStream(
+                self.num_samples, self._stream.chunk_size, self.seed, self.num_replicas, self.rank
+            )
+        )
+        stream.seed = self.seed
+        stream.epoch, stream.start = epoch, chunk
+        stream.stop = chunk + (self.num_batches - step) * self.chunks_per_pool
+        loader = self._loader if use_shared else self._make_loader(stream, False)
+        if use_shared:
+            self._shared_busy = True
+        try:
+            chunks = iter(loader)
+            self._yielded_at = None
+            while step < self.num_batches:
+                now = time.perf_counter()
+                # time the loop spent on the previous batch (training step + loading wait)
+                self._last_step_seconds = None if self._yielded_at is None else now - self._yielded_at
+                if self.lazy:
+                    batch, used = self._lazy_step(chunks, epoch, step)
+                else:
+                    indices, data = next(chunks)
+                    batch, used = self._select(indices, data, epoch, step), 1
+                step += 1
+                chunk += used
+                self.steps += 1
+                if generation == self._generation:  # set_epoch / load_state_dict did not intervene
+                    if step >= self.num_batches:  # epoch complete: the next iterator starts a new epoch
+                        self.epoch, self.position, self.chunk = epoch + 1, 0, 0
+                    else:
+                        self.epoch, self.position, self.chunk = epoch, step, chunk
+                self._yielded_at = time.perf_counter()
+                yield batch
+        finally:
+            if use_shared:
+                self._shared_busy = False
 
     # ------------------------------------------------------------------ one step
+    def _record(
+        self, tau_value: float, observed: float, on: bool, timing: dict[str, Any], **extra: Any
+    ) -> None:
+        ema = getattr(self.switch, "ema", None)
+        entry = {"step": self.steps, "tau": tau_value, "ema": ema, "on": on, **timing, **extra}
+        if self.num_replicas > 1:
+            entry["tau_global"] = observed
+        self.tau_history.append(entry)
+        self._on_steps += int(bool(on))
+
+    def _observe(self, tau_value: float, timing: dict[str, Any]) -> tuple[float, bool]:
+        observed = tau_value
+        if self.num_replicas > 1 and _dist.is_initialized():  # every rank observes the same tau
+            observed = _dist.nanmean(_dist.all_gather_floats(tau_value))
+        return observed, bool(self.switch.observe(observed, timing))
+
     def _select(self, indices: torch.Tensor, data: Any, epoch: int, step: int) -> WeightedBatch:
+        """A step of the score-every-step mode: score the pool, observe its tau, draw."""
         device = model_device(self.model)
         data = move_to(data, device, non_blocking=True)
         inputs, targets = split_batch(data)
@@ -300,11 +554,7 @@ class PoolLoader:
         score_seconds = time.perf_counter() - started
         m = scores.shape[0]
         b = min(self.batch_size, m)
-        finite = bool(torch.isfinite(scores).all())
-        if finite and bool((scores < 0).any()):
-            raise ValueError(
-                f"The scorer of PoolLoader returned negative scores (min {float(scores.min()):.4g})."
-            )
+        finite = self._check_scores(scores)
         tau_value = pool_tau(scores) if finite and float(scores.sum()) > 0 else float("nan")
         timing = {
             "score_seconds": score_seconds,
@@ -312,23 +562,40 @@ class PoolLoader:
             "pool_size": m,
             "batch_size": b,
         }
-        observed = tau_value
-        if self.num_replicas > 1 and _dist.is_initialized():  # every rank observes the same tau
-            observed = _dist.nanmean(_dist.all_gather_floats(tau_value))
-        on = self.switch.observe(observed, timing)
-        ema = getattr(self.switch, "ema", None)
-        entry = {"step": self.steps, "tau": tau_value, "ema": ema, "on": on, **timing}
-        if self.num_replicas > 1:
-            entry["tau_global"] = observed
-        self.tau_history.append(entry)
-        g = step_generator(self.seed, epoch, step, stream=2 * self.rank)  # stream 1: the candidate stream
+        observed, on = self._observe(tau_value, timing)
+        self._record(tau_value, observed, on, timing)
+        self._warn_if_off(on)
+        return self._draw(indices, data, scores, finite, on, epoch, step, device)
+
+    def _check_scores(self, scores: torch.Tensor) -> bool:
+        finite = bool(torch.isfinite(scores).all())
+        if finite and bool((scores < 0).any()):
+            raise ValueError(
+                f"The scorer of PoolLoader returned negative scores (min {float(scores.min()):.4g})."
+            )
         if not finite:
             warnings.warn(
                 f"PoolLoader: {int((~torch.isfinite(scores)).sum())} non-finite scores in a pool; "
                 "this batch is drawn uniformly.",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
+        return finite
+
+    def _draw(
+        self,
+        indices: torch.Tensor,
+        data: Any,
+        scores: torch.Tensor,
+        finite: bool,
+        on: bool,
+        epoch: int,
+        step: int,
+        device: torch.device,
+    ) -> WeightedBatch:
+        m = scores.shape[0]
+        b = min(self.batch_size, m)
+        g = step_generator(self.seed, epoch, step, stream=2 * self.rank)  # stream 1: the candidate stream
         if on and finite:
             p = self.policy.probabilities(scores)
             rows = torch.multinomial(p, b, replacement=self.replacement, generator=g)
@@ -339,10 +606,237 @@ class PoolLoader:
         selected = index_rows(data, rows.to(device) if device.type != "cpu" else rows)
         return WeightedBatch.from_collated(selected, indices[rows], weights.to(device))
 
+    def _warn_if_off(self, on: bool) -> None:
+        """Count pools scored with the switch off; warn once after ``warn_off_epochs`` epochs of them."""
+        self._scored_off_steps = 0 if on else self._scored_off_steps + 1
+        limit = self.warn_off_epochs
+        if limit is None or self._warned_off or self._scored_off_steps < limit * self.num_batches:
+            return
+        if getattr(self.switch, "threshold", 0.0) == math.inf:  # the user asked for "never on"
+            return
+        self._warned_off = True
+        sw = self.switch
+        ema, thr = getattr(sw, "ema", None), getattr(sw, "threshold", None)
+        detail = f" (tau EMA {ema:.3g} vs threshold {thr:.3g})" if ema is not None and thr is not None else ""
+        warnings.warn(
+            f"PoolLoader scored a pool of {self.pool_size} at every step for {limit} epochs while importance "
+            f"sampling stayed off{detail}: the scoring cost bought nothing. Pass score_when_off=False "
+            "(Katharopoulos-Fleuret Algorithm 1: no scoring while off; needs "
+            "loader.feedback(batch, outputs)), lower tau_threshold, or train uniformly.",
+            ImportanceSamplingOffWarning,
+            stacklevel=4,
+        )
+
+    # ------------------------------------------------------------------ Algorithm 1
+    def _lazy_step(self, chunks: Iterator[Any], epoch: int, step: int) -> tuple[WeightedBatch, int]:
+        """A step of Algorithm 1: decide from the last B scores, then read b (off) or a pool of B (on)."""
+        self._drain_feedback()
+        timing = {
+            "score_seconds": self._score_seconds,
+            "step_seconds": self._last_step_seconds,
+            "fetch_seconds": self._fetch_seconds,
+            "chunks": self._fetch_chunks,
+            "pool_size": self.pool_size,
+            "batch_size": self.batch_size,
+        }
+        self._score_seconds = None
+        tau_value = self._window_tau()
+        observed, on = self._observe(tau_value, timing)
+        self._record(tau_value, observed, on, timing, source=self._window_source)
+        k = self.chunks_per_pool if on else 1
+        started = time.perf_counter()
+        parts = [next(chunks) for _ in range(k)]
+        self._fetch_seconds, self._fetch_chunks = time.perf_counter() - started, k
+        # the first parameter object survives model.to(...) (its data moves), so its device is current
+        device = self._first_param.device if self._first_param is not None else model_device(self.model)
+        if on:
+            indices = torch.cat([i for i, _ in parts])
+            data = move_to(_cat_rows([d for _, d in parts]), device, non_blocking=True)
+            inputs, targets = split_batch(data)
+            started = time.perf_counter()
+            scores = self._score(inputs, targets).to(torch.float64).cpu()
+            finite = self._check_scores(scores)
+            if finite:
+                self._push_scores(scores, "pool")
+            batch = self._draw(indices, data, scores, finite, True, epoch, step, device)
+            self._score_seconds = time.perf_counter() - started
+            return batch, k
+        indices, data = parts[0]
+        data = move_to(data, device, non_blocking=True)
+        inputs, targets = split_batch(data)
+        weights = torch.ones(len(indices), dtype=torch.float32)
+        batch = WeightedBatch(
+            inputs, targets, indices, weights if device.type == "cpu" else weights.to(device)
+        )
+        if getattr(self.switch, "wants_score_timing", False) and self.steps > 0:
+            started = time.perf_counter()  # a timed probe: what scoring costs, scaled to a pool of B
+            scores = self._score(inputs, targets).to(torch.float64).cpu()
+            self._score_seconds = (time.perf_counter() - started) * self.pool_size / max(len(indices), 1)
+            if self._check_scores(scores):
+                self._push_scores(scores, "probe")
+        else:
+            self._awaiting.append(indices)
+            self._off_yielded += 1
+            if self._feedbacks == 0 and self._off_yielded >= self.NO_FEEDBACK_WARN_STEPS:
+                self._warn_no_feedback()
+        return batch, 1
+
+    def _warn_no_feedback(self) -> None:
+        if self._warned_feedback:
+            return
+        self._warned_feedback = True
+        warnings.warn(
+            f"PoolLoader(score_when_off=False) yielded {self._off_yielded} batches without any feedback: "
+            "tau cannot be estimated and importance sampling stays off. Call "
+            "loader.feedback(batch, outputs) after the forward pass of every step, or pass "
+            "score_when_off=True.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+    def _push_scores(self, scores: torch.Tensor, source: str) -> None:
+        """Enter scores (a pool's B, or a probe's b; CPU float64, finite, >= 0) into the tau window."""
+        s1, s2 = float(scores.sum()), float(torch.dot(scores, scores))
+        self._push_moments(int(scores.shape[0]), s1, s2, source)
+
+    def _push_moments(self, count: int, s1: float, s2: float, source: str) -> None:
+        """The window holds the moments ``(count, sum s, sum s^2)`` of the last B / b batches.
+
+        A pool of B enters as B / b equal parts, so that later batches displace its share
+        one batch at a time (its scores are exchangeable: the moments of any b of them are
+        estimated by a 1 / k share of the pool's).
+        """
+        k = self.chunks_per_pool
+        if count >= self.pool_size and k > 1:
+            self._window.clear()
+            for _ in range(k):
+                self._window.append((count / k, s1 / k, s2 / k))
+        else:
+            self._window.append((float(count), s1, s2))
+        self._window_source = source
+
+    def _window_tau(self) -> float:
+        """tau over the last B scores, NaN until B / b batches have been seen (or when all are zero).
+
+        .. math:: \\tau = \\sqrt{n \\textstyle\\sum s^2} / \\textstyle\\sum s, \\quad n = \\#\\text{scores}
+        """
+        window = self._window
+        if len(window) < self.chunks_per_pool:
+            return float("nan")
+        n = s1 = s2 = 0.0
+        for count, a, b in window:
+            n, s1, s2 = n + count, s1 + a, s2 + b
+        if not s1 > 0:
+            return float("nan")
+        return math.sqrt(n * s2) / s1
+
+    def _drain_feedback(self) -> None:
+        if not self._fed:
+            return
+        fed, self._fed = self._fed, []
+        for scores in fed:
+            values = scores.tolist()  # one device synchronisation per batch; b floats
+            if not values:
+                continue
+            s1 = sum(values)
+            if not math.isfinite(s1):  # drop NaN / inf scores
+                values = [v for v in values if math.isfinite(v)]
+                if not values:
+                    continue
+                s1 = sum(values)
+            low = min(values)
+            if low < 0:
+                raise ValueError(f"PoolLoader.feedback got negative scores (min {low:.4g}).")
+            self._push_moments(len(values), s1, sum(map(operator.mul, values, values)), "batch")
+
+    def feedback(self, batch: WeightedBatch, outputs: Any, losses: torch.Tensor | None = None) -> None:
+        """Hand the training step's outputs back (Algorithm 1 mode); called after the forward pass.
+
+        In Algorithm 1 mode (``score_when_off=False``), for a batch yielded while importance
+        sampling was off, the scores of its examples are computed from ``outputs`` (see
+        :func:`scores_from_outputs`; no forward pass) and enter the tau estimate at the next
+        batch. Batches drawn by importance (their pool was scored already), and everything in
+        the default mode, are ignored. Call it once per batch; batches fetched ahead of the
+        training step (as Lightning does) are matched by their indices.
+
+        Args:
+            batch: the :class:`WeightedBatch` the outputs belong to.
+            outputs: the model outputs on ``batch.inputs`` (a tensor of logits, or a tuple,
+                dict or object holding them); detached inside.
+            losses: the per-example losses (used by :class:`LossScorer`), optional.
+        """
+        if not self.lazy or not self._awaiting:
+            return
+        idx = getattr(batch, "indices", None)
+        if not isinstance(idx, torch.Tensor):
+            raise param_error("batch", "PoolLoader.feedback", "a WeightedBatch", batch, TypeError)
+        if not self._take_awaiting(idx):
+            return  # not an off batch still awaited: nothing to learn from it
+        scores = scores_from_outputs(self.scorer, outputs, batch.targets, losses)
+        if scores is None:  # pragma: no cover - checked at construction
+            return
+        if scores.shape[0] != idx.shape[0]:
+            raise ValueError(
+                f"PoolLoader.feedback got {scores.shape[0]} scores for a batch of {idx.shape[0]} examples."
+            )
+        self._feedbacks += 1
+        self._fed.append(scores.detach().reshape(-1))  # read at the next request: no sync here
+
+    def _take_awaiting(self, idx: torch.Tensor) -> bool:
+        """Remove the off batch with these indices from the queue awaiting feedback; False if absent."""
+        for position, pending in enumerate(self._awaiting):
+            if pending is idx or (
+                pending.shape == idx.shape and torch.equal(pending, idx.detach().to(pending.device))
+            ):
+                del self._awaiting[position]  # by position: tensors do not compare with ==
+                return True
+        return False
+
+    # ------------------------------------------------------------------ visibility
+    def describe(self) -> dict[str, Any]:
+        """Whether importance sampling is on, tau, the switch's decision and its inputs.
+
+        Returns:
+            dict with ``is_on`` (bool), ``tau`` (the last tau observed, NaN before the first),
+            ``tau_ema``, ``threshold`` (what ``tau_ema`` is compared with), ``on_share``
+            (share of steps so far with importance sampling on), ``steps``, ``epoch``,
+            ``position``, ``mode`` (``"algorithm-1"`` or ``"score-every-step"``),
+            ``tau_source`` (``"pool"``, ``"batch"`` = training outputs, ``"probe"`` or
+            ``"none"``), ``pool_size``, ``batch_size`` and ``switch`` (the switch's own
+            ``describe()``).
+        """
+        sw = self.switch
+        last = self.tau_history[-1] if len(self.tau_history) else {}
+        info = sw.describe() if callable(getattr(sw, "describe", None)) else {}
+        return {
+            "is_on": bool(getattr(sw, "on", last.get("on", False))),
+            "tau": last.get("tau", float("nan")),
+            "tau_ema": getattr(sw, "ema", None),
+            "threshold": getattr(sw, "threshold", info.get("threshold")),
+            "on_share": self._on_steps / self.steps if self.steps else 0.0,
+            "steps": self.steps,
+            "epoch": self.epoch,
+            "position": self.position,
+            "mode": "algorithm-1" if self.lazy else "score-every-step",
+            "tau_source": last.get("source", "pool") if last else "none",
+            "pool_size": self.pool_size,
+            "batch_size": self.batch_size,
+            "switch": info,
+        }
+
+    def status(self) -> str:
+        """A one-line summary for a progress bar or a log, e.g. ``"IS on | tau 2.31 > 2.00 | on 43%"``.
+
+        ``tqdm``: ``bar.set_postfix_str(loader.status())``.
+        """
+        return format_status(self.describe())
+
+    # ------------------------------------------------------------------ scoring
     def _score(self, inputs: Any, targets: Any) -> torch.Tensor:
         from .batch import batch_size_of
 
         m = batch_size_of(inputs)
+        self.scored_examples += m
         chunk = self.scoring_batch_size or m
         if chunk >= m:
             return self.scorer(self.model, inputs, targets)
@@ -374,24 +868,35 @@ class PoolLoader:
     def update(self, indices: torch.Tensor, scores: torch.Tensor) -> None:
         """Accepted for API symmetry with :class:`TableSampler`; pools are rescored every step.
 
-        The arguments are validated (same length) and otherwise ignored.
+        The arguments are validated (same length) and otherwise ignored, except in
+        Algorithm 1 mode with a :class:`LossScorer`: there the scores of a batch yielded
+        while importance sampling was off are its losses, so ``update(batch.indices,
+        losses)`` feeds tau exactly as :meth:`feedback` would. Other scorers need the
+        outputs: call :meth:`feedback`.
         """
         if len(indices) != len(scores):
             raise ValueError(
                 f"PoolLoader.update got {len(indices)} indices and {len(scores)} scores; lengths must match."
             )
+        if self.lazy and isinstance(self.scorer, LossScorer) and isinstance(indices, torch.Tensor):
+            if self._awaiting and self._take_awaiting(indices):
+                self._feedbacks += 1
+                self._fed.append(torch.as_tensor(scores).detach().reshape(-1))
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue bit-identically.
 
         Returns:
             A dict of ints, floats, lists and dicts (loadable with
-            ``torch.load(weights_only=True)``): seed, epoch, position in the epoch, steps,
-            the switch state (tau EMA and on/off), the tau history and the replica
-            layout. Pools and draws are pure functions of ``(seed, epoch, step, rank)``
-            and the model, so a pool in flight (prefetched by workers) is redrawn
-            identically after loading.
+            ``torch.load(weights_only=True)``): seed, epoch, position in the epoch (after
+            the last batch yielded), chunks read in the epoch, steps, the switch state
+            (tau EMA and on/off), the tau history, the replica layout and, in Algorithm 1
+            mode, the last B scores behind tau. Pools and draws are pure functions of
+            ``(seed, epoch, step, rank)`` and the model, so a pool in flight (prefetched by
+            workers) is redrawn identically after loading. Feedback still awaited for a
+            batch yielded before saving is not saved.
         """
+        self._drain_feedback()
         return {
             "version": self.STATE_VERSION,
             "num_samples": self.num_samples,
@@ -400,12 +905,18 @@ class PoolLoader:
             "num_batches": self.num_batches,
             "num_replicas": self.num_replicas,
             "rank": self.rank,
+            "lazy": self.lazy,
             "seed": self.seed,
             "epoch": self.epoch,
             "position": self.position,
+            "chunk": self.chunk,
             "steps": self.steps,
+            "on_steps": self._on_steps,
+            "scored_examples": self.scored_examples,
             "switch": self.switch.state_dict(),
             "tau_history": list(self.tau_history),
+            "window": [list(m) for m in self._window],
+            "window_source": self._window_source,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -417,10 +928,13 @@ class PoolLoader:
         Raises:
             KeyError: a required key is missing.
             ValueError: the state was saved with another dataset size, batch size, pool
-                size, number of batches or number of replicas (positions count
+                size, number of batches, number of replicas or mode (positions count
                 per-replica steps, so a state cannot be resumed exactly under another
-                world size; start a fresh epoch instead).
+                world size; start a fresh epoch instead), or a position, epoch, step count
+                or score in it is out of range.
         """
+        if not isinstance(state, Mapping):
+            raise param_error("state", "PoolLoader.load_state_dict", "a dict", state, TypeError)
         for key in ("num_samples", "batch_size", "pool_size", "num_batches", "num_replicas"):
             if key not in state and key == "num_replicas":
                 continue
@@ -431,10 +945,96 @@ class PoolLoader:
                     f"PoolLoader state was saved with {key}={state[key]}, but this loader has "
                     f"{key}={getattr(self, key)}."
                 )
-        self.seed = int(state["seed"])
-        self._stream.seed = self.seed
+        for key in ("seed", "epoch", "position", "steps", "switch"):
+            if key not in state:
+                raise KeyError(f"PoolLoader state is missing '{key}'.")
+        lazy = bool(state.get("lazy", False))
+        if lazy != self.lazy:
+            raise ValueError(
+                f"PoolLoader state was saved with score_when_off={not lazy}, but this loader has "
+                f"score_when_off={not self.lazy}."
+            )
+        seed = _state_int(state, "seed", 0, 2**63 - 1)
+        epoch = _state_int(state, "epoch", 0, None)
+        position = _state_int(state, "position", 0, self.num_batches - 1)
+        steps = _state_int(state, "steps", 0, None)
+        chunk = (
+            _state_int(state, "chunk", position, position * self.chunks_per_pool)
+            if "chunk" in state
+            else position
+        )
+        on_steps = _state_int(state, "on_steps", 0, steps) if "on_steps" in state else 0
+        window = _state_window(state.get("window", []), self.chunks_per_pool)
         self.switch.load_state_dict(state["switch"])
-        self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
-        self.steps = int(state["steps"])
-        self.tau_history = deque(state.get("tau_history", []), maxlen=self.HISTORY_LIMIT)
+        self.seed = seed
+        self._stream.seed = seed
+        self.epoch, self.position, self.chunk, self.steps = epoch, position, chunk, steps
+        self._on_steps = on_steps
+        self.scored_examples = (
+            _state_int(state, "scored_examples", 0, None) if "scored_examples" in state else 0
+        )
+        self._generation += 1
+        self.tau_history = History(state.get("tau_history", []), maxlen=self.HISTORY_LIMIT)
+        self._window = deque(window, maxlen=self.chunks_per_pool)
+        self._window_source = str(state.get("window_source", "none"))
+        self._awaiting.clear()
+        self._fed = []
+
+
+def _state_window(window: Any, parts: int) -> list[tuple[float, float, float]]:
+    """Check a saved tau window: <= ``parts`` finite ``(count > 0, sum >= 0, sum of squares >= 0)``."""
+    bad = ValueError(
+        f"PoolLoader state holds an invalid tau window: expected at most {parts} entries "
+        "[count > 0, sum >= 0, sum of squares >= 0], all finite."
+    )
+    if not isinstance(window, (list, tuple)) or len(window) > parts:
+        raise bad
+    out = []
+    for entry in window:
+        if not isinstance(entry, (list, tuple)) or len(entry) != 3:
+            raise bad
+        try:
+            count, s1, s2 = (float(v) for v in entry)
+        except (TypeError, ValueError):
+            raise bad from None
+        if not all(math.isfinite(v) for v in (count, s1, s2)) or count <= 0 or s1 < 0 or s2 < 0:
+            raise bad
+        out.append((count, s1, s2))
+    return out
+
+
+def _state_int(state: Mapping[str, Any], key: str, lo: int, hi: int | None) -> int:
+    value = state[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ValueError(f"PoolLoader state has {key}={value!r}; expected an int.")
+    value = int(value)
+    if value < lo or (hi is not None and value > hi):
+        bound = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"PoolLoader state has {key}={value}, outside {bound} for this loader.")
+    return value
+
+
+def check_presample(value: Any, owner: str) -> float:
+    """Validate ``presample`` (B / b): a float in [1, :attr:`PoolLoader.MAX_PRESAMPLE`].
+
+    Bounded so that a typo cannot ask for a pool that never finishes loading.
+    """
+    checked = check_float(value, "presample", owner, minimum=1.0)
+    if checked is None or checked > PoolLoader.MAX_PRESAMPLE:
+        raise param_error("presample", owner, f"a float in [1.0, {PoolLoader.MAX_PRESAMPLE}]", value)
+    return checked
+
+
+def format_status(info: Mapping[str, Any]) -> str:
+    """One line from a ``describe()`` dict: ``"IS on | tau 2.31 > 2.00 | on 43%"``."""
+    on = bool(info.get("is_on"))
+    ema, thr = info.get("tau_ema"), info.get("threshold")
+    parts = [f"IS {'on' if on else 'off'}"]
+    if ema is None or ema != ema:
+        parts.append("tau --")
+    elif thr is None or thr != thr:
+        parts.append(f"tau {ema:.2f}")
+    else:
+        parts.append(f"tau {ema:.2f} {'>' if ema > thr else '<='} {thr:.2f}")
+    parts.append(f"on {100 * float(info.get('on_share', 0.0)):.0f}%")
+    return " | ".join(parts)

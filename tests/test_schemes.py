@@ -27,6 +27,7 @@ from isample.metrics.per_example import per_example_gradients
 CE = nn.CrossEntropyLoss(reduction="none")
 N, D, C, B = 48, 5, 3, 8
 ALL = [
+    "auto",
     "history-gradnorm",
     "history-is",
     "infobatch",
@@ -123,7 +124,9 @@ def test_registry_names_and_describe():
 
 def test_registry_errors():
     ds, model = dataset(), make_mlp(D, 8, C, 0)
-    with pytest.raises(ValueError, match=r"Unknown scheme 'kff'\. Available: history-gradnorm, .*uniform"):
+    with pytest.raises(
+        ValueError, match=r"Unknown scheme 'kff'\. Available: auto, history-gradnorm, .*uniform"
+    ):
         schemes.build("kff", ds, model, CE, B)
     with pytest.raises(ValueError, match="Unknown scheme"):
         schemes.describe("nope")
@@ -211,6 +214,7 @@ def test_seeded_determinism(name):
 
 
 @pytest.mark.parametrize("name", ALL)
+@pytest.mark.filterwarnings("ignore::isample.switch.ImportanceSamplingOffWarning")
 def test_resume_mid_epoch(name):
     """Save mid-epoch, load into a fresh scheme: the rest of the stream is identical (fixed model)."""
     model = make_mlp(D, 8, C, 0)
@@ -252,7 +256,7 @@ def test_state_of_another_scheme_is_rejected():
     "name, per_step",
     [
         ("uniform", 0),
-        ("kf", 3 * B),
+        ("kf", None),  # Algorithm 1: a pool of 3b is scored only at steps with the switch on
         ("laber", 4 * B),
         ("rho-loss", 10 * B),
         ("history-is", 0),
@@ -264,6 +268,10 @@ def test_cost_counters(name, per_step):
     log = run(loader, model, 2)
     steps = sum(len(bs) for _, _, bs in log)
     extra = N if name == "rho-loss" else 0  # irreducible losses precomputed once
+    if per_step is None:
+        expected = 3 * B * sum(bool(h["on"]) for h in loader.pool.tau_history)
+        assert loader.cost()["scored_examples"] == expected
+        return
     assert loader.cost()["scored_examples"] == steps * per_step + extra
 
 

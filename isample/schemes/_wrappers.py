@@ -62,13 +62,27 @@ class PoolScheme(SchemeLoader):
             self.pool.set_epoch(epoch)
 
     def _batches(self) -> Iterator[WeightedBatch]:
+        seen = self.pool.scored_examples
         for batch in self.pool:
-            self._scored += self.pool.pool_size
+            self._scored += self.pool.scored_examples - seen  # Algorithm 1 scores no pool while off
+            seen = self.pool.scored_examples
             yield batch
 
     def update(self, indices: Any, scores: Any) -> None:
         """Validated and ignored: pools are re-scored at every step."""
         self.pool.update(indices, scores)
+
+    def feedback(self, batch: WeightedBatch, outputs: Any, losses: torch.Tensor) -> None:
+        """Hand the training outputs to the pool loader (Algorithm 1's tau; :meth:`PoolLoader.feedback`)."""
+        self.pool.feedback(batch, outputs, losses)
+
+    def describe(self) -> dict[str, Any]:
+        """Importance sampling on/off, tau and the switch decision (:meth:`isample.PoolLoader.describe`)."""
+        return {"scheme": self.name, **self.pool.describe()}
+
+    def status(self) -> str:
+        """One line for a progress bar or a log (:meth:`isample.PoolLoader.status`)."""
+        return self.pool.status()
 
     def _state(self) -> dict[str, Any]:
         return {"pool": self.pool.state_dict()}

@@ -9,7 +9,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..pool_loader import check_presample
 from ..scorers import UpperBoundScorer
+from ..switch import check_tau_momentum, check_tau_threshold
 from ._wrappers import PoolScheme
 
 __all__ = ["KatharopoulosFleuret"]
@@ -18,9 +20,12 @@ __all__ = ["KatharopoulosFleuret"]
 class KatharopoulosFleuret(PoolScheme):
     """Upper-bound importance sampling (Katharopoulos and Fleuret, ICML 2018).
 
-    Every step reads a uniform pool of ``B = presample x b`` examples, scores it with the
-    gradient-norm upper bound ``s_i = ||d l_i / d z_i||`` (one no-grad forward of the pool),
-    and draws ``b`` rows with replacement:
+    The paper's Algorithm 1. While the tau switch is off, a step reads a uniform batch of
+    ``b`` (weights 1; no presampling and no scoring pass: the cost of a uniform step) and
+    the loop's :meth:`feedback` hands back the training outputs, from which the upper bound
+    ``s_i = ||d l_i / d z_i||`` of the batch is computed in closed form (no extra forward).
+    Once on, a step reads a uniform pool of ``B = presample x b`` examples, scores it (one
+    no-grad forward of the pool) and draws ``b`` rows with replacement:
 
     .. math::
 
@@ -28,8 +33,12 @@ class KatharopoulosFleuret(PoolScheme):
         \\qquad \\text{on while } \\mathrm{EMA}_{0.9}(\\tau) > \\tau_{th} = \\frac{B + 3b}{3b},
         \\quad \\tau = \\sqrt{B \\textstyle\\sum_i q_i^2},\\ q = s / \\textstyle\\sum s .
 
-    Until the switch turns on, batches are uniform subsets of the pool with weights 1.
-    A composition of :class:`isample.PoolLoader` and :class:`isample.UpperBoundScorer`.
+    tau is always computed over the B most recent scores (the last pool, or the last B / b
+    training batches), so the estimate means the same in both regimes (see
+    :class:`isample.PoolLoader`). Both regimes are unbiased: uniform batches with weights 1,
+    or the two-stage draw with weights ``1 / (B p_i)``. ``describe()`` and ``status()``
+    report the switch. A composition of :class:`isample.PoolLoader` (``score_when_off=False``)
+    and :class:`isample.UpperBoundScorer`.
 
     Args:
         dataset, model, loss_fn, batch_size: the data, the model being trained, the
@@ -40,6 +49,8 @@ class KatharopoulosFleuret(PoolScheme):
         tau_threshold: default ``(B + 3b) / (3b)``.
         tau_momentum: EMA momentum of tau (0.9).
         always: importance sampling from the first step (skips the switch).
+        score_when_off: False (default) = Algorithm 1 as above; True = read and score a
+            pool at every step, also while the switch is off (tau from the pool itself).
         power, additive, relative, mixing: score smoothing (:class:`isample.policies.ScorePolicy`).
         closed_form: closed-form upper bound for cross-entropy / MSE (default True).
         scoring_batch_size, num_batches, drop_last, max_weight, replacement:
@@ -68,6 +79,7 @@ class KatharopoulosFleuret(PoolScheme):
         tau_threshold: float | None = None,
         tau_momentum: float = 0.9,
         always: bool = False,
+        score_when_off: bool = False,
         power: float = 1.0,
         additive: float = 0.0,
         relative: float = 0.0,
@@ -80,8 +92,13 @@ class KatharopoulosFleuret(PoolScheme):
         replacement: bool = True,
         **loader_options: Any,
     ) -> None:
+        owner = type(self).__name__
+        presample = check_presample(presample, owner)
+        tau_threshold = check_tau_threshold(tau_threshold, owner)
+        tau_momentum = check_tau_momentum(tau_momentum, owner)
         options: dict[str, Any] = dict(
             presample=presample,
+            score_when_off=score_when_off,
             tau_threshold=tau_threshold,
             tau_momentum=tau_momentum,
             always=always,

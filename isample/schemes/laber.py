@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..pool_loader import check_presample
 from ..scorers import UpperBoundScorer
 from ._wrappers import PoolScheme
 
@@ -68,6 +69,7 @@ class LaBER(PoolScheme):
         drop_last: bool = False,
         **loader_options: Any,
     ) -> None:
+        presample = check_presample(presample, type(self).__name__)
         options: dict[str, Any] = dict(
             presample=presample,
             always=True,
