@@ -273,6 +273,7 @@ class PoolLoader:
         return self._iterate()
 
     def _iterate(self) -> Iterator[WeightedBatch]:
+        _dist.check_configuration(self, "PoolLoader")  # every rank: same N, b, presample, ... (DDP)
         self._stream.epoch = self.epoch
         self._stream.start_step = self.position
         epoch = self.epoch
