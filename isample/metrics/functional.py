@@ -659,8 +659,9 @@ def bias(G: Any, p: Any, weights: Any | None = None) -> float:
     compared by :func:`mse`, never by variance alone.
     """
     mean, _ = estimator_moments(G, p, weights)
-    g = _gradients(G, "bias").mean(0)
-    return float((mean - g).norm())
+    diff = mean - _gradients(G, "bias").mean(0)
+    scale = _pow2_scale(diff)
+    return float((diff / scale).norm()) * scale
 
 
 def mse(G: Any, p: Any, weights: Any | None = None, batch_size: int = 1) -> float:
