@@ -85,7 +85,7 @@ def check_float(
     try:
         converted = float(value)
     except OverflowError:  # an int beyond the float range
-        converted = math.copysign(math.inf, value)  # type: ignore[arg-type]
+        converted = math.inf if value > 0 else -math.inf
     if math.isnan(converted):
         raise param_error(name, owner, text, value)
     if math.isinf(converted) and not allow_inf:

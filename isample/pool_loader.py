@@ -203,6 +203,9 @@ class PoolLoader:
             raise ValueError("The 'dataset' parameter of PoolLoader is empty (len 0).")
         self.batch_size = check_int(batch_size, "batch_size", owner, minimum=1)
         self.presample = check_float(presample, "presample", owner, minimum=1.0)
+        top = max(self.num_samples, self.batch_size) / self.batch_size  # a pool is a sample of the N
+        if self.presample > top:
+            raise param_error("presample", owner, f"a float in [1, N / b] = [1, {top:g}]", presample)
         self.pool_size = max(self.batch_size, int(round(self.presample * self.batch_size)))
         self.replacement = bool(replacement)
         self.policy = ScorePolicy(power=power, additive=additive, relative=relative, mixing=mixing)

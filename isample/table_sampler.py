@@ -135,7 +135,7 @@ class TableSampler(Sampler[list[tuple[int, float]]]):
         self.delay = check_int(delay, "delay", owner, minimum=0)
         self._tree = SumTree(self.num_samples)
         # largest raw score whose transformed value keeps the float64 sum of N finite
-        limit = math.log(np.finfo(np.float64).max / self.num_samples) / self.policy.power
+        limit = math.log(np.finfo(np.float64).max / (2 * self.num_samples)) / self.policy.power  # 2x margin
         self._max_score = math.exp(limit) if limit < 709.0 else math.inf
         if self.initial_score is not None and self.initial_score > self._max_score:  # N x it overflows
             raise param_error("initial_score", owner, f"a float in [0, {self._max_score:.4g}]", initial_score)
