@@ -99,26 +99,30 @@ class ScorePolicy:
         """Probabilities of shape (M,) (float64, sum 1) from scores of shape (M,).
 
         All-zero scores with no smoothing give the uniform distribution (every weight 1).
-        When ``s ** power`` or its sum overflows float64, the rule is evaluated on
-        ``s / max(s)`` with ``c_0`` rescaled to match (the same probabilities, computed
-        without overflow).
+        When ``s ** power`` or its sum overflows float64 (or underflows below ``2^-900``),
+        the rule is evaluated on ``s / max(s)`` with ``c_0`` rescaled to match (the same
+        probabilities, computed without overflow or loss of precision).
         """
         scores = check_scores(scores, "ScorePolicy.probabilities")
         s = scores.to(torch.float64)
         t = self.transform(s)
         total = float(t.sum())
-        if math.isfinite(total):
+        top = float(s.max())
+        if math.isfinite(total) and (total >= 2.0**-900 or top == 0.0):
             return mix_with_uniform(t, self.uniform_share(total, t.numel()))
-        top = float(s.max())  # > 1 here: the overflow came from large scores
+        # s ** power overflowed, or underflowed towards subnormals: same formula on s / max(s)
         t = self.transform(s / top)
         log_scale = self.power * math.log(top)  # transformed scores were divided by exp(log_scale)
-        additive = math.exp(math.log(self.additive) - log_scale) if self.additive > 0 else 0.0
+        exponent = math.log(self.additive) - log_scale if self.additive > 0 else -math.inf
+        additive = math.exp(exponent) if exponent < 709.0 else math.inf  # inf: c_0 dwarfs every score
         share = _uniform_share(self.mixing, additive, self.relative, float(t.sum()), t.numel())
         return mix_with_uniform(t, share)
 
 
 def _uniform_share(mixing: float, additive: float, relative: float, total: float, count: int) -> float:
     """``mixing + (1 - mixing) u`` with ``u = (M c_0 + rho T) / ((1 + rho) T + M c_0)``, overflow-free."""
+    if math.isinf(additive):  # c_0 dwarfs every score: uniform
+        return 1.0
     scale = max(total, additive)
     if scale <= 0:
         return 1.0

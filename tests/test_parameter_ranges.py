@@ -174,6 +174,8 @@ def _exact_probabilities(scores, power, additive, relative, mixing):
     st.sampled_from([0.0, 0.1, 1.0]),
 )
 @example([1, 2, 3], 300, 4, 0.0, 0.0, 0.0)
+@example([0, 1], -81, 4, 0.0, 0.0, 0.0)  # s^4 underflows to 0: still p = [0, 1]
+@example([5, 1], -100, 4, 1e-300, 0.0, 0.0)  # tiny c_0 against underflowing scores
 @example([1, 2, 3], 100, 1, 1e308, 0.0, 0.0)
 @example([1, 2, 3], 0, 1, 0.0, 1e308, 0.0)
 def test_policy_probabilities_never_overflow(ints, e, power, additive, relative, mixing):

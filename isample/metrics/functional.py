@@ -65,6 +65,8 @@ __all__ = [
 PROBABILITY_ATOL = 1e-6
 #: Relative size (of the mean squared norm) below which a variance counts as rounding noise.
 _RELATIVE_ZERO = 1e-12
+#: Largest magnitudes left unscaled (their squares and sums of up to 2^400 of them stay normal floats).
+_SAFE_LOW, _SAFE_HIGH = 2.0**-250, 2.0**250
 
 
 class Quality(NamedTuple):
@@ -171,13 +173,17 @@ def _pos_int(x: Any, name: str, owner: str) -> int:
 
 
 def _pow2_scale(x: torch.Tensor) -> float:
-    """A power of two ``s`` with ``max|x| / s`` in [1, 2) (1.0 for an all-zero x).
+    """A power of two ``s`` with ``max|x| / s`` in [1, 2), or 1.0 when no scaling is needed.
 
     Dividing by it is exact (bar subnormal results), and keeps squares and sums of the
-    scaled values far from overflow and underflow.
+    scaled values far from overflow and underflow. Magnitudes in ``[2^-250, 2^250]``
+    (about 1e-75 to 1e75) need none: their squares and sums stay normal floats, so the
+    usual inputs are computed exactly as without scaling.
     """
-    top = float(x.abs().max()) if x.numel() else 0.0
-    if top == 0.0 or not math.isfinite(top):
+    if not x.numel():
+        return 1.0
+    top = max(float(x.max()), -float(x.min()))  # max |x| without a temporary
+    if top == 0.0 or not math.isfinite(top) or _SAFE_LOW <= top <= _SAFE_HIGH:
         return 1.0
     return math.ldexp(1.0, math.frexp(top)[1] - 1)
 
@@ -192,7 +198,7 @@ def _unscale_sq(value: float, s: float) -> float:
 def _scaled_norm_stats(G: torch.Tensor) -> tuple[torch.Tensor, float, float]:
     """``(norms / s, ||g||^2 / s^2, s)`` of per-example gradients, with ``s = _pow2_scale(G)``."""
     s = _pow2_scale(G)
-    norms, gsq = _norm_stats(G / s)
+    norms, gsq = _norm_stats(G if s == 1.0 else G / s)
     return norms, gsq, s
 
 
@@ -571,7 +577,8 @@ def two_stage_kappa(G: Any, scores: Any, pool_size: int, batch_size: int, replac
         float >= 0 (1 when ``V_u = 0`` and the two-stage variance is 0 too).
     """
     g = _gradients(G, "two_stage_kappa")
-    g = g / _pow2_scale(g)  # a ratio of variances: computed at unit scale
+    scale = _pow2_scale(g)
+    g = g if scale == 1.0 else g / scale  # a ratio of variances: computed at unit scale
     v_u = uniform_variance(g)
     b = _pos_int(batch_size, "batch_size", "two_stage_kappa")
     return _ratio(v_u, b * two_stage_variance(g, scores, pool_size, batch_size, replacement))
@@ -633,7 +640,7 @@ def estimator_moments(G: Any, p: Any, weights: Any | None = None) -> tuple[torch
     owner = "estimator_moments"
     g = _gradients(G, owner)
     scale = _pow2_scale(g)
-    g = g / scale  # moments at unit scale, scaled back below
+    g = g if scale == 1.0 else g / scale  # moments at unit scale, scaled back below
     n_ex = g.shape[0]
     prob = _probabilities(p, n_ex, owner)
     support = prob > 0
