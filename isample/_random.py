@@ -22,10 +22,27 @@ def _splitmix64(x: int) -> int:
 
 
 def derive_seed(*parts: int) -> int:
-    """Mix integers into one 63-bit seed (splitmix64 chain)."""
+    """Mix integers into one 63-bit seed (splitmix64 chain).
+
+    Args:
+        parts: non-negative ints below ``2**64`` (a seed in ``[0, 2**63 - 1]``, epoch,
+            step, stream, ...).
+
+    Returns:
+        int in ``[0, 2**63)``, a pure function of ``parts``.
+
+    Raises:
+        ValueError: a part outside ``[0, 2**64)``; it would alias another value after the
+            64-bit mixing (e.g. ``2**64 + 5`` and ``5``), so it is refused instead.
+    """
     h = 0x243F6A8885A308D3
     for part in parts:
-        h = _splitmix64(h ^ (int(part) & _MASK))
+        value = int(part)
+        if value < 0 or value > _MASK:
+            raise ValueError(
+                f"derive_seed takes ints in [0, 2**64 - 1] (seeds in [0, 2**63 - 1]); got {value}."
+            )
+        h = _splitmix64(h ^ value)
     return h >> 1
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "check_float",
     "check_choice",
     "check_seed",
+    "MAX_SEED",
     "param_error",
 ]
 
@@ -63,16 +64,34 @@ def check_float(
     min_inclusive: bool = True,
     max_inclusive: bool = True,
     allow_none: bool = False,
+    allow_inf: bool = False,
 ) -> float | None:
-    """Validate a real parameter (finite unless bounds say otherwise) and return it as ``float``."""
+    """Validate a real parameter and return it as ``float``.
+
+    NaN is always rejected, and so are ``+inf`` / ``-inf`` unless ``allow_inf`` is set (an
+    infinite value is then still subject to the bounds): every numeric parameter has a
+    finite range by default. A value too large to be exactly an IEEE double (an ``int``
+    beyond ``1.8e308``) is rejected as infinite.
+
+    Raises:
+        TypeError: not a real number (``bool`` included), or None without ``allow_none``.
+        ValueError: NaN, infinite (without ``allow_inf``) or outside the bounds.
+    """
     if value is None and allow_none:
         return None
     text = _bounds_text(minimum, maximum, "a float", min_inclusive, max_inclusive)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise param_error(name, owner, text + (" or None" if allow_none else ""), value, TypeError)
-    value = float(value)
-    if math.isnan(value):
+    try:
+        converted = float(value)
+    except OverflowError:  # an int beyond the float range
+        converted = math.inf if value > 0 else -math.inf
+    if math.isnan(converted):
         raise param_error(name, owner, text, value)
+    if math.isinf(converted) and not allow_inf:
+        finite = _bounds_text(minimum, maximum, "a finite float", min_inclusive, max_inclusive)
+        raise param_error(name, owner, finite + (" or None" if allow_none else ""), value)
+    value = converted
     if minimum is not None and (value < minimum or (not min_inclusive and value == minimum)):
         raise param_error(name, owner, text, value)
     if maximum is not None and (value > maximum or (not max_inclusive and value == maximum)):
@@ -87,12 +106,23 @@ def check_choice(value: Any, name: str, owner: str, choices: tuple) -> Any:
     return value
 
 
+#: Largest seed accepted anywhere in isample: seeds are int64 values (``torch.Generator``,
+#: DDP broadcast), so one rule holds everywhere: an int in ``[0, MAX_SEED]``.
+MAX_SEED = 2**63 - 1
+
+
 def check_seed(seed: Any, generator: Any, owner: str) -> int:
-    """Resolve ``seed`` / ``generator`` into one non-negative 63-bit seed.
+    """Resolve ``seed`` / ``generator`` into one seed in ``[0, 2**63 - 1]`` (:data:`MAX_SEED`).
 
     A ``torch.Generator`` is consumed once (one draw) at construction, so two objects built
     from generators in the same state get the same seed. With neither, a fresh seed is drawn
     from a new, nondeterministically seeded generator: global RNG state is never touched.
+    An explicit seed must lie in ``[0, 2**63 - 1]``: it travels as an int64 under DDP, and a
+    larger one would otherwise alias a smaller seed.
+
+    Raises:
+        TypeError: ``seed`` is not an int (``bool`` included) or ``generator`` not a Generator.
+        ValueError: both given, or a seed outside ``[0, 2**63 - 1]``.
     """
     if seed is not None and generator is not None:
         raise ValueError(f"{owner} takes either 'seed' or 'generator', not both.")
@@ -104,7 +134,7 @@ def check_seed(seed: Any, generator: Any, owner: str) -> int:
         fresh = torch.Generator()
         fresh.seed()
         return int(torch.randint(0, 2**62, (1,), generator=fresh).item())
-    return check_int(seed, "seed", owner, minimum=0)  # type: ignore[return-value]
+    return check_int(seed, "seed", owner, minimum=0, maximum=MAX_SEED)  # type: ignore[return-value]
 
 
 def _bounds_text(

@@ -14,6 +14,7 @@ applies them with the same code.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -23,6 +24,8 @@ import torch
 from ._validation import check_int, check_seed, param_error
 
 __all__ = [
+    "check_configuration",
+    "configuration",
     "all_gather_floats",
     "all_gather_updates",
     "all_gather_variable",
@@ -73,7 +76,7 @@ def comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_gather_variable(tensor: torch.Tensor) -> list[torch.Tensor]:
+def all_gather_variable(tensor: torch.Tensor, tag: int | None = None) -> list[torch.Tensor]:
     """All-gather 1-D tensors of different lengths (one per rank) over the default group.
 
     The lengths are gathered first; every rank then pads its tensor to the longest one,
@@ -82,17 +85,31 @@ def all_gather_variable(tensor: torch.Tensor) -> list[torch.Tensor]:
     Args:
         tensor: Tensor of shape (k_r,) on rank r (any dtype the backend supports; same
             dtype on every rank).
+        tag: an int >= 0 that must be equal on every rank (e.g. the number of batches
+            consumed), carried with the lengths at no extra cost; None on any rank skips
+            the comparison. Ranks whose calls pair up with different tags are out of step.
 
     Returns:
         A list of ``world_size`` CPU tensors, entry r of shape (k_r,), identical on every rank.
+
+    Raises:
+        RuntimeError: the tags differ (the same message on every rank, before the data
+            gather, so no rank is left waiting).
     """
     device = comm_device()
     local = tensor.reshape(-1).to(device)
     world = torch.distributed.get_world_size()
-    size = torch.tensor([local.numel()], dtype=torch.int64, device=device)
+    size = torch.tensor([local.numel(), -1 if tag is None else int(tag)], dtype=torch.int64, device=device)
     sizes = [torch.zeros_like(size) for _ in range(world)]
     torch.distributed.all_gather(sizes, size)
-    lengths = [int(s.item()) for s in sizes]
+    lengths = [int(s[0].item()) for s in sizes]
+    tags = [int(s[1].item()) for s in sizes]
+    if min(tags) >= 0 and len(set(tags)) > 1:
+        raise RuntimeError(
+            f"Ranks are out of step: this collective paired calls made after {tags} consumed batches "
+            "(rank 0 first). Every rank must call update() once per training step, the same number "
+            "of times; a rank that skips or adds a call desynchronises every later collective."
+        )
     longest = max(max(lengths), 1)
     padded = torch.zeros(longest, dtype=local.dtype, device=device)
     padded[: local.numel()] = local
@@ -101,7 +118,9 @@ def all_gather_variable(tensor: torch.Tensor) -> list[torch.Tensor]:
     return [o[:n].cpu() for o, n in zip(out, lengths, strict=True)]
 
 
-def all_gather_updates(indices: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def all_gather_updates(
+    indices: np.ndarray, scores: np.ndarray, tag: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate every rank's ``(indices, scores)`` updates in rank order, bit-exactly.
 
     Indices (int64) and scores (float64, reinterpreted as int64 words) travel in one
@@ -111,14 +130,18 @@ def all_gather_updates(indices: np.ndarray, scores: np.ndarray) -> tuple[np.ndar
     Args:
         indices: int64 array of shape (k_r,) on rank r.
         scores: float64 array of shape (k_r,) on rank r.
+        tag: the step count every rank must agree on (see :func:`all_gather_variable`).
 
     Returns:
         ``(indices, scores)``: int64 and float64 arrays of shape (sum_r k_r,), the same on
         every rank, rank 0's entries first.
+
+    Raises:
+        RuntimeError: the ranks' tags differ.
     """
     idx = torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64))
     val = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float64)).view(torch.int64)
-    parts = all_gather_variable(torch.cat([idx, val]))
+    parts = all_gather_variable(torch.cat([idx, val]), tag)
     all_idx, all_val = [], []
     for part in parts:
         half = part.numel() // 2
@@ -176,6 +199,66 @@ def shared_seed(seed: Any, generator: Any, owner: str, num_replicas: int) -> int
             "seed (or none, to share rank 0's)."
         )
     return value
+
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def configuration(obj: Any, exclude: tuple[str, ...] = ("rank",)) -> dict[str, Any]:
+    """The configuration of a loader as a flat dict of plain values, for comparison across ranks.
+
+    Every public attribute holding a bool, int, float, str or None is taken (dataset size,
+    batch size, number of batches, drop_last, seed, presample, smoothing, epoch, position,
+    ...), and so is every such field of a dataclass attribute (e.g. ``policy.power``).
+    Attributes named in ``exclude`` (the rank, which differs by design) are left out.
+
+    Returns:
+        dict from attribute name (``"policy.power"`` for a dataclass field) to value, sorted.
+    """
+    out: dict[str, Any] = {}
+    for key, value in sorted(vars(obj).items()):
+        if key.startswith("_") or key in exclude:
+            continue
+        if isinstance(value, _PLAIN):
+            out[key] = value
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            for field in dataclasses.fields(value):
+                inner = getattr(value, field.name)
+                if isinstance(inner, _PLAIN):
+                    out[f"{key}.{field.name}"] = inner
+    return out
+
+
+def check_configuration(obj: Any, owner: str) -> None:
+    """Check that every rank built ``obj`` (a loader or sampler) with the same configuration.
+
+    A no-op unless ``obj.num_replicas > 1`` and the default process group is initialised.
+    One ``all_gather_object`` of :func:`configuration` (a few hundred bytes); every rank
+    then compares the same gathered list, so every rank raises the same error, and none
+    is left waiting in a later collective.
+
+    Raises:
+        ValueError: some entries differ; the message names each differing key and its
+            value on every rank (rank 0 first).
+    """
+    if getattr(obj, "num_replicas", 1) <= 1 or not is_initialized():
+        return
+    world = torch.distributed.get_world_size()
+    gathered: list[Any] = [None] * world
+    torch.distributed.all_gather_object(gathered, configuration(obj))
+    keys = sorted(set().union(*gathered))
+    missing = "<missing>"
+    differing = []
+    for key in keys:
+        values = [g.get(key, missing) for g in gathered]
+        if len({repr(v) for v in values}) > 1:
+            differing.append(f"'{key}' is {values}")
+    if differing:
+        raise ValueError(
+            f"{owner} is configured differently across the {world} ranks (values listed rank 0 first): "
+            + "; ".join(differing)
+            + ". Every rank must build it from the same dataset with the same arguments."
+        )
 
 
 def nanmean(values: list[float]) -> float:

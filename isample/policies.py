@@ -21,6 +21,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -89,22 +90,47 @@ class ScorePolicy:
 
         Equals ``lambda + (1 - lambda) M c / (T + M c)`` with ``T`` the sum of transformed
         scores; 1.0 when every score is zero and there is no smoothing (the rule degrades
-        to uniform, see :meth:`probabilities`).
+        to uniform, see :meth:`probabilities`). Computed on ``T`` and ``c_0`` divided by
+        the larger of the two, so no finite configuration overflows.
         """
-        c = self.additive + self.relative * transformed_total / count
-        denom = transformed_total + count * c
-        if denom <= 0:
-            return 1.0
-        return self.mixing + (1.0 - self.mixing) * count * c / denom
+        return _uniform_share(self.mixing, self.additive, self.relative, transformed_total, count)
 
     def probabilities(self, scores: torch.Tensor) -> torch.Tensor:
         """Probabilities of shape (M,) (float64, sum 1) from scores of shape (M,).
 
         All-zero scores with no smoothing give the uniform distribution (every weight 1).
+        When ``s ** power`` or its sum overflows float64 (or underflows below ``2^-900``),
+        the rule is evaluated on ``s / max(s)`` with ``c_0`` rescaled to match (the same
+        probabilities, computed without overflow or loss of precision).
         """
         scores = check_scores(scores, "ScorePolicy.probabilities")
-        t = self.transform(scores.to(torch.float64))
-        return mix_with_uniform(t, self.uniform_share(float(t.sum()), t.numel()))
+        s = scores.to(torch.float64)
+        t = self.transform(s)
+        total = float(t.sum())
+        top = float(s.max())
+        if math.isfinite(total) and (total >= 2.0**-900 or top == 0.0):
+            return mix_with_uniform(t, self.uniform_share(total, t.numel()))
+        # s ** power overflowed, or underflowed towards subnormals: same formula on s / max(s)
+        t = self.transform(s / top)
+        log_scale = self.power * math.log(top)  # transformed scores were divided by exp(log_scale)
+        exponent = math.log(self.additive) - log_scale if self.additive > 0 else -math.inf
+        additive = math.exp(exponent) if exponent < 709.0 else math.inf  # inf: c_0 dwarfs every score
+        share = _uniform_share(self.mixing, additive, self.relative, float(t.sum()), t.numel())
+        return mix_with_uniform(t, share)
+
+
+def _uniform_share(mixing: float, additive: float, relative: float, total: float, count: int) -> float:
+    """``mixing + (1 - mixing) u`` with ``u = (M c_0 + rho T) / ((1 + rho) T + M c_0)``, overflow-free."""
+    if math.isinf(additive):  # c_0 dwarfs every score: uniform
+        return 1.0
+    scale = max(total, additive)
+    if scale <= 0:
+        return 1.0
+    t, a = total / scale, additive / scale  # both in [0, 1]
+    denom = (1.0 + relative) * t + count * a
+    if denom <= 0:
+        return 1.0
+    return mixing + (1.0 - mixing) * min((count * a + relative * t) / denom, 1.0)
 
 
 def mix_with_uniform(transformed: torch.Tensor, uniform_share: float) -> torch.Tensor:

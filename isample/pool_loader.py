@@ -487,6 +487,7 @@ class PoolLoader:
         return self._iterate(self.epoch, self.position, self.chunk, self._generation)
 
     def _iterate(self, epoch: int, step: int, chunk: int, generation: int) -> Iterator[WeightedBatch]:
+        _dist.check_configuration(self, "PoolLoader")  # every rank: same N, b, presample, ... (DDP)
         use_shared = not (self._persistent and self._shared_busy)
         stream = (
             self._stream

@@ -123,7 +123,8 @@ class TauSwitch:
     """Tracks an EMA of tau and says whether importance sampling is on.
 
     Args:
-        threshold: tau_th; importance sampling is on while the EMA exceeds it.
+        threshold: tau_th >= 1; importance sampling is on while the EMA exceeds it
+            (``inf``: never, a uniform baseline).
         momentum: EMA momentum in [0, 1) (0.9 as in the paper).
         always: if True, importance sampling is on from the first step (no warm-up).
 
@@ -136,7 +137,7 @@ class TauSwitch:
     wants_score_timing = False
 
     def __init__(self, threshold: float, momentum: float = 0.9, always: bool = False) -> None:
-        self.threshold = check_float(threshold, "threshold", "TauSwitch", minimum=1.0)
+        self.threshold = check_float(threshold, "threshold", "TauSwitch", minimum=1.0, allow_inf=True)
         self.momentum = check_float(
             momentum, "momentum", "TauSwitch", minimum=0.0, maximum=1.0, max_inclusive=False
         )

@@ -20,7 +20,7 @@ from torch.utils.data import Sampler
 
 from . import distributed as _dist
 from ._random import step_generator
-from ._validation import check_choice, check_float, check_int
+from ._validation import check_choice, check_float, check_int, param_error
 from .engine import SumTree
 from .policies import ScorePolicy
 from .weighting import NORMALIZATIONS, weights_array
@@ -135,8 +135,10 @@ class TableSampler(Sampler[list[tuple[int, float]]]):
         self.delay = check_int(delay, "delay", owner, minimum=0)
         self._tree = SumTree(self.num_samples)
         # largest raw score whose transformed value keeps the float64 sum of N finite
-        limit = math.log(np.finfo(np.float64).max / self.num_samples) / self.policy.power
+        limit = math.log(np.finfo(np.float64).max / (2 * self.num_samples)) / self.policy.power  # 2x margin
         self._max_score = math.exp(limit) if limit < 709.0 else math.inf
+        if self.initial_score is not None and self.initial_score > self._max_score:  # N x it overflows
+            raise param_error("initial_score", owner, f"a float in [0, {self._max_score:.4g}]", initial_score)
         self._visited = np.zeros(self.num_samples, dtype=bool)
         self._num_visited = 0
         self.epoch = 0
@@ -164,6 +166,7 @@ class TableSampler(Sampler[list[tuple[int, float]]]):
         return self._iterate()
 
     def _iterate(self) -> Iterator[list[tuple[int, float]]]:
+        _dist.check_configuration(self, "TableSampler")  # every rank: same N, b, seed, ... (DDP)
         epoch = self.epoch
         start = self.position
         global_base = self._consumed - start
@@ -348,7 +351,7 @@ class TableSampler(Sampler[list[tuple[int, float]]]):
             )
         local_idx = np.concatenate([np.zeros(0, np.int64)] + [i for i, _ in self._unsynced])
         local_val = np.concatenate([np.zeros(0, np.float64)] + [v for _, v in self._unsynced])
-        idx, val = _dist.all_gather_updates(local_idx, local_val)
+        idx, val = _dist.all_gather_updates(local_idx, local_val, self._consumed if self._tracked else None)
         self._unsynced = []
         self._updates_since_sync = 0
         self._receive(idx, val, stacklevel=4)

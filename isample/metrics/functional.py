@@ -22,6 +22,11 @@ Conventions (documented once, used everywhere):
   estimator biased; its variance is reported as ``inf`` (the limit ``p_i -> 0+``),
   so ``kappa = 0`` and ``Q_lin = Q_log = -inf``. Zero ``p_i`` where ``g_i = 0`` is harmless.
 * NaN or infinite gradients raise ``ValueError``; shape mismatches raise ``ValueError``.
+* Scale: every function first divides its gradients (or weights, or scores) by a power
+  of two near their largest magnitude (exact), so kappa, the quality scores, the ESS,
+  tau and the weight ratios are the same for ``G`` and ``c G`` at any scale
+  (``1e-200`` to ``1e200``); variances are scaled back (``c^2 V``) and are ``inf`` only when
+  the true value exceeds the float64 range.
 * Degenerate problems (all norms equal, so uniform is already optimal and
   ``V_u = V_opt``): ``Q_lin`` and ``Q_log`` are ``nan`` and ``Quality.degenerate`` is
   True; ``kappa`` stays well defined.
@@ -60,6 +65,8 @@ __all__ = [
 PROBABILITY_ATOL = 1e-6
 #: Relative size (of the mean squared norm) below which a variance counts as rounding noise.
 _RELATIVE_ZERO = 1e-12
+#: Largest magnitudes left unscaled (their squares and sums of up to 2^400 of them stay normal floats).
+_SAFE_LOW, _SAFE_HIGH = 2.0**-250, 2.0**250
 
 
 class Quality(NamedTuple):
@@ -165,6 +172,42 @@ def _pos_int(x: Any, name: str, owner: str) -> int:
 # --------------------------------------------------------------------------- core maths
 
 
+def _pow2_scale(x: torch.Tensor) -> float:
+    """A power of two ``s`` with ``max|x| / s`` in [1, 2), or 1.0 when no scaling is needed.
+
+    Dividing by it is exact (bar subnormal results), and keeps squares and sums of the
+    scaled values far from overflow and underflow. Magnitudes in ``[2^-250, 2^250]``
+    (about 1e-75 to 1e75) need none: their squares and sums stay normal floats, so the
+    usual inputs are computed exactly as without scaling.
+    """
+    if not x.numel():
+        return 1.0
+    top = max(float(x.max()), -float(x.min()))  # max |x| without a temporary
+    if top == 0.0 or not math.isfinite(top) or _SAFE_LOW <= top <= _SAFE_HIGH:
+        return 1.0
+    return math.ldexp(1.0, math.frexp(top)[1] - 1)
+
+
+def _unscale_sq(value: float, s: float) -> float:
+    """``value * s**2`` without forming ``s**2`` (which may overflow or underflow); 0 stays 0."""
+    if value == 0.0 or s == 1.0:
+        return value
+    return value * s * s
+
+
+def _scaled_norm_stats(G: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    """``(norms / s, ||g||^2 / s^2, s)`` of per-example gradients, with ``s = _pow2_scale(G)``."""
+    s = _pow2_scale(G)
+    norms, gsq = _norm_stats(G if s == 1.0 else G / s)
+    return norms, gsq, s
+
+
+def _scaled_norms(norms: torch.Tensor, gsq: float) -> tuple[torch.Tensor, float, float]:
+    """``(norms / s, gsq / s^2, s)`` with ``s = _pow2_scale(norms)``."""
+    s = _pow2_scale(norms)
+    return norms / s, gsq / s / s, s
+
+
 def _sum_sq_over_p(sq: torch.Tensor, p: torch.Tensor) -> float:
     """sum_i sq_i / p_i with 0/0 := 0 and x/0 := inf."""
     support = p > 0
@@ -201,7 +244,8 @@ def gradient_variance_from_norms(norms: Any, mean_grad_sq_norm: float, p: Any) -
             f"The 'mean_grad_sq_norm' parameter of {owner} must be a finite float >= 0. "
             f"Got {mean_grad_sq_norm!r}."
         )
-    return _variance(n.square(), float(mean_grad_sq_norm), prob)
+    n, gsq, scale = _scaled_norms(n, float(mean_grad_sq_norm))
+    return _unscale_sq(_variance(n.square(), gsq, prob), scale)
 
 
 def _variance(sq: torch.Tensor, gsq: float, p: torch.Tensor) -> float:
@@ -238,8 +282,8 @@ def gradient_variance(G: Any, p: Any) -> float:
     owner = "gradient_variance"
     g = _gradients(G, owner)
     prob = _probabilities(p, g.shape[0], owner)
-    norms, gsq = _norm_stats(g)
-    return _variance(norms.square(), gsq, prob)
+    norms, gsq, scale = _scaled_norm_stats(g)
+    return _unscale_sq(_variance(norms.square(), gsq, prob), scale)
 
 
 def optimal_probabilities(G: Any) -> torch.Tensor:
@@ -256,7 +300,11 @@ def optimal_probabilities(G: Any) -> torch.Tensor:
     """
     owner = "optimal_probabilities"
     t = _as_tensor(G, "G", owner)
-    norms = _vector(t, None, "G", owner) if t.dim() == 1 else _gradients(t, owner).norm(dim=1)
+    if t.dim() == 1:
+        norms = _vector(t, None, "G", owner)
+        norms = norms / _pow2_scale(norms)
+    else:
+        norms = _scaled_norm_stats(_gradients(t, owner))[0]
     total = float(norms.sum())
     if total == 0.0:
         return torch.full_like(norms, 1.0 / norms.shape[0])
@@ -265,16 +313,14 @@ def optimal_probabilities(G: Any) -> torch.Tensor:
 
 def uniform_variance(G: Any) -> float:
     """``V_u = (1/N) sum_i ||g_i||^2 - ||g||^2`` (one draw, uniform p), a float."""
-    g = _gradients(G, "uniform_variance")
-    norms, gsq = _norm_stats(g)
-    return max(float(norms.square().mean()) - gsq, 0.0)
+    norms, gsq, scale = _scaled_norm_stats(_gradients(G, "uniform_variance"))
+    return _unscale_sq(max(float(norms.square().mean()) - gsq, 0.0), scale)
 
 
 def optimal_variance(G: Any) -> float:
     """``V_opt = ((1/N) sum_i ||g_i||)^2 - ||g||^2`` (one draw, ``p proportional to ||g_i||``)."""
-    g = _gradients(G, "optimal_variance")
-    norms, gsq = _norm_stats(g)
-    return max(float(norms.mean()) ** 2 - gsq, 0.0)
+    norms, gsq, scale = _scaled_norm_stats(_gradients(G, "optimal_variance"))
+    return _unscale_sq(max(float(norms.mean()) ** 2 - gsq, 0.0), scale)
 
 
 def _ratio(num: float, den: float) -> float:
@@ -318,8 +364,8 @@ def quality(G: Any, p: Any) -> Quality:
     owner = "quality"
     g = _gradients(G, owner)
     prob = _probabilities(p, g.shape[0], owner)
-    norms, gsq = _norm_stats(g)
-    return _quality(norms, gsq, prob)
+    norms, gsq, scale = _scaled_norm_stats(g)
+    return _rescale_quality(_quality(norms, gsq, prob), scale)
 
 
 def quality_from_norms(norms: Any, mean_grad_sq_norm: float, p: Any) -> Quality:
@@ -336,7 +382,15 @@ def quality_from_norms(norms: Any, mean_grad_sq_norm: float, p: Any) -> Quality:
             f"The 'mean_grad_sq_norm' parameter of {owner} must be a finite float >= 0. "
             f"Got {mean_grad_sq_norm!r}."
         )
-    return _quality(n, float(mean_grad_sq_norm), prob)
+    n, gsq, scale = _scaled_norms(n, float(mean_grad_sq_norm))
+    return _rescale_quality(_quality(n, gsq, prob), scale)
+
+
+def _rescale_quality(q: Quality, scale: float) -> Quality:
+    """Quality of gradients scaled by ``1 / scale``, back in the original units (ratios unchanged)."""
+    return q._replace(
+        v_p=_unscale_sq(q.v_p, scale), v_u=_unscale_sq(q.v_u, scale), v_opt=_unscale_sq(q.v_opt, scale)
+    )
 
 
 def _quality(norms: torch.Tensor, gsq: float, p: torch.Tensor) -> Quality:
@@ -392,6 +446,7 @@ def effective_sample_size(weights: Any, probabilities: Any | None = None) -> flo
     """
     owner = "effective_sample_size"
     w = _vector(weights, None, "weights", owner)
+    w = w / _pow2_scale(w)  # scale-free: the ESS of c w is the ESS of w
     if probabilities is None:
         prob = torch.full_like(w, 1.0 / w.shape[0])
     else:
@@ -409,6 +464,7 @@ def max_weight(weights: Any) -> float:
     unbiased weights ``1/(N p_i)`` are bounded by ``1/lam``.
     """
     w = _vector(weights, None, "weights", "max_weight")
+    w = w / _pow2_scale(w)
     mean = float(w.mean())
     if mean == 0.0:
         raise ValueError("The 'weights' parameter of max_weight must not be all zero.")
@@ -436,6 +492,7 @@ def tau(scores: torch.Tensor) -> float:
         Katharopoulos and Fleuret, ICML 2018 (arXiv:1803.00942), eq. 26.
     """
     s = _vector(scores, None, "scores", "tau")
+    s = s / _pow2_scale(s)
     total = float(s.sum())
     if total == 0.0:
         raise ValueError("The 'scores' parameter of tau must not be all zero.")
@@ -488,7 +545,8 @@ def two_stage_variance(
         raise ValueError(
             f"The 'pool_size' parameter of {owner} must be <= N = {n_ex} without replacement. Got {big_b}."
         )
-    norms, gsq = _norm_stats(g)
+    norms, gsq, scale = _scaled_norm_stats(g)
+    s = s / _pow2_scale(s)  # the variance does not depend on the scores' scale
     sq = norms.square()
     if bool(((s == 0) & (sq > 0)).any()):
         return math.inf
@@ -504,7 +562,7 @@ def two_stage_variance(
             e_a += (big_b - 1) / (big_b * n_ex * (n_ex - 1)) * (cross - float(sq.sum()))
         pool_var = v_u * (n_ex - big_b) / (big_b * (n_ex - 1)) if n_ex > 1 else 0.0
     total = (e_a - gsq) / b + (1.0 - 1.0 / b) * pool_var
-    return max(total, 0.0)
+    return _unscale_sq(max(total, 0.0), scale)
 
 
 def two_stage_kappa(G: Any, scores: Any, pool_size: int, batch_size: int, replacement: bool = True) -> float:
@@ -518,9 +576,12 @@ def two_stage_kappa(G: Any, scores: Any, pool_size: int, batch_size: int, replac
     Returns:
         float >= 0 (1 when ``V_u = 0`` and the two-stage variance is 0 too).
     """
-    v_u = uniform_variance(G)
+    g = _gradients(G, "two_stage_kappa")
+    scale = _pow2_scale(g)
+    g = g if scale == 1.0 else g / scale  # a ratio of variances: computed at unit scale
+    v_u = uniform_variance(g)
     b = _pos_int(batch_size, "batch_size", "two_stage_kappa")
-    return _ratio(v_u, b * two_stage_variance(G, scores, pool_size, batch_size, replacement))
+    return _ratio(v_u, b * two_stage_variance(g, scores, pool_size, batch_size, replacement))
 
 
 def two_stage_kappa_bound(
@@ -578,6 +639,8 @@ def estimator_moments(G: Any, p: Any, weights: Any | None = None) -> tuple[torch
     """
     owner = "estimator_moments"
     g = _gradients(G, owner)
+    scale = _pow2_scale(g)
+    g = g if scale == 1.0 else g / scale  # moments at unit scale, scaled back below
     n_ex = g.shape[0]
     prob = _probabilities(p, n_ex, owner)
     support = prob > 0
@@ -590,9 +653,9 @@ def estimator_moments(G: Any, p: Any, weights: Any | None = None) -> tuple[torch
     pw = prob * w
     mean = (pw.unsqueeze(1) * g).sum(0)
     if unbiased_inf:
-        return mean, math.inf
+        return mean * scale, math.inf
     second = float((pw * w * g.square().sum(1)).sum())
-    return mean, max(second - float(mean.square().sum()), 0.0)
+    return mean * scale, _unscale_sq(max(second - float(mean.square().sum()), 0.0), scale)
 
 
 def bias(G: Any, p: Any, weights: Any | None = None) -> float:
@@ -603,8 +666,9 @@ def bias(G: Any, p: Any, weights: Any | None = None) -> float:
     compared by :func:`mse`, never by variance alone.
     """
     mean, _ = estimator_moments(G, p, weights)
-    g = _gradients(G, "bias").mean(0)
-    return float((mean - g).norm())
+    diff = mean - _gradients(G, "bias").mean(0)
+    scale = _pow2_scale(diff)
+    return float((diff / scale).norm()) * scale
 
 
 def mse(G: Any, p: Any, weights: Any | None = None, batch_size: int = 1) -> float:

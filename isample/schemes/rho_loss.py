@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .._random import derive_seed
-from .._validation import check_float, check_int, param_error
+from .._validation import check_float, check_int, check_seed, param_error
 from ..batch import WeightedBatch, index_rows, move_to, split_batch
 from ..rank_policies import top_k_rows
 from ..scorers import LossScorer, model_device, per_example_losses, score_dataset
@@ -66,7 +66,7 @@ def train_irreducible_loss_model(
     lr = check_float(lr, "lr", owner, minimum=0.0, min_inclusive=False)
     weight_decay = check_float(weight_decay, "weight_decay", owner, minimum=0.0)
     g = torch.Generator()
-    g.manual_seed(derive_seed(check_int(seed, "seed", owner, minimum=0), _STREAM))
+    g.manual_seed(derive_seed(check_seed(seed, None, owner), _STREAM))
     loader = DataLoader(holdout, batch_size=batch_size, shuffle=True, generator=g, collate_fn=collate_fn)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     device = model_device(model)

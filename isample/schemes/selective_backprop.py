@@ -54,7 +54,10 @@ class SelectiveBackprop(SchemeLoader):
         dataset, model, loss_fn, batch_size: as for every scheme.
         seed: randomness source.
         epochs, optimizer: unused.
-        beta: selectivity exponent > 0 (3).
+        beta: selectivity exponent in (0, 100] (3). With i.i.d. losses a candidate is kept
+            with probability about ``1 / (beta + 1)`` (``s_min = 0``), so a batch reads about
+            ``(beta + 1) b`` candidates; a batch that needs more than ``history_size + chunk_size
+            + 100 (beta + 1) b`` raises a RuntimeError instead of looping on.
         s_min: probability floor in [0, 1] (0).
         history_size: R, losses in the CDF history (1024).
         uniform_epochs: leading epochs trained uniformly (1).
@@ -75,6 +78,8 @@ class SelectiveBackprop(SchemeLoader):
     name = "selective-backprop"
     kind = "pool"
     unbiased = False
+    #: largest selectivity exponent: a kept fraction of about 1 / (beta + 1) = 1 %
+    MAX_BETA = 100.0
 
     def __init__(
         self,
@@ -97,7 +102,7 @@ class SelectiveBackprop(SchemeLoader):
     ) -> None:
         super().__init__(dataset, model, loss_fn, batch_size, seed, loader_options)
         owner = type(self).__name__
-        self.beta = check_float(beta, "beta", owner, minimum=0.0, min_inclusive=False)
+        self.beta = check_float(beta, "beta", owner, minimum=0.0, maximum=self.MAX_BETA, min_inclusive=False)
         self.s_min = check_float(s_min, "s_min", owner, minimum=0.0, maximum=1.0)
         self.history_size = check_int(history_size, "history_size", owner, minimum=1)
         self.uniform_epochs = check_int(uniform_epochs, "uniform_epochs", owner, minimum=0)
@@ -172,6 +177,9 @@ class SelectiveBackprop(SchemeLoader):
         if self._queue_idx.numel() and self._queue_data is None:  # resumed from a state
             self._queue_data = move_to(self.reader.fetch(self._queue_idx), device)
         chunks = None
+        # candidates a batch may read before the loop gives up (about 100x the expected number)
+        limit = self.history_size + self.chunk_size + 100 * math.ceil((self.beta + 1.0) * b)
+        read = 0  # candidates read since the last yielded batch
         while True:
             while self._queue_idx.numel() >= b:
                 indices, data = self._pop(b)
@@ -180,6 +188,7 @@ class SelectiveBackprop(SchemeLoader):
                 if self.position >= self.num_batches:
                     self.epoch = epoch + 1
                     self._reset_epoch()
+                read = 0
                 yield WeightedBatch.from_collated(data, indices, torch.ones(b, dtype=torch.float32))
                 if not self._owns_cursor(token):
                     raise RuntimeError(
@@ -190,7 +199,14 @@ class SelectiveBackprop(SchemeLoader):
                     return
             if chunks is None:
                 chunks = self.reader.from_stream(self.seed, epoch, _STREAM, start=self._consumed)
+            if read >= limit:
+                raise RuntimeError(
+                    f"SelectiveBackprop read {read} candidates without filling a batch of {b} "
+                    f"(beta={self.beta:g}, s_min={self.s_min:g}, {self._queue_idx.numel()} kept); the "
+                    "keep probabilities are too small: lower 'beta' or set 's_min' > 0."
+                )
             indices, data = next(chunks)
+            read += len(indices)
             chunk_no = self._chunks
             self._consumed += len(indices)
             self._chunks += 1
