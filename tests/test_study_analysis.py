@@ -9,6 +9,8 @@ import re
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats
 
 from isample.study import (
@@ -44,6 +46,20 @@ def test_spearman_matches_the_textbook_formula_and_scipy_with_ties():
     x = np.round(gen.normal(size=40), 1)  # rounding creates ties
     y = np.round(x + gen.normal(size=40), 1)
     assert spearman(x, y).rho == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(pairs=st.lists(st.tuples(st.integers(-5, 5), st.integers(-5, 5)), min_size=3, max_size=25))
+def test_spearman_equals_scipy_and_is_invariant_to_increasing_maps(pairs):
+    x = np.array([p[0] for p in pairs], dtype=float)
+    y = np.array([p[1] for p in pairs], dtype=float)
+    rho = spearman(x, y, n_boot=5).rho
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        assert math.isnan(rho)
+        return
+    assert rho == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
+    assert spearman(np.exp(x), y**3, n_boot=5).rho == pytest.approx(rho, abs=1e-12)
+    assert spearman(-x, y, n_boot=5).rho == pytest.approx(-rho, abs=1e-12)
 
 
 def test_spearman_interval_is_seeded_and_never_touches_global_rng():

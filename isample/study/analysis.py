@@ -59,10 +59,12 @@ def _as_1d(value: Any, name: str, owner: str, *, allow_nonfinite: bool = False) 
         raise param_error(name, owner, "a 1-D sequence of real numbers", value, TypeError) from None
     if arr.ndim != 1:
         raise param_error(name, owner, "a 1-D sequence of real numbers", f"shape {arr.shape}")
-    if np.isnan(arr).any() and not allow_nonfinite:
-        raise param_error(name, owner, "a sequence without NaN", value)
-    if not allow_nonfinite and not np.isfinite(arr).all():
-        raise param_error(name, owner, "a sequence of finite numbers", value)
+    if not allow_nonfinite:
+        nan, inf = int(np.isnan(arr).sum()), int(np.isinf(arr).sum())
+        if nan:
+            raise param_error(name, owner, "a sequence without NaN", f"{nan} NaN of {arr.size} values")
+        if inf:
+            raise param_error(name, owner, "a sequence of finite numbers", f"{inf} inf of {arr.size} values")
     return arr
 
 
@@ -78,10 +80,13 @@ def _curve(x: Any, losses: Any, owner: str, x_name: str = "x", loss_name: str = 
             f"Got {xs.size} and {ls.size}."
         )
     if xs.size > 1 and not (np.diff(xs) > 0).all():
-        raise param_error(x_name, owner, "strictly increasing", x)
+        at = int(np.argmax(np.diff(xs) <= 0))
+        got = f"{float(xs[at])!r} then {float(xs[at + 1])!r} at index {at}"
+        raise param_error(x_name, owner, "strictly increasing", got)
     finite = np.isfinite(ls)
     if (ls[finite] <= 0).any():
-        raise param_error(loss_name, owner, "> 0 where finite (log-ratios need positive losses)", losses)
+        worst = float(ls[finite].min())
+        raise param_error(loss_name, owner, "> 0 where finite (log-ratios need positive losses)", worst)
     return xs, ls
 
 
