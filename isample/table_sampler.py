@@ -751,7 +751,7 @@ def _parse_state(sampler: TableSampler, state: Any) -> dict[str, Any]:
     position = integer("position", maximum=sampler.num_batches - 1)
     consumed = integer("consumed", position)
     delay = integer("delay") if "delay" in state else None
-    since = integer("updates_since_sync", 0, maximum=sampler.sync_every - 1)
+    since = integer("updates_since_sync", 0)  # >= sync_every: the next update synchronises
 
     table = _float_array(state["table"], f"{where} field 'table'")
     visited = _array(state["visited"], f"{where} field 'visited'")
