@@ -77,7 +77,7 @@ def feedback_arrays(
         bad = idx[(idx < 0) | (idx >= num_samples)][0]
         raise IndexError(f"{where} got index {int(bad)} outside [0, {num_samples}).")
     lo, hi = val.min(), val.max()  # NaN propagates into both
-    if lo >= 0 and hi <= max_score:  # the common case: one pass each, nothing to drop
+    if lo >= 0 and hi <= max_score and hi < math.inf:  # the common case: one pass each, nothing to drop
         return idx, val
     if (val < 0).any():  # NaN compares False; -inf is negative
         raise ValueError(

@@ -749,7 +749,7 @@ def _parse_state(sampler: TableSampler, state: Any) -> dict[str, Any]:
     seed = integer("seed", maximum=2**64 - 1)
     epoch = integer("epoch")
     position = integer("position", maximum=sampler.num_batches - 1)
-    consumed = integer("consumed", position)
+    consumed = integer("consumed", position, minimum=position)
     delay = integer("delay") if "delay" in state else None
     since = integer("updates_since_sync", 0)  # >= sync_every: the next update synchronises
 
