@@ -111,7 +111,10 @@ def _indices(value: Any, where: str) -> np.ndarray:
                 f"The 'indices' parameter of {where} must be an integer tensor. "
                 f"Got dtype {value.dtype}{hint}."
             )
-        return value.detach().reshape(-1).to("cpu", torch.int64, copy=True).numpy()
+        value = value.detach().cpu()
+        if value.dtype != torch.int64:
+            value = value.to(torch.int64)
+        return value.numpy().reshape(-1).copy()  # a copy: never aliases the caller's tensor
     arr = _as_array(value, "indices", where)
     if arr.size == 0:
         return np.zeros(0, dtype=np.int64)
@@ -131,7 +134,10 @@ def _scores(value: Any, where: str) -> np.ndarray:
             raise TypeError(
                 f"The 'scores' parameter of {where} must be a real tensor. Got dtype {value.dtype}."
             )
-        return value.detach().reshape(-1).to("cpu", torch.float64, copy=True).numpy()
+        value = value.detach().cpu()
+        if value.dtype in (torch.float32, torch.float64):
+            return value.numpy().reshape(-1).astype(np.float64)  # astype copies
+        return value.to(torch.float64).numpy().reshape(-1)  # bfloat16, float16, integers: a new tensor
     arr = _as_array(value, "scores", where)
     if arr.size == 0:
         return np.zeros(0, dtype=np.float64)

@@ -458,7 +458,8 @@ class TableSampler(Sampler[WeightedIndices]):
                     k = np.clip((target[rest] - visited_total) / init, 0.0, float(unvisited))
                     chosen[rest] = self._unvisited.select(k, u[1][from_scores][rest])  # type: ignore[union-attr]
             idx[from_scores] = chosen
-        t = self._tree.get(idx) if all_visited else np.where(self._visited[idx], self._tree.get(idx), init)
+        leaves = self._tree.values()  # idx is valid by construction: no checked get()
+        t = leaves.take(idx) if all_visited else np.where(self._visited[idx], leaves.take(idx), init)
         p = share / n + (1.0 - share) * (t / t_total) if t_total > 0 else np.full(b, share / n)
         w = weights_array(p, n, self.bias_exponent, self.max_weight, self.normalize)
         return torch.from_numpy(idx), torch.from_numpy(w.astype(np.float32))
