@@ -1,4 +1,4 @@
-"""TableSampler / ImportanceDataLoader reliability: epoch cursors, validated resume, size changes, cost, numerics."""
+"""TableSampler / ImportanceDataLoader reliability: cursors, resume, size changes, cost, numerics."""
 
 from __future__ import annotations
 
@@ -274,7 +274,9 @@ def test_any_saved_state_round_trips_and_continues_identically(updates, steps, d
 @settings(max_examples=60, deadline=None)
 @given(
     key=st.sampled_from(["position", "epoch", "seed", "consumed", "delay", "num_batches", "version"]),
-    value=st.one_of(st.integers(-(2**70), 2**70), st.floats(allow_nan=True), st.booleans(), st.text(max_size=2)),
+    value=st.one_of(
+        st.integers(-(2**70), 2**70), st.floats(allow_nan=True), st.booleans(), st.text(max_size=2)
+    ),
 )
 def test_any_scalar_field_is_validated(key, value):
     """Property: a scalar field either loads to a consistent sampler or raises; never a broken state."""
@@ -430,7 +432,7 @@ def test_subnormal_score_total_draws_exactly():
     assert np.allclose(batch.weights.numpy(), 1.0 / (3 * p[batch.indices.numpy()]))
 
 
-# ---------------------------------------------------------------- arrays in and out; the public batch_sampler route
+# ---------------------------------------------------------------- arrays in and out; batch_sampler route
 
 
 def test_batches_are_index_and_weight_arrays():
@@ -440,7 +442,8 @@ def test_batches_are_index_and_weight_arrays():
     assert batch.indices.dtype == torch.int64 and batch.weights.dtype == torch.float32
     assert len(batch) == 8 and list(batch)[0] == batch[0] == (int(batch.indices[0]), float(batch.weights[0]))
     idx, w = s.draw(0, 0)
-    assert torch.equal(batch.indices, idx) and torch.equal(batch.weights, w)  # a pure function of (seed, epoch, step)
+    # a pure function of (seed, epoch, step)
+    assert torch.equal(batch.indices, idx) and torch.equal(batch.weights, w)
 
 
 def run_plain(dl, steps, log, sampler):
@@ -464,9 +467,11 @@ def test_plain_dataloader_batch_sampler_route_matches_importance_dataloader(data
     got = []
     run_plain(dl, 10, got, sampler)
     assert got == expected
-    for batch in torch.utils.data.DataLoader(WeightedDataset(ds), batch_sampler=sampler, collate_fn=weighted_collate):
+    dl = torch.utils.data.DataLoader(WeightedDataset(ds), batch_sampler=sampler, collate_fn=weighted_collate)
+    for batch in dl:
         x, y, w = batch
-        assert torch.equal(x, base.tensors[0][batch.indices]) and torch.equal(y, base.tensors[1][batch.indices])
+        assert torch.equal(x, base.tensors[0][batch.indices])
+        assert torch.equal(y, base.tensors[1][batch.indices])
 
 
 def test_custom_collate_through_weighted_collate():
