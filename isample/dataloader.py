@@ -161,7 +161,9 @@ class ImportanceDataLoader:
     (as in torch); the loader and its sampler hold only what :meth:`state_dict` saves.
     A change of ``len(dataset)`` is detected when an epoch starts: new examples join as
     unvisited (they take the unvisited prior), a shrink drops the scores of the removed
-    tail, and the epoch length follows (see :meth:`TableSampler.resize`).
+    tail, and the epoch length follows (see :meth:`TableSampler.resize`). Persistent
+    workers keep the dataset copy they started with, so there a change of length is a
+    ``ValueError``.
 
     Under DDP (``torch.distributed`` initialised, one loader per rank) the sampler draws
     one global batch per step and this loader yields the rank's shard; :meth:`update`
@@ -215,6 +217,7 @@ class ImportanceDataLoader:
         sampler.advance(0)  # the loop's consumption, not the draws, moves the sampler's position
         self.dataset = dataset
         self.sampler = sampler
+        self._workers_started = False
         self._loader = DataLoader(
             WeightedDataset(dataset, gather=can_gather(dataset, collate_fn)),
             batch_sampler=sampler,
@@ -234,6 +237,7 @@ class ImportanceDataLoader:
     def __iter__(self) -> Iterator[WeightedBatch]:
         self._check_size()
         loader_iter = iter(self._loader)  # creates the sampler's iterator (and prefetches) right here
+        self._workers_started = True
         cursor = self.sampler._latest
         return self._iterate(loader_iter, cursor)
 
@@ -250,6 +254,12 @@ class ImportanceDataLoader:
             return
         if size == 0:
             raise ValueError("The dataset of ImportanceDataLoader became empty (len 0).")
+        if self._loader.persistent_workers and self._workers_started:
+            raise ValueError(
+                f"The dataset of ImportanceDataLoader changed length ({self.sampler.num_samples} -> {size}), "
+                "but its persistent workers hold a copy made when they started. Build a new "
+                "ImportanceDataLoader (sampler.resize() keeps the scores), or use persistent_workers=False."
+            )
         self.sampler.resize(size)
 
     def update(self, indices: Any, scores: Any) -> None:

@@ -317,6 +317,20 @@ class TableSampler(Sampler[WeightedIndices]):
         self._num_visited = int(np.count_nonzero(self._visited))
         self._unvisited = _Unvisited(padded) if self._num_visited < n else None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # ``_visited`` and the unvisited index are views of ``_padded_visited``: pickle the
+        # buffer once and rebuild the views (a copied view would silently stop tracking it).
+        state = self.__dict__.copy()
+        for key in ("_visited", "_unvisited", "_latest"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._visited = self._padded_visited[: self.num_samples]
+        self._unvisited = _Unvisited(self._padded_visited) if self._num_visited < self.num_samples else None
+        self._latest = None
+
     # ------------------------------------------------------------------ protocol
     def __len__(self) -> int:
         return self.num_batches

@@ -375,6 +375,15 @@ def test_a_shrinking_dataset_never_yields_a_removed_index():
     assert len(loader) == 3 and sampler.scores().shape == (12,)
 
 
+def test_a_size_change_under_persistent_workers_is_refused():
+    ds = Growing(20)
+    loader = ImportanceDataLoader(ds, TableSampler(20, 5, seed=0), num_workers=1, persistent_workers=True)
+    assert len(list(loader)) == 4
+    ds.n = 25
+    with pytest.raises(ValueError, match="persistent workers hold a copy"):
+        iter(loader)
+
+
 def test_resize_in_the_middle_of_a_resumed_epoch_is_refused():
     s = TableSampler(20, 2, seed=0)
     state = s.state_dict()
@@ -500,3 +509,18 @@ def test_docs_batch_sampler_snippet_runs():
     namespace: dict = {}
     exec(compile(block.group(1), "docs/distributed.md", "exec"), namespace)
     assert namespace["steps"] == math.ceil(100 / 10) * 2
+
+
+def test_pickled_and_copied_samplers_continue_identically():
+    import pickle
+
+    s = TableSampler(300, 16, seed=3, initial_score=2.0, num_batches=30)
+    s.update(torch.arange(0, 300, 3), torch.linspace(0.1, 5.0, 100))
+    clones = [pickle.loads(pickle.dumps(s)), copy.deepcopy(s)]
+    for clone in clones:
+        clone.update(torch.arange(1, 300, 3), torch.full((100,), 0.5))  # must mark the clone's own index
+    s.update(torch.arange(1, 300, 3), torch.full((100,), 0.5))
+    expected = ids(list(s))
+    for clone in clones:
+        assert ids(list(clone)) == expected
+        assert torch.equal(clone.probabilities(), s.probabilities())
