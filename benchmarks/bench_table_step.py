@@ -14,6 +14,10 @@ timed in the same round, reported as median [min, max] over rounds.
 * ``unvisited``: one draw when 5 unvisited examples hold almost all the mass
   (``initial_score=1e6``, every other example visited with score 1e-6), N = 1e6 and 4e6:
   time and peak scratch memory (peak RSS growth during the draw, in a fresh process).
+* ``draw_ahead``: a loop over ``ImportanceDataLoader`` (N = 1e6 rows, b = 256, scores fed
+  back every step) whose training step is simulated by a 2 ms wait that releases the GIL
+  (as a CPU waiting on an accelerator does), with and without ``draw_ahead=True`` (same
+  delay, 1): time per step and the loader's share above the wait.
 * ``profile``: cProfile of 300 new steps at N = 1e6, top functions by own time.
 
 Run ``python benchmarks/bench_table_step.py [--old /tmp/old.py] [--quick]``; writes
@@ -169,6 +173,46 @@ def bench_unvisited(sizes: list[int], old_path: str | None) -> list[dict[str, An
     return rows
 
 
+def bench_draw_ahead(n: int, rounds: int, steps: int, wait_s: float = 0.002) -> dict[str, Any]:
+    from torch.utils.data import TensorDataset
+
+    from isample import ImportanceDataLoader
+
+    ds = TensorDataset(torch.randn(n, 4), torch.zeros(n, dtype=torch.long))
+    loaders = {}
+    for ahead in (False, True):
+        sampler = TableSampler(n, B, seed=0, power=0.5, num_batches=10**9)
+        sampler.update(torch.arange(n), torch.rand(n, dtype=torch.float64) + 0.01)
+        loaders[ahead] = ImportanceDataLoader(ds, sampler, draw_ahead=ahead, delay=1)
+    its = {k: iter(v) for k, v in loaders.items()}
+    scores = torch.rand(B)
+
+    def run(ahead: bool) -> float:
+        it, loader = its[ahead], loaders[ahead]
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            batch = next(it)
+            time.sleep(wait_s)  # the training step, on the device
+            loader.update(batch.indices, scores)
+        return (time.perf_counter() - t0) / steps
+
+    run(False), run(True)  # warm-up
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(rounds):
+        for ahead in (False, True):
+            times[ahead].append(run(ahead))
+    plain, ahead = times[False], times[True]
+    return {
+        "n": n,
+        "wait_us": wait_s * 1e6,
+        "step_us": {"plain": statistics.median(plain) * 1e6, "draw_ahead": statistics.median(ahead) * 1e6},
+        "plain / draw_ahead": summary([a / b for a, b in zip(plain, ahead, strict=True)]),
+        "loader share above the wait, draw_ahead / plain": summary(
+            [(b - wait_s) / (a - wait_s) for a, b in zip(plain, ahead, strict=True)]
+        ),
+    }
+
+
 def profile_step(n: int, calls: int) -> str:
     step = step_fn(visited_sampler(TableSampler, n))
     step()
@@ -199,6 +243,7 @@ def main() -> None:
     rounds = 3 if args.quick else args.rounds
     steps = [bench_step(n, rounds, 100 if args.quick else 300, old) for n in sizes]
     unvisited = bench_unvisited([100_000] if args.quick else [1_000_000, 4_000_000], args.old)
+    ahead = bench_draw_ahead(sizes[0], rounds, 50 if args.quick else 200)
     profile = profile_step(sizes[0], 300)
     result = {
         "machine": {
@@ -210,6 +255,7 @@ def main() -> None:
         "batch_size": B,
         "step": steps,
         "unvisited": unvisited,
+        "draw_ahead": ahead,
         "profile_new_step": profile,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -225,6 +271,11 @@ def main() -> None:
             f"| {row['n']:.0e} | {row['version']} | {row['seconds']:.4f} | {row['scratch_bytes'] / 1e6:.1f} "
             f"| {row['heavy_share']:.3f} |"
         )
+    print(f"\ndraw-ahead (N = {ahead['n']:.0e}, simulated {ahead['wait_us']:.0f} us device step):")
+    print(f"  step us {ahead['step_us']}")
+    for key in ("plain / draw_ahead", "loader share above the wait, draw_ahead / plain"):
+        med, lo, hi = ahead[key]
+        print(f"  {key}: {med:.2f} [{lo:.2f}, {hi:.2f}]")
     print("\n```\n" + profile + "```")
 
 

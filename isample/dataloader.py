@@ -154,7 +154,9 @@ class ImportanceDataLoader:
     prefetch_factor``; 0 without workers), so a score update reaches the draws a fixed
     number of steps later whatever the worker count: batches are identical for
     ``num_workers`` 0 and 2 when the loader is built with the same ``delay``
-    (pass ``delay=`` to override). The delay is saved in :meth:`state_dict` and restored
+    (pass ``delay=`` to override). ``draw_ahead=True`` draws the next batch in a
+    background thread while the training step runs (one more step of delay; see
+    :class:`TableSampler`). The delay is saved in :meth:`state_dict` and restored
     on load.
 
     Every ``iter(loader)`` is an independent pass over one epoch with its own cursor
@@ -193,6 +195,7 @@ class ImportanceDataLoader:
         multiprocessing_context: Any = None,
         timeout: float = 0,
         delay: int | None = None,
+        draw_ahead: bool = False,
     ) -> None:
         owner = "ImportanceDataLoader"
         if not isinstance(sampler, TableSampler):
@@ -213,7 +216,14 @@ class ImportanceDataLoader:
             num_workers * (prefetch_factor if prefetch_factor is not None else 2) if num_workers else 0
         )
         given = check_int(delay, "delay", owner, minimum=0, allow_none=True)
+        if not isinstance(draw_ahead, bool):
+            raise param_error("draw_ahead", owner, "a bool", draw_ahead, TypeError)
+        if draw_ahead:
+            self._depth += 1  # one more batch in flight: the one drawn ahead
+        if draw_ahead and given is not None and given < self._depth:
+            raise param_error("delay", owner, f"an int >= {self._depth} with draw_ahead=True", given)
         sampler.delay = self._depth if given is None else given
+        sampler.draw_ahead = draw_ahead
         sampler.advance(0)  # the loop's consumption, not the draws, moves the sampler's position
         self.dataset = dataset
         self.sampler = sampler

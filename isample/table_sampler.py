@@ -14,6 +14,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,7 @@ from torch.utils.data import Sampler
 from . import distributed as _dist
 from ._feedback import feedback_arrays
 from ._random import step_generator
-from ._validation import check_choice, check_float, check_int
+from ._validation import check_choice, check_float, check_int, param_error
 from .engine import SumTree
 from .policies import ScorePolicy
 from .weighting import NORMALIZATIONS, weights_array
@@ -130,6 +131,7 @@ class _EpochIterator:
         self.step = start  # next step to draw
         self.consumed = start  # batches of this epoch consumed
         self.base = sampler._consumed - start  # global consumption count at step 0 of this epoch
+        self._ahead: tuple[int, Future] | None = None  # (step, its draw running in the background)
 
     def __iter__(self) -> _EpochIterator:
         return self
@@ -142,15 +144,30 @@ class _EpochIterator:
         self.step += 1
         if s._resume and s._latest is self:
             s._resume = False
-        if s._pending:
-            s._apply_pending(self.base + step - s.delay)
-        indices, weights = s.draw(self.epoch, step)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == step:
+            indices, weights = ahead[1].result()
+        else:
+            indices, weights = self._draw(step)
+        if s.draw_ahead and s._tracked and self.step < self.num_batches:
+            # The next draw needs no update given after this point (delay >= 1): start it now,
+            # so it runs while the training step does.
+            s._settle()
+            future = s._pool().submit(self._draw, self.step)
+            s._inflight = future
+            self._ahead = (self.step, future)
         if s.num_replicas > 1:
             lo, hi = s.rank * s.batch_size, (s.rank + 1) * s.batch_size
             indices, weights = indices[lo:hi].clone(), weights[lo:hi].clone()
         if not s._tracked:  # nobody calls advance(): a drawn batch counts as consumed
             self.advance(1)
         return WeightedIndices(indices, weights)
+
+    def _draw(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.sampler
+        if s._pending:
+            s._apply_pending(self.base + step - s.delay)
+        return s.draw(self.epoch, step)
 
     def advance(self, batches: int) -> None:
         """The loop consumed ``batches`` more batches of this iterator."""
@@ -195,6 +212,12 @@ class TableSampler(Sampler[WeightedIndices]):
             ``sync_every``-th call of :meth:`update` (a collective: every rank must call
             :meth:`update` equally often) and apply them in rank order on every rank,
             so the tables stay bit-identical. Default 1.
+        draw_ahead: draw the next batch in a background thread as soon as the current one
+            is handed out, so the draw leaves the critical path of a training step that
+            waits on an accelerator. Needs ``delay >= 1`` (the next batch must not depend
+            on the current batch's scores) and a loop that reports consumption
+            (:class:`ImportanceDataLoader`, or :meth:`advance`); the batches are the
+            same as without it. Default False.
 
     Distributed estimator: the averaged DDP gradient of the rank shards is
 
@@ -256,6 +279,7 @@ class TableSampler(Sampler[WeightedIndices]):
         num_replicas: int | None = None,
         rank: int | None = None,
         sync_every: int = 1,
+        draw_ahead: bool = False,
     ) -> None:
         owner = "TableSampler"
         self.num_samples = check_int(num_samples, "num_samples", owner, minimum=1)
@@ -274,6 +298,11 @@ class TableSampler(Sampler[WeightedIndices]):
         self.normalize = check_choice(normalize, "normalize", owner, NORMALIZATIONS)
         self.seed = _dist.shared_seed(seed, generator, owner, self.num_replicas)
         self.delay = check_int(delay, "delay", owner, minimum=0)
+        if not isinstance(draw_ahead, bool):
+            raise param_error("draw_ahead", owner, "a bool", draw_ahead, TypeError)
+        self.draw_ahead = draw_ahead
+        self._executor: ThreadPoolExecutor | None = None
+        self._inflight: Future | None = None
         self._allocate(np.zeros(0, dtype=np.float64), np.zeros(0, dtype=bool))
         self.epoch = 0
         self.position = 0  # batches of the current epoch consumed by the training loop
@@ -321,7 +350,8 @@ class TableSampler(Sampler[WeightedIndices]):
         # ``_visited`` and the unvisited index are views of ``_padded_visited``: pickle the
         # buffer once and rebuild the views (a copied view would silently stop tracking it).
         state = self.__dict__.copy()
-        for key in ("_visited", "_unvisited", "_latest"):
+        self._settle()
+        for key in ("_visited", "_unvisited", "_latest", "_executor", "_inflight"):
             state.pop(key, None)
         return state
 
@@ -330,6 +360,19 @@ class TableSampler(Sampler[WeightedIndices]):
         self._visited = self._padded_visited[: self.num_samples]
         self._unvisited = _Unvisited(self._padded_visited) if self._num_visited < self.num_samples else None
         self._latest = None
+        self._executor = None
+        self._inflight = None
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="isample-draw-ahead")
+        return self._executor
+
+    def _settle(self) -> None:
+        """Wait for a draw running ahead (it may touch the table) before reading or changing state."""
+        if self._inflight is not None:
+            wait([self._inflight])
+            self._inflight = None
 
     # ------------------------------------------------------------------ protocol
     def __len__(self) -> int:
@@ -350,6 +393,12 @@ class TableSampler(Sampler[WeightedIndices]):
             self._resume = False
 
     def __iter__(self) -> Iterator[WeightedIndices]:
+        if self.draw_ahead and self.delay < 1:
+            raise ValueError(
+                "TableSampler(draw_ahead=True) needs delay >= 1: the next batch is drawn before the "
+                "current one's scores come back."
+            )
+        self._settle()
         # The resume point holds until an iterator draws from it: torch's DataLoader creates
         # and drops one sampler iterator before the one it uses.
         start = self.position if self._resume and self.position < self.num_batches else 0
@@ -399,6 +448,7 @@ class TableSampler(Sampler[WeightedIndices]):
             ValueError: in the middle of a resumed epoch (``position > 0``).
         """
         m = check_int(num_samples, "num_samples", "TableSampler.resize", minimum=1)
+        self._settle()
         if m == self.num_samples:
             return
         if self.position:
@@ -487,6 +537,7 @@ class TableSampler(Sampler[WeightedIndices]):
 
     def probabilities(self) -> torch.Tensor:
         """The current draw distribution over all N examples: float64 Tensor (N,), sum 1. O(N)."""
+        self._settle()
         n = self.num_samples
         init = self._initial_transformed()
         t = np.where(self._visited, self._tree.values(), init)
@@ -497,6 +548,7 @@ class TableSampler(Sampler[WeightedIndices]):
 
     def scores(self) -> torch.Tensor:
         """Latest raw score of every example (NaN where never updated): float64 Tensor (N,)."""
+        self._settle()
         t = np.where(self._visited, self._tree.values(), np.nan)
         s = t if self.policy.power == 1.0 else np.power(t, 1.0 / self.policy.power)
         return torch.from_numpy(np.asarray(s, dtype=np.float64))
@@ -585,6 +637,7 @@ class TableSampler(Sampler[WeightedIndices]):
 
     def flush(self) -> None:
         """Apply every delayed update now."""
+        self._settle()
         self._apply_pending(float("inf"))
         self._applied = []
 
@@ -622,6 +675,7 @@ class TableSampler(Sampler[WeightedIndices]):
             here and stored as delayed updates, so batches in flight are redrawn
             identically.
         """
+        self._settle()
         table = np.array(self._tree.values(), dtype=np.float64)
         visited = self._visited.copy()
         horizon = self._consumed - self.delay
@@ -674,6 +728,7 @@ class TableSampler(Sampler[WeightedIndices]):
                 entry that is negative, NaN, infinite or set for an unvisited example,
                 a queued update with an index outside [0, N) or a NaN / negative score).
         """
+        self._settle()
         parsed = _parse_state(self, state)
         self._tree.fill(parsed["table"])
         np.copyto(self._visited, parsed["visited"])

@@ -524,3 +524,42 @@ def test_pickled_and_copied_samplers_continue_identically():
     for clone in clones:
         assert ids(list(clone)) == expected
         assert torch.equal(clone.probabilities(), s.probabilities())
+
+
+# ---------------------------------------------------------------- draw-ahead
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_draw_ahead_gives_the_same_batches_and_resumes_exactly(workers):
+    ds = tensor_dataset()
+
+    def loader(ahead, delay=None):
+        sampler = TableSampler(40, 4, seed=12, power=0.5)
+        return ImportanceDataLoader(ds, sampler, num_workers=workers, draw_ahead=ahead, delay=delay)
+
+    plain = loader(False, delay=2 * workers + 1)  # the delay draw-ahead sets
+    ahead = loader(True)
+    assert ahead.sampler.delay == plain.sampler.delay == 2 * workers + 1
+    expected, got = [], []
+    run_loader(plain, 25, expected)
+    run_loader(ahead, 25, got)
+    assert got == expected
+
+    part = []
+    first = loader(True)
+    run_loader(first, 13, part)
+    state = roundtrip(first.state_dict())  # a draw is in flight: its early table changes are reverted
+    resumed = loader(True)
+    resumed.load_state_dict(state)
+    run_loader(resumed, 25, part)
+    assert part == expected
+
+
+def test_draw_ahead_needs_a_delay():
+    s = TableSampler(20, 2, seed=0, draw_ahead=True)
+    with pytest.raises(ValueError, match="needs delay >= 1"):
+        iter(s)
+    with pytest.raises(ValueError, match="'delay' parameter of ImportanceDataLoader"):
+        ImportanceDataLoader(tensor_dataset(20), TableSampler(20, 2, seed=0), draw_ahead=True, delay=0)
+    with pytest.raises(TypeError, match="'draw_ahead' parameter of TableSampler"):
+        TableSampler(20, 2, draw_ahead=1)
