@@ -349,8 +349,8 @@ class TableSampler(Sampler[WeightedIndices]):
     def __getstate__(self) -> dict[str, Any]:
         # ``_visited`` and the unvisited index are views of ``_padded_visited``: pickle the
         # buffer once and rebuild the views (a copied view would silently stop tracking it).
-        state = self.__dict__.copy()
         self._settle()
+        state = self.__dict__.copy()
         for key in ("_visited", "_unvisited", "_latest", "_executor", "_inflight"):
             state.pop(key, None)
         return state
