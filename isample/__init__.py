@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from . import metrics, schemes
 from .batch import WeightedBatch
-from .dataloader import ImportanceDataLoader
+from .dataloader import ImportanceDataLoader, WeightedCollate, WeightedDataset, weighted_collate
 from .linear_scorer import LinearGradNormScorer
 from .loader import DataLoader
 from .metrics import SamplerQuality, validate_sampler
 from .pool_loader import PoolLoader
 from .recorder import GradNormRecorder
 from .scorers import GradNormScorer, LossScorer, Scorer, UpperBoundScorer, score_dataset
-from .table_sampler import TableSampler
+from .table_sampler import TableSampler, WeightedIndices
 
 __version__ = "0.1.0"
 
@@ -35,8 +35,12 @@ __all__ = [
     "TableSampler",
     "UpperBoundScorer",
     "WeightedBatch",
+    "WeightedCollate",
+    "WeightedDataset",
+    "WeightedIndices",
     "metrics",
     "schemes",
     "score_dataset",
     "validate_sampler",
+    "weighted_collate",
 ]

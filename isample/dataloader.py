@@ -1,60 +1,143 @@
-"""``ImportanceDataLoader``: a DataLoader driven by a :class:`TableSampler`.
+"""``ImportanceDataLoader``: a DataLoader driven by a :class:`TableSampler`, and the public parts it uses.
 
-The sampler yields ``(index, weight)`` pairs; a dataset wrapper unpacks them inside the
-worker, so each row travels with its own weight and index through prefetching,
-workers and pinned memory. Batches come out as :class:`WeightedBatch`.
+The sampler yields one :class:`WeightedIndices` per batch (int64 indices and float32
+weights); :class:`WeightedDataset` reads the batch's rows inside the worker and
+:func:`weighted_collate` turns them into a :class:`WeightedBatch`, so each row travels
+with its own weight and index through prefetching, workers and pinned memory. The
+same two pieces make the sampler the ``batch_sampler`` of a plain
+``torch.utils.data.DataLoader`` or of ``torchdata``'s ``StatefulDataLoader``::
+
+    loader = DataLoader(isample.WeightedDataset(ds), batch_sampler=sampler,
+                        collate_fn=isample.weighted_collate)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from ._fetch import Gathered, can_gather, gather_rows
+from ._fetch import can_gather, gather_rows
 from ._validation import check_int, param_error
 from .batch import WeightedBatch
-from .table_sampler import TableSampler
+from .table_sampler import TableSampler, WeightedIndices
 
-__all__ = ["ImportanceDataLoader"]
+__all__ = ["ImportanceDataLoader", "WeightedCollate", "WeightedDataset", "weighted_collate"]
 
 
-class _WeightedItems(Dataset):
-    """``dataset[(index, weight)] -> (index, weight, dataset[index])``."""
+class _Rows:
+    """The rows of one batch as read by :class:`WeightedDataset` (picklable, crosses worker queues)."""
 
-    def __init__(self, dataset: Dataset, gather: bool = False) -> None:
+    __slots__ = ("indices", "weights", "items", "collated")
+
+    def __init__(self, indices: torch.Tensor, weights: torch.Tensor, items: Any, collated: bool) -> None:
+        self.indices = indices
+        self.weights = weights
+        self.items = items  # collated tensors (gathered) or a list of dataset items
+        self.collated = collated
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        return self.indices, self.weights, self.items, self.collated
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        self.indices, self.weights, self.items, self.collated = state
+
+
+class WeightedDataset(Dataset):
+    """Wrap a map-style dataset so that a weighted batch sampler's batches can be read from it.
+
+    ``dataset.__getitems__(batch)`` takes one :class:`WeightedIndices` (what
+    :class:`TableSampler` yields; a list of ``(index, weight)`` pairs works too) and
+    reads its rows: for a ``TensorDataset`` with one ``index_select`` per tensor
+    (``gather=True``, the default for ``TensorDataset``), otherwise with
+    ``dataset[i]`` per row. Pair it with :func:`weighted_collate`.
+
+    Args:
+        dataset: the map-style dataset.
+        gather: read a ``TensorDataset`` by indexing its tensors (default: True exactly
+            for a ``TensorDataset``).
+
+    Example:
+        >>> loader = torch.utils.data.DataLoader(
+        ...     WeightedDataset(ds), batch_sampler=sampler, collate_fn=weighted_collate)
+    """
+
+    def __init__(self, dataset: Dataset, gather: bool | None = None) -> None:
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise param_error("dataset", "WeightedDataset", "a map-style Dataset", dataset, TypeError)
         self.dataset = dataset
-        self.gather = gather
+        self.gather = isinstance(dataset, TensorDataset) if gather is None else bool(gather)
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, key: tuple[int, float]) -> tuple[int, float, Any]:
+        """One ``(index, weight)`` pair -> ``(index, weight, dataset[index])``."""
         index, weight = key
         return index, weight, self.dataset[index]
 
-    def __getitems__(self, keys: list[tuple[int, float]]) -> Any:
-        if self.gather:  # one indexing per tensor instead of one __getitem__ per row
-            return Gathered(keys, gather_rows(self.dataset, [i for i, _ in keys]))  # type: ignore[arg-type]
-        return [self[key] for key in keys]
+    def __getitems__(self, batch: WeightedIndices | Sequence[tuple[int, float]]) -> _Rows:
+        """All rows of one batch."""
+        if isinstance(batch, WeightedIndices):
+            indices, weights = batch.indices, batch.weights
+        else:
+            pairs = list(batch)
+            indices = torch.tensor([int(i) for i, _ in pairs], dtype=torch.long)
+            weights = torch.tensor([float(w) for _, w in pairs], dtype=torch.float32)
+        if self.gather:
+            return _Rows(indices, weights, gather_rows(self.dataset, indices), True)  # type: ignore[arg-type]
+        return _Rows(indices, weights, [self.dataset[i] for i in indices.tolist()], False)
 
 
-class _WeightedCollate:
-    """Collate ``(index, weight, item)`` triples into a :class:`WeightedBatch` (picklable)."""
+class WeightedCollate:
+    """Collate what :class:`WeightedDataset` read into a :class:`WeightedBatch` (picklable).
 
-    def __init__(self, base: Callable | None) -> None:
-        self.base = base or torch.utils.data.default_collate
+    Args:
+        collate_fn: how to collate the dataset items (default ``default_collate``).
+    """
 
-    def __call__(self, items: Any) -> WeightedBatch:
-        if isinstance(items, Gathered):
-            indices = torch.tensor([i for i, _ in items.keys], dtype=torch.long)
-            weights = torch.tensor([w for _, w in items.keys], dtype=torch.float32)
-            return WeightedBatch.from_collated(items.data, indices, weights)
-        indices = torch.tensor([i for i, _, _ in items], dtype=torch.long)
-        weights = torch.tensor([w for _, w, _ in items], dtype=torch.float32)
-        return WeightedBatch.from_collated(self.base([item for _, _, item in items]), indices, weights)
+    def __init__(self, collate_fn: Callable | None = None) -> None:
+        if collate_fn is not None and not callable(collate_fn):
+            raise param_error("collate_fn", "WeightedCollate", "a callable or None", collate_fn, TypeError)
+        self.collate_fn = collate_fn
+
+    def __call__(self, rows: Any) -> WeightedBatch:
+        if isinstance(rows, _Rows):
+            indices, weights = rows.indices, rows.weights
+            if rows.collated and self.collate_fn is None:
+                data = rows.items
+            elif rows.collated:  # gathered tensors but a custom collate: give it the rows one by one
+                data = self.collate_fn([tuple(t[k] for t in rows.items) for k in range(len(indices))])
+            else:
+                data = (self.collate_fn or torch.utils.data.default_collate)(rows.items)
+        else:  # a list of (index, weight, item) triples from WeightedDataset.__getitem__
+            triples = list(rows)
+            indices = torch.tensor([i for i, _, _ in triples], dtype=torch.long)
+            weights = torch.tensor([w for _, w, _ in triples], dtype=torch.float32)
+            data = (self.collate_fn or torch.utils.data.default_collate)([item for _, _, item in triples])
+        return WeightedBatch.from_collated(data, indices, weights)
+
+
+def weighted_collate(rows: Any) -> WeightedBatch:
+    """Collate one batch read by :class:`WeightedDataset` into a :class:`WeightedBatch`.
+
+    Uses ``default_collate`` for the items; for another collate function use
+    ``WeightedCollate(collate_fn)``.
+
+    Returns:
+        :class:`WeightedBatch` with ``indices`` (LongTensor (b,)) and ``weights``
+        (float32 Tensor (b,)) from the sampler.
+    """
+    return _DEFAULT_COLLATE(rows)
+
+
+_DEFAULT_COLLATE = WeightedCollate(None)
+
+# The former private names, kept for code that imported them.
+_WeightedItems = WeightedDataset
+_WeightedCollate = WeightedCollate
 
 
 class ImportanceDataLoader:
@@ -70,7 +153,18 @@ class ImportanceDataLoader:
     prefetch_factor``; 0 without workers), so a score update reaches the draws a fixed
     number of steps later whatever the worker count: batches are identical for
     ``num_workers`` 0 and 2 when the loader is built with the same ``delay``
-    (pass ``delay=`` to override).
+    (pass ``delay=`` to override). ``draw_ahead=True`` draws the next batch in a
+    background thread while the training step runs (one more step of delay; see
+    :class:`TableSampler`). The delay is saved in :meth:`state_dict` and restored
+    on load.
+
+    Every ``iter(loader)`` is an independent pass over one epoch with its own cursor
+    (as in torch); the loader and its sampler hold only what :meth:`state_dict` saves.
+    A change of ``len(dataset)`` is detected when an epoch starts: new examples join as
+    unvisited (they take the unvisited prior), a shrink drops the scores of the removed
+    tail, and the epoch length follows (see :meth:`TableSampler.resize`). Persistent
+    workers keep the dataset copy they started with, so there a change of length is a
+    ``ValueError``.
 
     Under DDP (``torch.distributed`` initialised, one loader per rank) the sampler draws
     one global batch per step and this loader yields the rank's shard; :meth:`update`
@@ -100,6 +194,7 @@ class ImportanceDataLoader:
         multiprocessing_context: Any = None,
         timeout: float = 0,
         delay: int | None = None,
+        draw_ahead: bool = False,
     ) -> None:
         owner = "ImportanceDataLoader"
         if not isinstance(sampler, TableSampler):
@@ -114,18 +209,30 @@ class ImportanceDataLoader:
                 f"but the dataset has {len(dataset)} examples."  # type: ignore[arg-type]
             )
         num_workers = check_int(num_workers, "num_workers", owner, minimum=0)
-        depth = num_workers * (prefetch_factor if prefetch_factor is not None else 2)
+        if prefetch_factor is not None:
+            check_int(prefetch_factor, "prefetch_factor", owner, minimum=1)
+        self._depth = (
+            num_workers * (prefetch_factor if prefetch_factor is not None else 2) if num_workers else 0
+        )
         given = check_int(delay, "delay", owner, minimum=0, allow_none=True)
-        sampler.delay = depth if given is None else given
+        if not isinstance(draw_ahead, bool):
+            raise param_error("draw_ahead", owner, "a bool", draw_ahead, TypeError)
+        if draw_ahead:
+            self._depth += 1  # one more batch in flight: the one drawn ahead
+        if draw_ahead and given is not None and given < self._depth:
+            raise param_error("delay", owner, f"an int >= {self._depth} with draw_ahead=True", given)
+        sampler.delay = self._depth if given is None else given
+        sampler.draw_ahead = draw_ahead
         sampler.advance(0)  # the loop's consumption, not the draws, moves the sampler's position
         self.dataset = dataset
         self.sampler = sampler
+        self._workers_started = False
         self._loader = DataLoader(
-            _WeightedItems(dataset, gather=can_gather(dataset, collate_fn)),
+            WeightedDataset(dataset, gather=can_gather(dataset, collate_fn)),
             batch_sampler=sampler,
             num_workers=num_workers,
             pin_memory=bool(pin_memory),
-            collate_fn=_WeightedCollate(collate_fn),
+            collate_fn=WeightedCollate(collate_fn),
             persistent_workers=bool(persistent_workers) and num_workers > 0,
             prefetch_factor=prefetch_factor,
             worker_init_fn=worker_init_fn,
@@ -137,19 +244,39 @@ class ImportanceDataLoader:
         return len(self.sampler)
 
     def __iter__(self) -> Iterator[WeightedBatch]:
-        return self._iterate()
+        self._check_size()
+        loader_iter = iter(self._loader)  # creates the sampler's iterator (and prefetches) right here
+        self._workers_started = True
+        cursor = self.sampler._latest
+        return self._iterate(loader_iter, cursor)
 
-    def _iterate(self) -> Iterator[WeightedBatch]:
-        for batch in self._loader:
-            self.sampler.advance(1)
+    def _iterate(self, loader_iter: Iterator[WeightedBatch], cursor: Any) -> Iterator[WeightedBatch]:
+        for batch in loader_iter:
+            if cursor is not None:
+                cursor.advance(1)  # this iterator's batch: another live iterator keeps its own cursor
             yield batch
+
+    def _check_size(self) -> None:
+        """Adapt the sampler when ``len(dataset)`` changed (see :meth:`TableSampler.resize`)."""
+        size = len(self.dataset)  # type: ignore[arg-type]
+        if size == self.sampler.num_samples:
+            return
+        if size == 0:
+            raise ValueError("The dataset of ImportanceDataLoader became empty (len 0).")
+        if self._loader.persistent_workers and self._workers_started:
+            raise ValueError(
+                f"The dataset of ImportanceDataLoader changed length ({self.sampler.num_samples} -> {size}), "
+                "but its persistent workers hold a copy made when they started. Build a new "
+                "ImportanceDataLoader (sampler.resize() keeps the scores), or use persistent_workers=False."
+            )
+        self.sampler.resize(size)
 
     def update(self, indices: Any, scores: Any) -> None:
         """Feed back per-example scores (e.g. ``losses.detach()``); see :meth:`TableSampler.update`."""
         self.sampler.update(indices, scores)
 
     def set_epoch(self, epoch: int) -> None:
-        """Set the sampler's epoch."""
+        """Set the epoch of the next iteration (see :meth:`TableSampler.set_epoch`)."""
         self.sampler.set_epoch(epoch)
 
     def state_dict(self) -> dict[str, Any]:
@@ -157,7 +284,27 @@ class ImportanceDataLoader:
         return {"sampler": self.sampler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
-        if "sampler" not in state:
+        """Restore :meth:`state_dict`, validated (see :meth:`TableSampler.load_state_dict`).
+
+        The saved update delay is restored, so the batches continue identically whatever
+        ``num_workers`` this loader has, provided it does not prefetch further ahead
+        than that delay.
+
+        Raises:
+            KeyError: the ``'sampler'`` entry is missing.
+            ValueError: the sampler state does not fit (see
+                :meth:`TableSampler.load_state_dict`), or this loader prefetches more
+                batches (``num_workers x prefetch_factor``) than the saved delay allows.
+        """
+        if not isinstance(state, dict) or "sampler" not in state:
             raise KeyError("ImportanceDataLoader state is missing 'sampler'.")
-        self.sampler.load_state_dict(state["sampler"])
+        saved = state["sampler"]
+        delay = saved.get("delay") if isinstance(saved, dict) else None
+        if isinstance(delay, int) and not isinstance(delay, bool) and 0 <= delay < self._depth:
+            raise ValueError(
+                f"ImportanceDataLoader state was saved with an update delay of {delay} batches, but this "
+                f"loader prefetches up to {self._depth} batches (num_workers x prefetch_factor): updates "
+                "would reach the draws later than in the saved run. Build the loader with "
+                f"num_workers x prefetch_factor <= {delay}, or save from a loader built with a larger delay=."
+            )
+        self.sampler.load_state_dict(saved)

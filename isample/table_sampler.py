@@ -3,15 +3,18 @@
 The table holds the latest score of every example (typically its training loss, fed
 back by the loop, so no extra forward pass). Each step draws b indices from the whole
 dataset in O(b log N) with a sum tree, computes their weights at draw time, and yields
-``(index, weight)`` pairs; :class:`ImportanceDataLoader` unpacks them inside the worker
-so weights can never be mismatched with their rows by prefetching.
+one :class:`WeightedIndices` per batch (an int64 index array and a float32 weight array);
+:class:`ImportanceDataLoader` unpacks it inside the worker so weights can never be
+mismatched with their rows by prefetching.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
@@ -19,16 +22,160 @@ import torch
 from torch.utils.data import Sampler
 
 from . import distributed as _dist
+from ._feedback import feedback_arrays
 from ._random import step_generator
 from ._validation import check_choice, check_float, check_int, param_error
 from .engine import SumTree
 from .policies import ScorePolicy
 from .weighting import NORMALIZATIONS, weights_array
 
-__all__ = ["TableSampler"]
+__all__ = ["TableSampler", "WeightedIndices"]
+
+_BLOCK = 64  # examples per block of the unvisited index
+_TINY = float(np.finfo(np.float64).tiny)  # smallest normal float64, 2**-1022
+_ULP0 = 2.0**-1074  # smallest subnormal: the spacing of float64 below _TINY
 
 
-class TableSampler(Sampler[list[tuple[int, float]]]):
+class WeightedIndices:
+    """One batch of a batch sampler: int64 indices and their float32 importance weights.
+
+    What :class:`TableSampler` yields per step (arrays in, arrays out: no per-example
+    Python objects). :class:`isample.WeightedDataset` reads the rows of a whole batch
+    from it. For code written against the older list form it also iterates, indexes
+    and compares as a list of ``(index, weight)`` pairs, and ``+`` concatenates.
+
+    Attributes:
+        indices: LongTensor of shape (b,), dataset indices.
+        weights: float32 Tensor of shape (b,), the weight of every index.
+    """
+
+    __slots__ = ("indices", "weights")
+
+    def __init__(self, indices: torch.Tensor, weights: torch.Tensor) -> None:
+        self.indices = indices
+        self.weights = weights
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+    def __iter__(self) -> Iterator[tuple[int, float]]:
+        return zip(self.indices.tolist(), self.weights.tolist(), strict=True)
+
+    def __getitem__(self, k: int) -> tuple[int, float]:
+        return int(self.indices[k]), float(self.weights[k])
+
+    def __add__(self, other: WeightedIndices) -> WeightedIndices:
+        if not isinstance(other, WeightedIndices):
+            return NotImplemented
+        return WeightedIndices(
+            torch.cat([self.indices, other.indices]), torch.cat([self.weights, other.weights])
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, WeightedIndices):
+            return torch.equal(self.indices, other.indices) and torch.equal(self.weights, other.weights)
+        if isinstance(other, (list, tuple)):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __getstate__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.indices, self.weights
+
+    def __setstate__(self, state: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.indices, self.weights = state
+
+    def __repr__(self) -> str:
+        return f"WeightedIndices(indices={self.indices.tolist()}, weights={self.weights.tolist()})"
+
+
+class _Unvisited:
+    """Uniform draws among the unvisited examples in O(b log N) time and O(b) scratch.
+
+    A sum tree over blocks of :data:`_BLOCK` examples holds the number of unvisited
+    examples of every block (exact small integers in float64). A draw picks a block with
+    probability ``count_B / U`` by a tree descent, then the ``r``-th unvisited example of
+    the block, ``r = floor(v count_B)`` for a second uniform ``v``: ``P(i) = 1 / U``
+    exactly. Memory: ``8.5 N / 64`` bytes beside the visited mask.
+    """
+
+    def __init__(self, padded_visited: np.ndarray) -> None:
+        self.blocks = padded_visited.reshape(-1, _BLOCK)  # a view: marks made by the sampler show here
+        self.tree = SumTree(self.blocks.shape[0])
+        self.tree.fill(_BLOCK - np.count_nonzero(self.blocks, axis=1).astype(np.float64))
+
+    def select(self, block_targets: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """Indices for targets in [0, U] (block choice) and uniforms ``v`` in [0, 1) (rank in block)."""
+        block = self.tree.find(block_targets, check=False)
+        free = ~self.blocks.take(block, axis=0)  # (m, _BLOCK) True where unvisited
+        ranks = np.cumsum(free, axis=1)  # 1..count at the unvisited positions
+        count = ranks[:, -1]
+        r = np.minimum((v * count).astype(np.int64), count - 1)
+        offset = np.argmax(ranks > r[:, None], axis=1)
+        return block * _BLOCK + offset
+
+    def visit(self, new: np.ndarray) -> None:
+        """Count newly visited examples (distinct, previously unvisited) out of their blocks."""
+        blocks, counts = np.unique(new // _BLOCK, return_counts=True)
+        self.tree.set(blocks, self.tree.get(blocks) - counts, check=False)
+
+
+class _EpochIterator:
+    """One pass over one epoch of a :class:`TableSampler`: holds its own cursor."""
+
+    def __init__(self, sampler: TableSampler, epoch: int, start: int) -> None:
+        self.sampler = sampler
+        self.epoch = epoch
+        self.num_batches = sampler.num_batches
+        self.step = start  # next step to draw
+        self.consumed = start  # batches of this epoch consumed
+        self.base = sampler._consumed - start  # global consumption count at step 0 of this epoch
+        self._ahead: tuple[int, Future] | None = None  # (step, its draw running in the background)
+
+    def __iter__(self) -> _EpochIterator:
+        return self
+
+    def __next__(self) -> WeightedIndices:
+        if self.step >= self.num_batches:
+            raise StopIteration
+        s = self.sampler
+        step = self.step
+        self.step += 1
+        if s._resume and s._latest is self:
+            s._resume = False
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == step:
+            indices, weights = ahead[1].result()
+        else:
+            indices, weights = self._draw(step)
+        if s.draw_ahead and s._tracked and self.step < self.num_batches:
+            # The next draw needs no update given after this point (delay >= 1): start it now,
+            # so it runs while the training step does.
+            s._settle()
+            future = s._pool().submit(self._draw, self.step)
+            s._inflight = future
+            self._ahead = (self.step, future)
+        if s.num_replicas > 1:
+            lo, hi = s.rank * s.batch_size, (s.rank + 1) * s.batch_size
+            indices, weights = indices[lo:hi].clone(), weights[lo:hi].clone()
+        if not s._tracked:  # nobody calls advance(): a drawn batch counts as consumed
+            self.advance(1)
+        return WeightedIndices(indices, weights)
+
+    def _draw(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.sampler
+        if s._pending:
+            s._apply_pending(self.base + step - s.delay)
+        return s.draw(self.epoch, step)
+
+    def advance(self, batches: int) -> None:
+        """The loop consumed ``batches`` more batches of this iterator."""
+        self.consumed = min(self.consumed + batches, self.num_batches)
+        self.sampler._consumed_by(self, batches)
+
+
+class TableSampler(Sampler[WeightedIndices]):
     """A batch sampler drawing b examples per step proportionally to a score table.
 
     .. math::
@@ -65,6 +212,12 @@ class TableSampler(Sampler[list[tuple[int, float]]]):
             ``sync_every``-th call of :meth:`update` (a collective: every rank must call
             :meth:`update` equally often) and apply them in rank order on every rank,
             so the tables stay bit-identical. Default 1.
+        draw_ahead: draw the next batch in a background thread as soon as the current one
+            is handed out, so the draw leaves the critical path of a training step that
+            waits on an accelerator. Needs ``delay >= 1`` (the next batch must not depend
+            on the current batch's scores) and a loop that reports consumption
+            (:class:`ImportanceDataLoader`, or :meth:`advance`); the batches are the
+            same as without it. Default False.
 
     Distributed estimator: the averaged DDP gradient of the rank shards is
 
@@ -76,21 +229,34 @@ class TableSampler(Sampler[list[tuple[int, float]]]):
     the single-process weighted gradient of the global batch, unbiased for the full
     gradient because the weights ``1 / (N p_i)`` use the global distribution.
 
+    Epochs and iterators (as in torch): every ``iter(sampler)`` is an independent pass
+    over one epoch with its own cursor, so two live iterators, or a :meth:`set_epoch`
+    in the middle of an epoch, never truncate each other. The epoch of a new iterator
+    is :attr:`epoch`; it starts at step 0, except the first iterator after
+    :meth:`load_state_dict`, which resumes at the saved position. When an iterator of
+    the current epoch has handed out its last batch, :attr:`epoch` moves on by one.
+    ``set_epoch`` with the current epoch changes nothing (a resumed position stays).
+
     Yields:
-        Lists of b ``(index, weight)`` pairs (int, float).
+        One :class:`WeightedIndices` per batch: b int64 indices and their float32
+        weights (it also iterates as ``(index, weight)`` pairs). Use
+        :class:`isample.WeightedDataset` and :func:`isample.weighted_collate` to plug
+        the sampler into a ``torch.utils.data.DataLoader`` as its ``batch_sampler``.
 
     Raises:
         ValueError: on negative scores or mismatched lengths in :meth:`update` (NaN and
             inf entries are skipped with a warning instead; with several replicas they
             are dropped after the gather, identically on every rank).
         IndexError: an updated index outside [0, N).
+        TypeError: bool or float indices, or non-real scores, in :meth:`update` (see
+            :mod:`isample._feedback` for the one set of conversion rules).
 
     Example:
         >>> sampler = TableSampler(len(ds), batch_size=64, seed=0)   # DDP: same call on every rank
         >>> loader = ImportanceDataLoader(ds, sampler)
     """
 
-    STATE_VERSION = 2
+    STATE_VERSION = 3
 
     def __init__(
         self,
@@ -113,6 +279,7 @@ class TableSampler(Sampler[list[tuple[int, float]]]):
         num_replicas: int | None = None,
         rank: int | None = None,
         sync_every: int = 1,
+        draw_ahead: bool = False,
     ) -> None:
         owner = "TableSampler"
         self.num_samples = check_int(num_samples, "num_samples", owner, minimum=1)
@@ -120,10 +287,8 @@ class TableSampler(Sampler[list[tuple[int, float]]]):
         self.drop_last = bool(drop_last)
         self.num_replicas, self.rank = _dist.resolve_world(num_replicas, rank, owner)
         self.sync_every = check_int(sync_every, "sync_every", owner, minimum=1)
-        step_size = self.batch_size * self.num_replicas
-        default = self.num_samples // step_size if self.drop_last else math.ceil(self.num_samples / step_size)
-        given = check_int(num_batches, "num_batches", owner, minimum=1, allow_none=True)
-        self.num_batches = given or max(default, 1)
+        self._num_batches_arg = check_int(num_batches, "num_batches", owner, minimum=1, allow_none=True)
+        self.num_batches = self._default_num_batches()
         self.initial_score = check_float(initial_score, "initial_score", owner, minimum=0.0, allow_none=True)
         self.policy = ScorePolicy(power=power, additive=additive, relative=relative, mixing=mixing)
         self.bias_exponent = check_float(bias_exponent, "bias_exponent", owner, minimum=0.0, maximum=1.0)
@@ -133,16 +298,17 @@ class TableSampler(Sampler[list[tuple[int, float]]]):
         self.normalize = check_choice(normalize, "normalize", owner, NORMALIZATIONS)
         self.seed = _dist.shared_seed(seed, generator, owner, self.num_replicas)
         self.delay = check_int(delay, "delay", owner, minimum=0)
-        self._tree = SumTree(self.num_samples)
-        # largest raw score whose transformed value keeps the float64 sum of N finite
-        limit = math.log(np.finfo(np.float64).max / (2 * self.num_samples)) / self.policy.power  # 2x margin
-        self._max_score = math.exp(limit) if limit < 709.0 else math.inf
+        if not isinstance(draw_ahead, bool):
+            raise param_error("draw_ahead", owner, "a bool", draw_ahead, TypeError)
+        self.draw_ahead = draw_ahead
+        self._executor: ThreadPoolExecutor | None = None
+        self._inflight: Future | None = None
+        self._allocate(np.zeros(0, dtype=np.float64), np.zeros(0, dtype=bool))
         if self.initial_score is not None and self.initial_score > self._max_score:  # N x it overflows
             raise param_error("initial_score", owner, f"a float in [0, {self._max_score:.4g}]", initial_score)
-        self._visited = np.zeros(self.num_samples, dtype=bool)
-        self._num_visited = 0
         self.epoch = 0
         self.position = 0  # batches of the current epoch consumed by the training loop
+        self._resume = False  # the next iterator starts at ``position`` (set by load_state_dict)
         self._consumed = 0  # batches consumed over the sampler's life (tags of updates)
         self._pending: list[tuple[int, np.ndarray, np.ndarray]] = []
         # pending updates already applied by a prefetched draw, with the values they replaced
@@ -152,55 +318,157 @@ class TableSampler(Sampler[list[tuple[int, float]]]):
         self._updates_since_sync = 0
         self._warned_zero = False
         self._tracked = False
+        self._latest: _EpochIterator | None = None
+
+    def _default_num_batches(self) -> int:
+        if self._num_batches_arg is not None:
+            return self._num_batches_arg
+        step_size = self.batch_size * self.num_replicas
+        n = self.num_samples
+        return max(n // step_size if self.drop_last else math.ceil(n / step_size), 1)
+
+    def _allocate(self, table: np.ndarray, visited: np.ndarray) -> None:
+        """(Re)build the table for ``num_samples`` examples from a prefix of old leaves."""
+        n = self.num_samples
+        # largest raw score whose transformed value keeps the float64 sum of N finite
+        limit = math.log(np.finfo(np.float64).max / (2 * n)) / self.policy.power  # 2x margin
+        self._max_score = math.exp(limit) if limit < 709.0 else math.inf
+        tree = SumTree(n)
+        keep = min(n, table.shape[0])
+        if keep:
+            values = np.zeros(n, dtype=np.float64)
+            values[:keep] = table[:keep]
+            tree.fill(values)
+        padded = np.ones(-(-n // _BLOCK) * _BLOCK, dtype=bool)  # padding counts as visited
+        padded[:n] = False
+        padded[:keep] = visited[:keep]
+        self._tree = tree
+        self._padded_visited = padded
+        self._visited = padded[:n]
+        self._num_visited = int(np.count_nonzero(self._visited))
+        self._unvisited = _Unvisited(padded) if self._num_visited < n else None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # ``_visited`` and the unvisited index are views of ``_padded_visited``: pickle the
+        # buffer once and rebuild the views (a copied view would silently stop tracking it).
+        self._settle()
+        state = self.__dict__.copy()
+        for key in ("_visited", "_unvisited", "_latest", "_executor", "_inflight"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._visited = self._padded_visited[: self.num_samples]
+        self._unvisited = _Unvisited(self._padded_visited) if self._num_visited < self.num_samples else None
+        self._latest = None
+        self._executor = None
+        self._inflight = None
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="isample-draw-ahead")
+        return self._executor
+
+    def _settle(self) -> None:
+        """Wait for a draw running ahead (it may touch the table) before reading or changing state."""
+        if self._inflight is not None:
+            wait([self._inflight])
+            self._inflight = None
 
     # ------------------------------------------------------------------ protocol
     def __len__(self) -> int:
         return self.num_batches
 
     def set_epoch(self, epoch: int) -> None:
-        """Set the epoch: draws are a pure function of (seed, epoch, step, table)."""
-        self.epoch = check_int(epoch, "epoch", "TableSampler.set_epoch", minimum=0)
-        self.position = 0
+        """Set the epoch of the next iterator: draws are a pure function of (seed, epoch, step, table).
 
-    def __iter__(self) -> Iterator[list[tuple[int, float]]]:
-        return self._iterate()
+        With the current epoch this changes nothing, so a position restored by
+        :meth:`load_state_dict` survives (Lightning calls ``set_epoch(current)`` on resume).
+        With another epoch the next iterator starts it at step 0. Iterators already
+        running keep their own epoch and cursor.
+        """
+        epoch = check_int(epoch, "epoch", "TableSampler.set_epoch", minimum=0)
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.position = 0
+            self._resume = False
 
-    def _iterate(self) -> Iterator[list[tuple[int, float]]]:
+    def __iter__(self) -> Iterator[WeightedIndices]:
+        if self.draw_ahead and self.delay < 1:
+            raise ValueError(
+                "TableSampler(draw_ahead=True) needs delay >= 1: the next batch is drawn before the "
+                "current one's scores come back."
+            )
+        self._settle()
         _dist.check_configuration(self, "TableSampler")  # every rank: same N, b, seed, ... (DDP)
-        epoch = self.epoch
-        start = self.position
-        global_base = self._consumed - start
-        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
-        for step in range(start, self.num_batches):
-            self._apply_pending(global_base + step - self.delay)
-            indices, weights = self.draw(epoch, step)
-            if not self._tracked:  # nobody calls advance(): a drawn batch counts as consumed
-                self._count(1)
-            yield list(zip(indices[lo:hi].tolist(), weights[lo:hi].tolist(), strict=True))
+        # The resume point holds until an iterator draws from it: torch's DataLoader creates
+        # and drops one sampler iterator before the one it uses.
+        start = self.position if self._resume and self.position < self.num_batches else 0
+        self.position = start
+        self._latest = _EpochIterator(self, self.epoch, start)
+        return self._latest
 
     def advance(self, batches: int = 1) -> None:
         """Tell the sampler that the training loop consumed ``batches`` more batches.
 
-        :class:`ImportanceDataLoader` calls this; it keeps ``position`` (for resume) and
-        the tags of delayed updates exact when batches are drawn ahead (prefetching).
-        Without it, a batch counts as consumed when it is drawn (exact for
-        ``torchdata``'s ``StatefulDataLoader`` and a single-process ``DataLoader``). The
-        first call switches from counting draws to counting ``advance`` calls, so call
+        Counts for the most recent iterator. :class:`ImportanceDataLoader` tells its own
+        iterator instead; either keeps ``position`` (for resume) and the tags of delayed
+        updates exact when batches are drawn ahead (prefetching). Without it, a batch
+        counts as consumed when it is drawn (exact for ``torchdata``'s
+        ``StatefulDataLoader`` and a single-process ``DataLoader``). The first call
+        switches from counting draws to counting ``advance`` calls, so call
         ``advance(0)`` before the first draw when driving the sampler by hand.
         """
-        if not self._tracked:  # first call: from now on only advance() moves the position
-            self._tracked = True
-        self._count(check_int(batches, "batches", "TableSampler.advance", minimum=0))
+        batches = check_int(batches, "batches", "TableSampler.advance", minimum=0)
+        self._tracked = True
+        if self._latest is not None:
+            self._latest.advance(batches)
 
-    def _count(self, batches: int) -> None:
+    def _consumed_by(self, it: _EpochIterator, batches: int) -> None:
         self._consumed += batches
-        self.position += batches
-        if self.position >= self.num_batches:
-            self.epoch += 1
-            self.position = 0
+        if it.epoch == self.epoch:  # iterators of another epoch (set_epoch while running) do not move it
+            self.position = it.consumed
+            if it.consumed >= it.num_batches:
+                self.epoch += 1
+                self.position = 0
+                self._resume = False
         horizon = self._consumed - self.delay
         while self._applied and self._applied[0][0] <= horizon:  # due for every later draw: keep
             self._applied.pop(0)
+
+    # ------------------------------------------------------------------ size
+    def resize(self, num_samples: int) -> None:
+        """Adapt to a dataset whose length changed: new examples are unvisited, a shrink drops the tail.
+
+        Examples ``[0, min(N, M))`` keep their scores; new ones count with the unvisited
+        prior (``initial_score`` or the running mean); scores and queued updates of
+        removed indices are dropped. ``num_batches`` is recomputed unless it was given.
+        Call it between epochs (:class:`ImportanceDataLoader` does, at the start of each
+        epoch, when ``len(dataset)`` changed); under DDP every rank must resize alike.
+
+        Raises:
+            ValueError: in the middle of a resumed epoch (``position > 0``).
+        """
+        m = check_int(num_samples, "num_samples", "TableSampler.resize", minimum=1)
+        self._settle()
+        if m == self.num_samples:
+            return
+        if self.position:
+            raise ValueError(
+                f"TableSampler.resize({m}) in the middle of an epoch (position {self.position} of "
+                f"{self.num_batches}): the dataset length may change only between epochs."
+            )
+        self.flush()
+        table = np.array(self._tree.values(), dtype=np.float64)
+        visited = self._visited.copy()
+        self.num_samples = m
+        self._allocate(table, visited)
+        self.num_batches = self._default_num_batches()
+        keep = [(t, i, v) for t, i, v in self._pending]
+        self._pending = [(t, i[i < m], v[i < m]) for t, i, v in keep]
+        self._unsynced = [(i[i < m], v[i < m]) for i, v in self._unsynced]
+        self._latest = None
 
     # ------------------------------------------------------------------ draws
     @property
@@ -213,7 +481,10 @@ class TableSampler(Sampler[list[tuple[int, float]]]):
 
         ``R = num_replicas``; rank r's shard is positions ``[r b, (r + 1) b)``. A pure
         function of ``(seed, epoch, step)`` and the current table, hence the same on
-        every rank.
+        every rank. Three uniforms per draw: ``u0`` picks the uniform component or the
+        scores, ``u1`` the uniform index (or the rank inside a block of unvisited
+        examples), ``u2`` the position in the score mass. O(b log N) time and O(b)
+        scratch whatever the scores; exact for a subnormal score total too.
         """
         b = self.global_batch_size
         n = self.num_samples
@@ -222,7 +493,8 @@ class TableSampler(Sampler[list[tuple[int, float]]]):
         visited_total = self._tree.total
         all_visited = self._num_visited == n
         init = 0.0 if all_visited else self._initial_transformed()
-        t_total = visited_total + (n - self._num_visited) * init
+        unvisited = n - self._num_visited
+        t_total = visited_total + unvisited * init
         share = self.policy.uniform_share(t_total, n)
         if t_total <= 0 and share >= 1.0 and not self._warned_zero:
             self._warned_zero = True
@@ -235,32 +507,29 @@ class TableSampler(Sampler[list[tuple[int, float]]]):
         np.minimum(idx, n - 1, out=idx)
         from_scores = u[0] >= share
         if from_scores.any():
-            target = u[2][from_scores] * t_total
+            if t_total >= _TINY:
+                target = u[2][from_scores] * t_total
+            else:  # subnormal total: every sum is an exact multiple of 2**-1074; draw one exactly
+                units = t_total * 2.0**1000 * 2.0**74  # an integer below 2**52
+                target = np.floor(u[2][from_scores] * units) * _ULP0
             if all_visited:
-                chosen = self._tree.find(target, check=False)  # targets lie in [0, total)
+                chosen = self._tree.find(target, check=False)  # targets lie in [0, total]
             else:
                 in_tree = target < visited_total
                 chosen = np.empty(target.shape[0], dtype=np.int64)
                 if in_tree.any():
                     chosen[in_tree] = self._tree.find(target[in_tree], check=False)
                 if not in_tree.all():
-                    chosen[~in_tree] = self._uniform_unvisited(int((~in_tree).sum()), g)
+                    rest = ~in_tree
+                    # position inside the unvisited mass, in units of one unvisited example
+                    k = np.clip((target[rest] - visited_total) / init, 0.0, float(unvisited))
+                    chosen[rest] = self._unvisited.select(k, u[1][from_scores][rest])  # type: ignore[union-attr]
             idx[from_scores] = chosen
-        t = self._tree.get(idx) if all_visited else np.where(self._visited[idx], self._tree.get(idx), init)
+        leaves = self._tree.values()  # idx is valid by construction: no checked get()
+        t = leaves.take(idx) if all_visited else np.where(self._visited[idx], leaves.take(idx), init)
         p = share / n + (1.0 - share) * (t / t_total) if t_total > 0 else np.full(b, share / n)
         w = weights_array(p, n, self.bias_exponent, self.max_weight, self.normalize)
         return torch.from_numpy(idx), torch.from_numpy(w.astype(np.float32))
-
-    def _uniform_unvisited(self, count: int, g: torch.Generator) -> np.ndarray:
-        """``count`` indices uniform over unvisited examples, by vectorised rejection."""
-        n = self.num_samples
-        out = np.empty(0, dtype=np.int64)
-        while out.size < count:
-            need = count - out.size
-            ratio = n / max(n - self._num_visited, 1)
-            cand = torch.randint(0, n, (int(need * ratio * 1.2) + 8,), generator=g).numpy()
-            out = np.concatenate([out, cand[~self._visited[cand]][:need]])
-        return out
 
     def _initial_transformed(self) -> float:
         if self.initial_score is not None:
@@ -271,6 +540,7 @@ class TableSampler(Sampler[list[tuple[int, float]]]):
 
     def probabilities(self) -> torch.Tensor:
         """The current draw distribution over all N examples: float64 Tensor (N,), sum 1. O(N)."""
+        self._settle()
         n = self.num_samples
         init = self._initial_transformed()
         t = np.where(self._visited, self._tree.values(), init)
@@ -281,6 +551,7 @@ class TableSampler(Sampler[list[tuple[int, float]]]):
 
     def scores(self) -> torch.Tensor:
         """Latest raw score of every example (NaN where never updated): float64 Tensor (N,)."""
+        self._settle()
         t = np.where(self._visited, self._tree.values(), np.nan)
         s = t if self.policy.power == 1.0 else np.power(t, 1.0 / self.policy.power)
         return torch.from_numpy(np.asarray(s, dtype=np.float64))
@@ -294,43 +565,29 @@ class TableSampler(Sampler[list[tuple[int, float]]]):
         equally often, like ``backward`` under DDP).
 
         Args:
-            indices: LongTensor / array of shape (k,), values in [0, N).
-            scores: Tensor / array of shape (k,), >= 0. NaN and inf entries are skipped
+            indices: integer Tensor / array / list of shape (k,), values in [0, N)
+                (bool and float indices are a ``TypeError``).
+            scores: real Tensor / array / list of shape (k,), any float dtype
+                (bfloat16 and float16 included), >= 0. NaN and inf entries are skipped
                 with a warning; the table keeps their previous values.
         """
-        idx, val = self._check_update(indices, scores)
-        if self.num_replicas == 1:
-            self._receive(idx, val, stacklevel=3)
+        several = self.num_replicas > 1
+        idx, val = feedback_arrays(
+            indices,
+            scores,
+            self.num_samples,
+            "TableSampler",
+            max_score=self._max_score,
+            keep_nonfinite=several,
+        )
+        if not several:
+            if idx.size:
+                self._receive(idx, val, stacklevel=3, checked=True)
             return
-        self._unsynced.append((idx.copy(), val.copy()))
+        self._unsynced.append((idx, val))
         self._updates_since_sync += 1
         if self._updates_since_sync >= self.sync_every:
             self.sync()
-
-    def _check_update(self, indices: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
-        idx = _as_numpy(indices, "indices").astype(np.int64, copy=False).ravel()
-        val = _as_numpy(scores, "scores").astype(np.float64, copy=False).ravel()
-        if idx.shape[0] != val.shape[0]:
-            raise ValueError(
-                f"TableSampler.update got {idx.shape[0]} indices and {val.shape[0]} scores; "
-                "lengths must match."
-            )
-        if idx.size and (idx.view(np.uint64) >= self.num_samples).any():  # negatives wrap to huge
-            bad = idx[(idx < 0) | (idx >= self.num_samples)][0]
-            raise IndexError(f"TableSampler.update got index {int(bad)} outside [0, {self.num_samples}).")
-        # False for NaN and +inf: those are skipped with a warning later
-        out_of_range = (val < 0) | ((val > self._max_score) & (val != np.inf))
-        if out_of_range.any():
-            bad = val[out_of_range]
-            if bad.min() < 0:
-                raise ValueError(
-                    f"TableSampler.update got negative scores (min {bad.min():.4g}); scores must be >= 0."
-                )
-            raise ValueError(
-                f"TableSampler.update got scores up to {bad.max():.4g}; scores above {self._max_score:.3g} "
-                "would overflow the table's float64 sum."
-            )
-        return idx, val
 
     def sync(self) -> None:
         """Gather every rank's buffered updates and apply them, in rank order, on every rank.
@@ -356,19 +613,20 @@ class TableSampler(Sampler[list[tuple[int, float]]]):
         self._updates_since_sync = 0
         self._receive(idx, val, stacklevel=4)
 
-    def _receive(self, idx: np.ndarray, val: np.ndarray, stacklevel: int) -> None:
+    def _receive(self, idx: np.ndarray, val: np.ndarray, stacklevel: int, checked: bool = False) -> None:
         """Drop non-finite entries (with a warning) and apply or queue the rest."""
-        finite = np.isfinite(val)
-        if not finite.all():
-            warnings.warn(
-                f"TableSampler.update skipped {int((~finite).sum())} NaN or infinite score(s); "
-                "those examples keep their previous scores.",
-                RuntimeWarning,
-                stacklevel=stacklevel,
-            )
-            idx, val = idx[finite], val[finite]
+        if not checked:
+            finite = np.isfinite(val)
+            if not finite.all():
+                warnings.warn(
+                    f"TableSampler.update skipped {int((~finite).sum())} NaN or infinite score(s); "
+                    "those examples keep their previous scores.",
+                    RuntimeWarning,
+                    stacklevel=stacklevel,
+                )
+                idx, val = idx[finite], val[finite]
         if self.delay:
-            self._pending.append((self._consumed, idx.copy(), val.copy()))
+            self._pending.append((self._consumed, idx, val))
         else:
             self._set(idx, val)
 
@@ -382,6 +640,7 @@ class TableSampler(Sampler[list[tuple[int, float]]]):
 
     def flush(self) -> None:
         """Apply every delayed update now."""
+        self._settle()
         self._apply_pending(float("inf"))
         self._applied = []
 
@@ -389,12 +648,19 @@ class TableSampler(Sampler[list[tuple[int, float]]]):
         if idx.size == 0:
             return
         t = val if self.policy.power == 1.0 else np.power(val, self.policy.power)
-        self._tree.set(idx, t, check=False)  # validated by _check_update / _receive
-        if self._num_visited == self.num_samples:
+        self._tree.set(idx, t, check=False)  # validated by feedback_arrays / _receive
+        if self._unvisited is None:
             return
-        new = np.unique(idx[~self._visited[idx]])
+        fresh = idx[~self._visited[idx]]
+        if fresh.size == 0:
+            return
+        new = np.unique(fresh)
         self._visited[new] = True
         self._num_visited += int(new.size)
+        if self._num_visited == self.num_samples:
+            self._unvisited = None  # every example visited: the index is no longer needed
+        else:
+            self._unvisited.visit(new)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -404,12 +670,15 @@ class TableSampler(Sampler[list[tuple[int, float]]]):
             A dict of ints, floats, lists and tensors (loadable with
             ``torch.load(weights_only=True)``): the table (float64 (N,), transformed
             scores) and visited mask (bool (N,)) as of the consumption point, the
-            delayed updates still to apply (tagged with the step they were given at),
-            this rank's updates not yet synchronised, seed, epoch, position in the
-            epoch, batches consumed, and the replica layout. Updates that a prefetched
-            draw already applied ahead of the consumption point are reverted here and
-            stored as delayed updates, so batches in flight are redrawn identically.
+            delayed updates still to apply (tagged with the step they were given at)
+            and the update delay, this rank's updates not yet synchronised, seed,
+            epoch, position in the epoch, batches consumed, the epoch layout
+            (``num_batches``, ``drop_last``) and the replica layout. Updates that a
+            prefetched draw already applied ahead of the consumption point are reverted
+            here and stored as delayed updates, so batches in flight are redrawn
+            identically.
         """
+        self._settle()
         table = np.array(self._tree.values(), dtype=np.float64)
         visited = self._visited.copy()
         horizon = self._consumed - self.delay
@@ -424,12 +693,15 @@ class TableSampler(Sampler[list[tuple[int, float]]]):
             "version": self.STATE_VERSION,
             "num_samples": self.num_samples,
             "batch_size": self.batch_size,
+            "num_batches": self.num_batches,
+            "drop_last": self.drop_last,
             "num_replicas": self.num_replicas,
             "rank": self.rank,
             "seed": self.seed,
             "epoch": self.epoch,
             "position": self.position,
             "consumed": self._consumed,
+            "delay": self.delay,
             "table": torch.from_numpy(table),
             "visited": torch.from_numpy(visited),
             "pending": [[tag, _tensor(i), _tensor(v)] for tag, i, v in pending],
@@ -438,84 +710,226 @@ class TableSampler(Sampler[list[tuple[int, float]]]):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`.
+        """Restore :meth:`state_dict`, after validating every field (nothing changes on error).
 
         Each rank restores its own view. The table is global (identical on every rank),
         so a state saved on another rank loads too, provided it holds no unsynchronised
         updates (always true with ``sync_every=1``; call :meth:`sync` before saving
-        otherwise).
+        otherwise). The saved update ``delay`` is restored, so the continuation is the
+        same whatever this process's prefetch depth (see :class:`ImportanceDataLoader`).
+        The next iterator resumes at the saved position.
 
         Raises:
             KeyError: a required key is missing.
-            ValueError: the state was saved for another dataset size, batch size or
-                number of replicas (the position inside an epoch counts per-replica
-                steps; start a fresh sampler and restore only the scores with
-                :meth:`update` to change the world size), or it holds another rank's
-                unsynchronised updates.
+            TypeError: a field has the wrong type (e.g. a float position, float indices).
+            ValueError: the state does not fit this sampler (another dataset size, batch
+                size, number of batches per epoch, ``drop_last`` or number of replicas:
+                the position inside an epoch counts per-replica steps; start a fresh
+                sampler and restore only the scores with :meth:`update` to change them),
+                it holds another rank's unsynchronised updates, or a field is out of
+                range (a position past the epoch, a negative epoch or seed, a table
+                entry that is negative, NaN, infinite or set for an unvisited example,
+                a queued update with an index outside [0, N) or a NaN / negative score).
         """
-        for key in ("num_samples", "table", "visited", "seed", "epoch", "position"):
-            if key not in state:
-                raise KeyError(f"TableSampler state is missing '{key}'.")
-        if int(state["num_samples"]) != self.num_samples:
-            raise ValueError(
-                f"TableSampler state was saved for a dataset of {state['num_samples']} examples; "
-                f"this sampler has num_samples={self.num_samples}."
-            )
-        replicas = int(state.get("num_replicas", 1))
-        if replicas != self.num_replicas:
-            raise ValueError(
-                f"TableSampler state was saved with num_replicas={replicas}; this sampler has "
-                f"num_replicas={self.num_replicas}. Epoch positions count per-replica steps, so a "
-                "state cannot be resumed exactly under another world size; to re-shard, build a "
-                "fresh sampler and restore the scores with sampler.update(indices, scores) from "
-                "state['table'] and state['visited']."
-            )
-        if "batch_size" in state and int(state["batch_size"]) != self.batch_size:
-            raise ValueError(
-                f"TableSampler state was saved with batch_size={state['batch_size']}; this sampler has "
-                f"batch_size={self.batch_size}."
-            )
-        unsynced = state.get("unsynced", [])
-        if unsynced and int(state.get("rank", 0)) != self.rank:
-            raise ValueError(
-                f"TableSampler state of rank {state.get('rank')} holds unsynchronised updates and cannot "
-                f"be loaded on rank {self.rank}; load each rank's own state, or call sync() before saving."
-            )
-        table = np.asarray(state["table"], dtype=np.float64)
-        visited = np.asarray(state["visited"], dtype=bool)
-        if table.shape != (self.num_samples,) or visited.shape != (self.num_samples,):
-            raise ValueError("TableSampler state has a table or visited mask of the wrong shape.")
-        self._tree.fill(table)
-        self._visited = visited.copy()
-        self._num_visited = int(visited.sum())
-        self.seed = int(state["seed"])
-        self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
-        self._consumed = int(state.get("consumed", 0))
-        self._pending = [
-            (int(t), np.asarray(i, dtype=np.int64), np.asarray(v, dtype=np.float64))
-            for t, i, v in state.get("pending", [])
-        ]
+        self._settle()
+        parsed = _parse_state(self, state)
+        self._tree.fill(parsed["table"])
+        np.copyto(self._visited, parsed["visited"])
+        self._num_visited = int(np.count_nonzero(self._visited))
+        self._unvisited = _Unvisited(self._padded_visited) if self._num_visited < self.num_samples else None
+        self.seed = parsed["seed"]
+        self.epoch = parsed["epoch"]
+        self.position = parsed["position"]
+        self._resume = True
+        self._consumed = parsed["consumed"]
+        if parsed["delay"] is not None:
+            self.delay = parsed["delay"]
+        self._pending = parsed["pending"]
         self._applied = []
-        self._unsynced = [
-            (np.asarray(i, dtype=np.int64), np.asarray(v, dtype=np.float64)) for i, v in unsynced
-        ]
-        self._updates_since_sync = int(state.get("updates_since_sync", 0))
+        self._unsynced = parsed["unsynced"]
+        self._updates_since_sync = parsed["updates_since_sync"]
+        self._latest = None
 
 
-def _as_numpy(value: Any, name: str) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu()
-        if value.dtype in (torch.bfloat16, torch.float16):  # NumPy has no bfloat16
-            value = value.float()
-        return value.numpy()
-    if isinstance(value, np.ndarray):
+def _parse_state(sampler: TableSampler, state: Any) -> dict[str, Any]:
+    """Validate a :meth:`TableSampler.state_dict` against ``sampler``; return its fields as arrays."""
+    where = "TableSampler state"
+    if not isinstance(state, dict):
+        raise TypeError(
+            f"{where} must be a dict (from TableSampler.state_dict()). Got {type(state).__name__}."
+        )
+    for key in ("num_samples", "table", "visited", "seed", "epoch", "position"):
+        if key not in state:
+            raise KeyError(f"{where} is missing '{key}'.")
+
+    def integer(key: str, default: Any = None, minimum: int = 0, maximum: int | None = None) -> int:
+        value = state.get(key, default)
+        if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_floating_point():
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{where} field '{key}' must be an int. Got {value!r}.")
+        value = int(value)
+        if value < minimum or (maximum is not None and value > maximum):
+            upper = "" if maximum is None else f" and <= {maximum}"
+            raise ValueError(f"{where} field '{key}' must be >= {minimum}{upper}. Got {value}.")
         return value
-    if isinstance(value, (list, tuple)):
+
+    version = integer("version", 1, minimum=1)
+    if version > TableSampler.STATE_VERSION:
+        raise ValueError(
+            f"{where} has version {version}; this isample reads versions up to {TableSampler.STATE_VERSION}."
+        )
+    n = integer("num_samples", minimum=1)
+    if n != sampler.num_samples:
+        raise ValueError(
+            f"{where} was saved for a dataset of {n} examples; "
+            f"this sampler has num_samples={sampler.num_samples}."
+        )
+    replicas = integer("num_replicas", 1, minimum=1)
+    if replicas != sampler.num_replicas:
+        raise ValueError(
+            f"{where} was saved with num_replicas={replicas}; this sampler has "
+            f"num_replicas={sampler.num_replicas}. Epoch positions count per-replica steps, so a "
+            "state cannot be resumed exactly under another world size; to re-shard, build a "
+            "fresh sampler and restore the scores with sampler.update(indices, scores) from "
+            "state['table'] and state['visited']."
+        )
+    batch_size = integer("batch_size", sampler.batch_size, minimum=1)
+    if batch_size != sampler.batch_size:
+        raise ValueError(
+            f"{where} was saved with batch_size={batch_size}; "
+            f"this sampler has batch_size={sampler.batch_size}."
+        )
+    if "num_batches" in state:
+        num_batches = integer("num_batches", minimum=1)
+        if num_batches != sampler.num_batches:
+            raise ValueError(
+                f"{where} was saved with {num_batches} batches per epoch; this sampler has "
+                f"num_batches={sampler.num_batches} (check num_batches, drop_last and the dataset size)."
+            )
+    if "drop_last" in state:
+        drop_last = state["drop_last"]
+        if isinstance(drop_last, torch.Tensor) and drop_last.ndim == 0:
+            drop_last = drop_last.item()
+        if not isinstance(drop_last, (bool, np.bool_)):
+            raise TypeError(f"{where} field 'drop_last' must be a bool. Got {drop_last!r}.")
+        if bool(drop_last) != sampler.drop_last:
+            raise ValueError(
+                f"{where} was saved with drop_last={bool(drop_last)}; "
+                f"this sampler has drop_last={sampler.drop_last}."
+            )
+    saved_rank = integer("rank", 0, maximum=replicas - 1)
+    seed = integer("seed", maximum=2**64 - 1)
+    epoch = integer("epoch")
+    position = integer("position", maximum=sampler.num_batches - 1)
+    consumed = integer("consumed", position, minimum=position)
+    delay = integer("delay") if "delay" in state else None
+    since = integer("updates_since_sync", 0)  # >= sync_every: the next update synchronises
+
+    table = _float_array(state["table"], f"{where} field 'table'")
+    visited = _array(state["visited"], f"{where} field 'visited'")
+    if visited.dtype != np.bool_:
+        raise TypeError(f"{where} field 'visited' must be a bool tensor. Got dtype {visited.dtype}.")
+    if table.shape != (n,) or visited.shape != (n,):
+        raise ValueError(
+            f"{where} has a table of shape {table.shape} and a visited mask of shape {visited.shape}; "
+            f"expected ({n},)."
+        )
+    cap = float(np.finfo(np.float64).max) / n
+    if n and not (table.min() >= 0 and table.max() <= cap):
+        raise ValueError(
+            f"{where} field 'table' must hold finite values in [0, {cap:.3g}] (no NaN). "
+            f"Got values in [{table.min()!r}, {table.max()!r}]."
+        )
+    if table[~visited].any():
+        raise ValueError(
+            f"{where} field 'table' has nonzero scores for examples the visited mask marks unvisited."
+        )
+
+    def update_arrays(idx: Any, val: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
+        i = _array(idx, what + " indices")
+        v = _float_array(val, what + " scores")
+        if i.dtype == np.bool_ or not np.issubdtype(i.dtype, np.integer):
+            raise TypeError(f"{what} indices must be an integer tensor. Got dtype {i.dtype}.")
+        i = i.astype(np.int64).ravel()
+        v = v.ravel()
+        if i.shape != v.shape:
+            raise ValueError(f"{what} has {i.shape[0]} indices and {v.shape[0]} scores; lengths must match.")
+        if i.size and not (i.min() >= 0 and i.max() < n):
+            raise ValueError(f"{what} has an index outside [0, {n}): {int(i[(i < 0) | (i >= n)][0])}.")
+        return i, v
+
+    pending = []
+    last_tag = -1
+    entries = state.get("pending", [])
+    if not isinstance(entries, (list, tuple)):
+        raise TypeError(f"{where} field 'pending' must be a list. Got {type(entries).__name__}.")
+    for k, entry in enumerate(entries):
+        what = f"{where} pending update {k}"
+        if not isinstance(entry, (list, tuple)) or len(entry) != 3:
+            raise TypeError(f"{what} must be a [tag, indices, scores] triple. Got {entry!r}.")
+        tag = entry[0]
+        if isinstance(tag, bool) or not isinstance(tag, numbers.Integral) or not 0 <= int(tag) <= consumed:
+            raise ValueError(f"{what} has tag {tag!r}; tags are ints in [0, consumed={consumed}].")
+        if int(tag) < last_tag:
+            raise ValueError(f"{what} has tag {int(tag)} after tag {last_tag}; tags must not decrease.")
+        last_tag = int(tag)
+        i, v = update_arrays(entry[1], entry[2], what)
+        if v.size and not (v.min() >= 0 and v.max() <= sampler._max_score):
+            raise ValueError(
+                f"{what} has scores outside [0, {sampler._max_score:.3g}] or NaN; "
+                "they would corrupt the table."
+            )
+        pending.append((int(tag), i, v))
+    unsynced = []
+    entries = state.get("unsynced", [])
+    if not isinstance(entries, (list, tuple)):
+        raise TypeError(f"{where} field 'unsynced' must be a list. Got {type(entries).__name__}.")
+    for k, entry in enumerate(entries):
+        what = f"{where} unsynchronised update {k}"
+        if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+            raise TypeError(f"{what} must be an [indices, scores] pair. Got {entry!r}.")
+        i, v = update_arrays(entry[0], entry[1], what)
+        if v.size and ((v < 0).any() or (np.isfinite(v) & (v > sampler._max_score)).any()):
+            raise ValueError(f"{what} has negative scores or scores above {sampler._max_score:.3g}.")
+        unsynced.append((i, v))  # NaN / inf allowed: dropped after the gather, on every rank alike
+    if unsynced and saved_rank != sampler.rank:
+        raise ValueError(
+            f"{where} of rank {saved_rank} holds unsynchronised updates and cannot be loaded on rank "
+            f"{sampler.rank}; load each rank's own state, or call sync() before saving."
+        )
+    return {
+        "seed": seed,
+        "epoch": epoch,
+        "position": position,
+        "consumed": consumed,
+        "delay": delay,
+        "updates_since_sync": since,
+        "table": table,
+        "visited": visited,
+        "pending": pending,
+        "unsynced": unsynced,
+    }
+
+
+def _array(value: Any, what: str) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        if value.dtype in (torch.bfloat16, torch.float16):
+            value = value.float()
+        return value.detach().cpu().numpy()
+    if isinstance(value, (np.ndarray, list, tuple)):
         return np.asarray(value)
-    raise TypeError(
-        f"The '{name}' parameter of TableSampler.update must be a Tensor, array or list. Got {value!r}."
-    )
+    raise TypeError(f"{what} must be a tensor or array. Got {type(value).__name__}.")
+
+
+def _float_array(value: Any, what: str) -> np.ndarray:
+    arr = _array(value, what)
+    if arr.size and (
+        arr.dtype == np.bool_
+        or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer))
+    ):
+        raise TypeError(f"{what} must be a real tensor. Got dtype {arr.dtype}.")
+    return np.asarray(arr, dtype=np.float64)
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:

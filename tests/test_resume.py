@@ -124,14 +124,14 @@ def test_table_state_reverts_updates_applied_by_prefetched_draws():
 @pytest.mark.filterwarnings("ignore:'set_vital' is deprecated:UserWarning")  # torchdata 0.11 on recent torch
 def test_stateful_dataloader_saves_and_restores_the_sampler():
     torchdata = pytest.importorskip("torchdata.stateful_dataloader")
-    from isample.dataloader import _WeightedCollate, _WeightedItems
+    from isample import WeightedDataset, weighted_collate
 
     ds = dataset()
 
     def loader(seed):
         sampler = TableSampler(64, 8, seed=seed, power=0.5)
         return torchdata.StatefulDataLoader(
-            _WeightedItems(ds), batch_sampler=sampler, collate_fn=_WeightedCollate(None)
+            WeightedDataset(ds), batch_sampler=sampler, collate_fn=weighted_collate
         )
 
     def run(dl, steps, log):

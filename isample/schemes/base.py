@@ -19,7 +19,6 @@ and cost counters (:meth:`SchemeLoader.cost`) so that comparisons count the scor
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
+from .._feedback import feedback_arrays as _feedback_arrays
 from .._options import check_loader_options
 from .._validation import check_int, check_seed, param_error
 from ..batch import WeightedBatch
@@ -63,37 +63,12 @@ def check_dataset(dataset: Any, owner: str) -> int:
 def feedback_arrays(indices: Any, scores: Any, num_samples: int, owner: str) -> tuple[np.ndarray, np.ndarray]:
     """Validate ``update(indices, scores)`` arguments; returns int64 and float64 arrays.
 
-    NaN / inf scores are dropped with a ``RuntimeWarning``; lengths must match; indices
-    must lie in ``[0, num_samples)``; negative scores raise ``ValueError``.
+    The one set of rules of :func:`isample._feedback.feedback_arrays`: integer indices
+    in ``[0, num_samples)`` (bool / float indices are a ``TypeError``), any real score
+    dtype (bfloat16 included), NaN / inf dropped with a ``RuntimeWarning``, negative
+    scores a ``ValueError``, lengths must match.
     """
-    idx = _to_numpy(indices, "indices", owner).astype(np.int64, copy=False).ravel()
-    val = _to_numpy(scores, "scores", owner).astype(np.float64, copy=False).ravel()
-    if idx.shape[0] != val.shape[0]:
-        raise ValueError(
-            f"{owner}.update got {idx.shape[0]} indices and {val.shape[0]} scores; lengths must match."
-        )
-    if idx.size and (idx.min() < 0 or idx.max() >= num_samples):
-        bad = idx[(idx < 0) | (idx >= num_samples)][0]
-        raise IndexError(f"{owner}.update got index {int(bad)} outside [0, {num_samples}).")
-    finite = np.isfinite(val)
-    if not finite.all():
-        warnings.warn(
-            f"{owner}.update skipped {int((~finite).sum())} NaN or infinite score(s).",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        idx, val = idx[finite], val[finite]
-    if (val < 0).any():
-        raise ValueError(f"{owner}.update got negative scores (min {val.min():.4g}); scores must be >= 0.")
-    return idx, val
-
-
-def _to_numpy(value: Any, name: str, owner: str) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy()
-    if isinstance(value, (np.ndarray, list, tuple)):
-        return np.asarray(value)
-    raise param_error(name, f"{owner}.update", "a Tensor, array or list", value, TypeError)
+    return _feedback_arrays(indices, scores, num_samples, owner, stacklevel=4)
 
 
 class SchemeLoader:
