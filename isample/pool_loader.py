@@ -36,7 +36,7 @@ from ._random import permutation, step_generator
 from ._validation import check_choice, check_float, check_int, param_error
 from .batch import WeightedBatch, index_rows, move_to, slice_rows, split_batch
 from .policies import ScorePolicy
-from .scorers import model_device, per_example_losses, scoring_mode
+from .scorers import model_call_of, model_device, per_example_losses, scoring_mode
 from .switch import TauSwitch, default_tau_threshold
 from .weighting import NORMALIZATIONS, importance_weights
 
@@ -363,7 +363,8 @@ class PoolLoader:
         loss_fn = getattr(self.scorer, "loss_fn", None)
         if loss_fn is not None:  # eval mode: BatchNorm statistics and Dropout stay untouched
             with scoring_mode(self.model), torch.inference_mode():
-                per_example_losses(loss_fn, self.model(inputs), targets, "PoolLoader's scorer")
+                outputs = model_call_of(self.scorer)(self.model, inputs)
+                per_example_losses(loss_fn, outputs, targets, "PoolLoader's scorer")
         scores = self.scorer(self.model, inputs, targets)
         if not isinstance(scores, torch.Tensor) or scores.shape != (n,):
             raise ValueError(
