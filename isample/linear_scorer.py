@@ -24,6 +24,7 @@ from .recorder import (
     Scales,
     check_layers_arg,
     check_managed,
+    check_not_compiled,
     check_optimizer_arg,
     read_scales,
     resolve_layers,
@@ -124,6 +125,8 @@ class LinearGradNormScorer(Scorer):
         finally:
             capture.stop()
         rows = int(losses.shape[0])
+        if capture.rows() is None:  # no hook fired: a compiled model (hooks skipped) is the known cause
+            check_not_compiled(model, owner)
         sq, uncalled = capture.squared_norms(rows, scales, owner, self.max_elements)
         if uncalled and not self._warned_uncalled:
             self._warned_uncalled = True

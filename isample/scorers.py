@@ -376,6 +376,9 @@ class LossScorer(Scorer):
         with torch.inference_mode():
             outputs = self.forward(model, inputs)
         with torch.no_grad():  # outside inference mode: the losses are ordinary tensors
+            losses = small_class_cross_entropy(self.loss_fn, outputs, targets)
+            if losses is not None:
+                return losses  # a cross-entropy: >= 0
             losses = per_example_losses(self.loss_fn, outputs, targets, type(self).__name__)
             negative = bool((losses < 0).any())
         if negative:
@@ -394,6 +397,45 @@ SMALL_CLASSES = 16
 def _is_plain(loss_fn: Any, cls: type) -> bool:
     """``loss_fn`` is an instance of ``cls`` whose ``forward`` is ``cls.forward`` (not overridden)."""
     return isinstance(loss_fn, cls) and type(loss_fn).forward is cls.forward
+
+
+def small_class_cross_entropy(loss_fn: LossFn, outputs: Any, targets: Any) -> torch.Tensor | None:
+    """``loss_fn(outputs, targets)`` for a plain ``nn.CrossEntropyLoss`` with few classes on CPU, or None.
+
+    Same values (to float rounding) as the loss itself, without the CPU's slow softmax over a
+    last dimension of fewer than 16 elements: the log-softmax runs along dim 0 of the
+    transposed logits. Only the case it covers exactly is taken (float32 logits of shape
+    (b, C) with C < 16 on CPU, no class weights, class-index targets of shape (b,), no
+    ``ignore_index`` inside ``[0, C)``, every target a class); anything else returns None and
+    the caller calls ``loss_fn``.
+
+    Returns:
+        float32 Tensor of shape (b,) (the per-example losses) or None.
+    """
+    if not (
+        isinstance(outputs, torch.Tensor)
+        and isinstance(targets, torch.Tensor)
+        and outputs.dim() == 2
+        and outputs.shape[1] < SMALL_CLASSES
+        and outputs.dtype == torch.float32
+        and outputs.device.type == "cpu"
+        and targets.dtype == torch.int64
+        and targets.shape == outputs.shape[:1]
+        and outputs.shape[0] > 0
+        and _is_plain(loss_fn, nn.CrossEntropyLoss)
+        and loss_fn.weight is None
+        and not 0 <= loss_fn.ignore_index < outputs.shape[1]
+    ):
+        return None
+    log_probs = torch.log_softmax(outputs.T, dim=0)  # (C, b)
+    try:  # the CPU gather checks its indices: an ignored or invalid target leaves it to loss_fn
+        picked = log_probs.gather(0, targets.unsqueeze(0)).squeeze(0)
+    except RuntimeError:
+        return None
+    eps = float(loss_fn.label_smoothing)
+    if not eps:
+        return picked.neg_()
+    return picked.mul_(eps - 1.0).sub_(log_probs.mean(0), alpha=eps)
 
 
 def upper_bound_closed_form(
@@ -472,6 +514,10 @@ def _cross_entropy_bound(
         )
     if b == 0 or positions == 0:
         return logits.new_zeros(b)
+    if not rest and index_targets and mask is None and logits.device.type == "cpu":
+        fast = _flat_cross_entropy_bound(logits, targets, eps, int(loss_fn.ignore_index))
+        if fast is not None:
+            return fast
     # Rows of class scores: class dimension `cdim` of `probs`; the other dimension(s) index positions.
     if not rest:
         rows = logits
@@ -546,6 +592,30 @@ def _cross_entropy_bound(
         m = mask.reshape(b, positions).to(device=sq.device, dtype=sq.dtype)
         sq = sq * m.square()
     return sq.sum(1).sqrt_().div_(positions)
+
+
+def _flat_cross_entropy_bound(
+    logits: torch.Tensor, targets: torch.Tensor, eps: float, ignore: int
+) -> torch.Tensor | None:
+    """Fast path of :func:`_cross_entropy_bound` on CPU for logits (b, C) and class indices (b,).
+
+    Few operations and no range check: the CPU scatter checks its indices itself, so an
+    ignored or invalid target makes it fail and returns None (the general path then masks
+    the ignored rows or raises). Needs ``ignore_index`` outside ``[0, C)``.
+    """
+    num_classes = logits.shape[1]
+    if 0 <= ignore < num_classes:
+        return None
+    small = num_classes < SMALL_CLASSES
+    probs = torch.softmax(logits.T, dim=0) if small else torch.softmax(logits, dim=1)
+    cdim = 0 if small else 1
+    if eps:
+        probs.sub_(eps / num_classes)
+    try:
+        probs.scatter_(cdim, targets.unsqueeze(cdim), -(1.0 - eps), reduce="add")
+    except RuntimeError:
+        return None
+    return probs.square_().sum(cdim).sqrt_()
 
 
 class UpperBoundScorer(Scorer):
