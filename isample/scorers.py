@@ -615,7 +615,9 @@ def _flat_cross_entropy_bound(
         probs.scatter_(cdim, targets.unsqueeze(cdim), -(1.0 - eps), reduce="add")
     except RuntimeError:
         return None
-    return probs.square_().sum(cdim).sqrt_()
+    if small:  # a norm over dim 0 of (C, b) takes a slow strided kernel; square-and-sum does not
+        return probs.square_().sum(0).sqrt_()
+    return torch.linalg.vector_norm(probs, dim=1)
 
 
 class UpperBoundScorer(Scorer):
