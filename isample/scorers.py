@@ -5,6 +5,11 @@ float32, >= 0, on the model's device, with no autograd graph attached. Scoring r
 model in eval mode (BatchNorm running statistics and Dropout would corrupt the scores)
 and restores the previous mode afterwards; inputs are moved to the model's device.
 
+The model is called by one convention shared with the metrics and the loaders
+(:class:`ModelCall`): dict inputs as ``model(**inputs)``; ``loss_fn`` receives the logits
+(a tensor output, else its ``.logits``, its ``"logits"`` entry or its element 0), and
+``forward=`` / ``logits=`` hooks on every scorer cover other models.
+
 ``loss_fn(outputs, targets)`` must return per-example losses (``reduction="none"``):
 a tensor of shape (b,), or of shape (b, ...) which is averaged over the trailing
 dimensions (so ``nn.MSELoss(reduction="none")`` gives the per-example mean squared error).
@@ -376,7 +381,7 @@ class LossScorer(Scorer):
         with torch.inference_mode():
             outputs = self.forward(model, inputs)
         with torch.no_grad():  # outside inference mode: the losses are ordinary tensors
-            losses = small_class_cross_entropy(self.loss_fn, outputs, targets)
+            losses = fast_cross_entropy(self.loss_fn, outputs, targets)
             if losses is not None:
                 return losses  # a cross-entropy: >= 0
             losses = per_example_losses(self.loss_fn, outputs, targets, type(self).__name__)
@@ -399,43 +404,69 @@ def _is_plain(loss_fn: Any, cls: type) -> bool:
     return isinstance(loss_fn, cls) and type(loss_fn).forward is cls.forward
 
 
-def small_class_cross_entropy(loss_fn: LossFn, outputs: Any, targets: Any) -> torch.Tensor | None:
-    """``loss_fn(outputs, targets)`` for a plain ``nn.CrossEntropyLoss`` with few classes on CPU, or None.
+def fast_cross_entropy(loss_fn: LossFn, outputs: Any, targets: Any) -> torch.Tensor | None:
+    """Per-example ``nn.CrossEntropyLoss`` on CPU without torch's slow cases, or None.
 
-    Same values (to float rounding) as the loss itself, without the CPU's slow softmax over a
-    last dimension of fewer than 16 elements: the log-softmax runs along dim 0 of the
-    transposed logits. Only the case it covers exactly is taken (float32 logits of shape
-    (b, C) with C < 16 on CPU, no class weights, class-index targets of shape (b,), no
-    ``ignore_index`` inside ``[0, C)``, every target a class); anything else returns None and
-    the caller calls ``loss_fn``.
+    The same values (to float rounding) as ``per_example_losses(loss_fn, outputs, targets)``
+    for a plain ``nn.CrossEntropyLoss`` (no class weights) on float32 CPU logits with class-index
+    targets, in two cases where the loss itself is slow:
+
+    * logits (b, C) with C < 16: the log-softmax runs along dim 0 of the transposed logits
+      (the CPU kernel over a last dimension of 4-15 elements is several times slower);
+    * per-token logits (b, C, T...) whose class dimension is contiguous in memory (a (b, T, C)
+      head output seen as (b, C, T)): one log-softmax over rows of C, no copy to (b, C, T).
+      The per-example loss is the mean over the T positions (ignored positions count 0).
+
+    Anything else, and targets the CPU gather rejects (out of range), returns None: the caller
+    then calls ``loss_fn`` itself (and gets its errors).
 
     Returns:
-        float32 Tensor of shape (b,) (the per-example losses) or None.
+        float32 Tensor of shape (b,) (per-example losses) or None.
     """
     if not (
         isinstance(outputs, torch.Tensor)
         and isinstance(targets, torch.Tensor)
-        and outputs.dim() == 2
-        and outputs.shape[1] < SMALL_CLASSES
+        and outputs.dim() >= 2
         and outputs.dtype == torch.float32
         and outputs.device.type == "cpu"
         and targets.dtype == torch.int64
-        and targets.shape == outputs.shape[:1]
-        and outputs.shape[0] > 0
+        and targets.shape == outputs.shape[:1] + outputs.shape[2:]
+        and outputs.numel() > 0
         and _is_plain(loss_fn, nn.CrossEntropyLoss)
         and loss_fn.weight is None
-        and not 0 <= loss_fn.ignore_index < outputs.shape[1]
     ):
         return None
-    log_probs = torch.log_softmax(outputs.T, dim=0)  # (C, b)
+    b, num_classes = outputs.shape[0], outputs.shape[1]
+    per_token = outputs.dim() > 2
+    if per_token:
+        rows = outputs.movedim(1, -1)
+        if not rows.is_contiguous():
+            return None
+        rows = rows.reshape(-1, num_classes)
+    elif num_classes < SMALL_CLASSES:
+        rows = outputs
+    else:
+        return None
+    index = targets.reshape(-1)
+    ignore = int(loss_fn.ignore_index)
+    valid = None
+    if per_token or 0 <= ignore < num_classes:
+        valid = index != ignore
+        index = torch.where(valid, index, 0)
+    small = num_classes < SMALL_CLASSES
+    log_probs = torch.log_softmax(rows.T, dim=0) if small else torch.log_softmax(rows, dim=1)
+    cdim = 0 if small else 1
     try:  # the CPU gather checks its indices: an ignored or invalid target leaves it to loss_fn
-        picked = log_probs.gather(0, targets.unsqueeze(0)).squeeze(0)
+        picked = log_probs.gather(cdim, index.unsqueeze(cdim)).squeeze(cdim)
     except RuntimeError:
         return None
     eps = float(loss_fn.label_smoothing)
-    if not eps:
-        return picked.neg_()
-    return picked.mul_(eps - 1.0).sub_(log_probs.mean(0), alpha=eps)
+    losses = picked.neg_() if not eps else picked.mul_(eps - 1.0).sub_(log_probs.mean(cdim), alpha=eps)
+    if valid is not None:
+        losses = losses * valid
+    if per_token:
+        return losses.reshape(b, -1).mean(1)
+    return losses
 
 
 def upper_bound_closed_form(
@@ -582,7 +613,12 @@ def _cross_entropy_bound(
             t = targets.float().reshape(b, num_classes, positions)
         t = (1.0 - eps) * t + eps / num_classes
         probs.mul_(t.sum(cdim, keepdim=True)).sub_(t)
-    sq = probs.square().sum(cdim)  # squared norm per position: (R,) or (b, T)
+    # squared norm per position, (R,) or (b, T), without a second (R, C) buffer: fresh large buffers
+    # cost page faults on every call
+    if cdim == 1 and probs.dim() == 2:
+        sq = torch.linalg.vector_norm(probs, dim=1).square_()
+    else:
+        sq = probs.square_().sum(cdim)
     if not rest and valid is None and mask is None:
         return sq.sqrt_()
     sq = sq.reshape(b, positions)

@@ -9,8 +9,8 @@ from torch import nn
 from isample import LossScorer, UpperBoundScorer
 from isample.scorers import (
     SMALL_CLASSES,
+    fast_cross_entropy,
     output_gradient_norms,
-    small_class_cross_entropy,
     upper_bound_closed_form,
 )
 
@@ -157,7 +157,7 @@ def test_subclass_with_own_forward_is_not_taken_for_plain_cross_entropy():
     logits, targets, _ = _data((9,), 4, seed=2)
     loss = Doubled(reduction="none")
     assert upper_bound_closed_form(loss, logits, targets) is None
-    assert small_class_cross_entropy(loss, logits, targets) is None
+    assert fast_cross_entropy(loss, logits, targets) is None
     got = UpperBoundScorer(loss)(nn.Identity(), logits, targets)
     want = 2 * upper_bound_closed_form(nn.CrossEntropyLoss(reduction="none"), logits, targets)
     torch.testing.assert_close(got, want)
@@ -168,17 +168,37 @@ def test_subclass_with_own_forward_is_not_taken_for_plain_cross_entropy():
 def test_loss_scorer_small_class_path_equals_the_loss(classes, eps):
     logits, targets, _ = _data((41,), classes, seed=classes)
     ce = nn.CrossEntropyLoss(reduction="none", label_smoothing=eps)
-    fast = small_class_cross_entropy(ce, logits, targets)
+    fast = fast_cross_entropy(ce, logits, targets)
     assert (fast is None) == (classes >= SMALL_CLASSES)
     want = ce(logits, targets)
     if fast is not None:
         torch.testing.assert_close(fast, want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(LossScorer(ce)(nn.Identity(), logits, targets), want, rtol=1e-6, atol=1e-6)
     targets[0] = -100  # ignored: the fast path steps aside, the loss gives 0
-    assert small_class_cross_entropy(ce, logits, targets) is None
+    assert fast_cross_entropy(ce, logits, targets) is None
     got = LossScorer(ce)(nn.Identity(), logits, targets)
     assert got[0] == 0
     torch.testing.assert_close(got, ce(logits, targets), rtol=1e-6, atol=1e-6)
     targets[0] = classes  # invalid: the loss's own error
+    with pytest.raises((IndexError, RuntimeError)):
+        LossScorer(ce)(nn.Identity(), logits, targets)
+
+
+@pytest.mark.parametrize("classes", [5, 40])
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+@pytest.mark.parametrize("ignore_index", [-100, 2])
+def test_loss_scorer_per_token_fast_path_equals_the_loss(classes, eps, ignore_index):
+    logits, targets, _ = _data((6, 7), classes, seed=classes)
+    logits = logits.transpose(1, 2).contiguous().transpose(1, 2)  # (b, T, C) memory, seen as (b, C, T)
+    targets[:, 5:] = ignore_index
+    ce = nn.CrossEntropyLoss(reduction="none", label_smoothing=eps, ignore_index=ignore_index)
+    want = ce(logits, targets).mean(1)
+    fast = fast_cross_entropy(ce, logits, targets)
+    assert fast is not None
+    torch.testing.assert_close(fast, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(LossScorer(ce)(nn.Identity(), logits, targets), want, rtol=1e-6, atol=1e-6)
+    assert fast_cross_entropy(ce, logits.contiguous(), targets) is None  # (b, C, T) memory: the loss's own
+    targets[0, 0] = classes
+    assert fast_cross_entropy(ce, logits, targets) is None
     with pytest.raises((IndexError, RuntimeError)):
         LossScorer(ce)(nn.Identity(), logits, targets)
