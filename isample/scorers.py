@@ -380,10 +380,10 @@ class LossScorer(Scorer):
     def score(self, model: nn.Module, inputs: Any, targets: Any) -> torch.Tensor:
         with torch.inference_mode():
             outputs = self.forward(model, inputs)
-        with torch.no_grad():  # outside inference mode: the losses are ordinary tensors
             losses = fast_cross_entropy(self.loss_fn, outputs, targets)
             if losses is not None:
-                return losses  # a cross-entropy: >= 0
+                return losses  # a cross-entropy: >= 0 (an inference tensor: __call__ clones it)
+        with torch.no_grad():  # outside inference mode: the user's loss gets ordinary tensors
             losses = per_example_losses(self.loss_fn, outputs, targets, type(self).__name__)
             negative = bool((losses < 0).any())
         if negative:
@@ -511,6 +511,20 @@ def upper_bound_closed_form(
             (checked before indexing: on CUDA an out-of-range index would be a device assert).
     """
     if _is_plain(loss_fn, nn.CrossEntropyLoss) and loss_fn.weight is None and outputs.dim() >= 2:
+        if (  # the common case first, with the fewest checks
+            mask is None
+            and outputs.dim() == 2
+            and targets.dim() == 1
+            and targets.dtype == torch.int64
+            and outputs.dtype == torch.float32
+            and outputs.device.type == "cpu"
+            and targets.shape[0] == outputs.shape[0] > 0
+        ):
+            scores = _flat_cross_entropy_bound(
+                outputs, targets, float(loss_fn.label_smoothing), int(loss_fn.ignore_index)
+            )
+            if scores is not None:
+                return scores
         return _cross_entropy_bound(loss_fn, outputs, targets, mask)
     if _is_plain(loss_fn, nn.MSELoss) and mask is None:
         if targets.shape != outputs.shape:
@@ -545,10 +559,6 @@ def _cross_entropy_bound(
         )
     if b == 0 or positions == 0:
         return logits.new_zeros(b)
-    if not rest and index_targets and mask is None and logits.device.type == "cpu":
-        fast = _flat_cross_entropy_bound(logits, targets, eps, int(loss_fn.ignore_index))
-        if fast is not None:
-            return fast
     # Rows of class scores: class dimension `cdim` of `probs`; the other dimension(s) index positions.
     if not rest:
         rows = logits
@@ -727,21 +737,20 @@ class UpperBoundScorer(Scorer):
         if model not in self._checked_models:
             self._checked_models.add(model)
             _warn_fused_activation(model, stacklevel=3)
-        with torch.inference_mode():
-            outputs = self.forward(model, inputs)
         owner = type(self).__name__
-        if not isinstance(outputs, torch.Tensor):
-            raise TypeError(
-                f"{owner} differentiates the loss with respect to the logits, which must be one tensor; the "
-                f"model call gave a {type(outputs).__name__}. Pass logits= (a key, an index or a callable "
-                f"outputs -> logits tensor) or forward= to {owner}."
-            )
-        mask = self._mask(inputs, targets)
-        if self.closed_form and isinstance(targets, torch.Tensor):
-            with torch.no_grad():  # outside inference mode: the scores are ordinary tensors
+        with torch.inference_mode():  # the closed form too: cheaper on inference tensors (__call__ clones)
+            outputs = self.forward(model, inputs)
+            if not isinstance(outputs, torch.Tensor):
+                raise TypeError(
+                    f"{owner} differentiates the loss with respect to the logits, which must be one tensor; "
+                    f"the model call gave a {type(outputs).__name__}. Pass logits= (a key, an index or a "
+                    f"callable outputs -> logits tensor) or forward= to {owner}."
+                )
+            mask = self._mask(inputs, targets)
+            if self.closed_form and isinstance(targets, torch.Tensor):
                 scores = upper_bound_closed_form(self.loss_fn, outputs, targets, mask)
-            if scores is not None:
-                return scores
+                if scores is not None:
+                    return scores
         loss_fn = self.loss_fn if mask is None else _masked_loss(self.loss_fn, mask, owner)
         return output_gradient_norms(loss_fn, outputs, targets, owner)
 
