@@ -234,7 +234,8 @@ def bench_model(
             entry["cpu_best_s"] / ref["cpu_best_s"] if ref["cpu_best_s"] > 0 else float("nan")
         )
         # per-repeat ratios (variant and baseline timed in the same repeat): median [min, max]
-        pairs = [v / r for v, r in zip(entry["cpu_repeats_s"], ref["cpu_repeats_s"]) if r > 0]
+        repeats = zip(entry["cpu_repeats_s"], ref["cpu_repeats_s"], strict=False)  # grad_norm: fewer
+        pairs = [v / r for v, r in repeats if r > 0]
         entry["ratio_cpu_min"] = min(pairs) if pairs else float("nan")
         entry["ratio_cpu_max"] = max(pairs) if pairs else float("nan")
     return {"model": name, "batch": batch, "variants": times}

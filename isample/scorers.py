@@ -32,7 +32,7 @@ import contextlib
 import math
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -62,16 +62,24 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def _iter_modules(model: nn.Module) -> Iterator[nn.Module]:
-    """``model.modules()`` (depth-first, each module once) without building the names."""
+def _iter_modules(model: nn.Module) -> list[nn.Module]:
+    """``list(model.modules())`` (depth-first, each module once), without building the names.
+
+    A plain loop over ``_modules`` (no generator, no names): it runs on every scorer call.
+    """
+    out = []
     seen = {id(model)}
     stack = [model]
     while stack:
         module = stack.pop()
-        yield module
-        children = [c for c in module._modules.values() if c is not None and id(c) not in seen]
-        seen.update(id(c) for c in children)
-        stack.extend(reversed(children))
+        out.append(module)
+        children = module._modules
+        if children:
+            for child in reversed(children.values()):
+                if child is not None and id(child) not in seen:
+                    seen.add(id(child))
+                    stack.append(child)
+    return out
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -100,7 +108,7 @@ def scoring_mode(model: nn.Module) -> contextlib.AbstractContextManager:
     (what ``model.eval()`` would do, without its recursive call overhead). A module that
     overrides ``train`` makes it fall back to ``model.eval()``.
     """
-    return _ScoringMode(model, list(_iter_modules(model)))
+    return _ScoringMode(model, _iter_modules(model))
 
 
 class _ScoringMode:
@@ -226,7 +234,9 @@ def _warn_non_finite(scores: torch.Tensor, owner: str, stacklevel: int = 2) -> N
     One reduction and one device synchronisation when every score is finite (the sum is
     finite); the exact count is computed only when the sum is not.
     """
-    if scores.numel() == 0 or math.isfinite(float(scores.sum())):
+    if scores.numel() == 0:
+        return
+    if math.isfinite(float(scores.sum())):
         return
     bad = int((~torch.isfinite(scores)).sum())
     if bad:
@@ -298,7 +308,7 @@ class Scorer:
         """
         if not isinstance(model, nn.Module):
             raise param_error("model", type(self).__name__, "a torch.nn.Module", model, TypeError)
-        modules = list(_iter_modules(model))
+        modules = _iter_modules(model)
         device = _first_device(modules)
         inputs = _to_device(inputs, device)
         targets = _to_device(targets, device)
