@@ -234,8 +234,11 @@ def bench_model(
             entry["cpu_best_s"] / ref["cpu_best_s"] if ref["cpu_best_s"] > 0 else float("nan")
         )
         # per-repeat ratios (variant and baseline timed in the same repeat): median [min, max]
-        repeats = zip(entry["cpu_repeats_s"], ref["cpu_repeats_s"], strict=False)  # grad_norm: fewer
-        pairs = [v / r for v, r in repeats if r > 0]
+        mine, base = entry["cpu_repeats_s"], ref["cpu_repeats_s"]
+        if len(mine) == len(base):
+            pairs = [v / r for v, r in zip(mine, base, strict=True) if r > 0]
+        else:  # grad_norm, timed after the interleaved variants: against the baseline's median
+            pairs = [v / ref["cpu_s"] for v in mine] if ref["cpu_s"] > 0 else []
         entry["ratio_cpu_min"] = min(pairs) if pairs else float("nan")
         entry["ratio_cpu_max"] = max(pairs) if pairs else float("nan")
     return {"model": name, "batch": batch, "variants": times}
