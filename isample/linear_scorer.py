@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ._linear_norms import DEFAULT_MAX_ELEMENTS
+from ._model_io import ForwardHook, LogitsHook
 from ._validation import check_int
 from .preconditioner import NoOptimizerStateError
 from .recorder import (
@@ -23,6 +24,7 @@ from .recorder import (
     Scales,
     check_layers_arg,
     check_managed,
+    check_not_compiled,
     check_optimizer_arg,
     read_scales,
     resolve_layers,
@@ -73,6 +75,8 @@ class LinearGradNormScorer(Scorer):
         optimizer: None or SGD (identity geometry: the plain norm), Adam, AdamW, RMSprop
             (or Adagrad): the norm of ``D g_i``.
         max_elements: chunk bound (floats) for materialised per-example gradients.
+        forward, logits: how the model is called and its logits read (see :class:`isample.Scorer`:
+            dict inputs as ``model(**inputs)``, the ``.logits`` / ``"logits"`` / element-0 rule).
 
     References:
         Goodfellow, "Efficient Per-Example Gradient Computations", arXiv:1510.01799 (2015);
@@ -92,8 +96,11 @@ class LinearGradNormScorer(Scorer):
         layers: LayerSpec = None,
         optimizer: torch.optim.Optimizer | None = None,
         max_elements: int = DEFAULT_MAX_ELEMENTS,
+        *,
+        forward: ForwardHook | None = None,
+        logits: LogitsHook | None = None,
     ) -> None:
-        super().__init__(loss_fn)
+        super().__init__(loss_fn, forward=forward, logits=logits)
         owner = type(self).__name__
         self.layers = check_layers_arg(layers, owner)
         self.optimizer = check_optimizer_arg(optimizer, owner)
@@ -110,7 +117,7 @@ class LinearGradNormScorer(Scorer):
         capture.start()
         try:
             with torch.enable_grad():
-                outputs = model(inputs)
+                outputs = self.model_call(model, inputs)
                 losses = per_example_losses(self.loss_fn, outputs, targets, owner)
                 grad_targets = capture.grad_targets()
                 if grad_targets and losses.requires_grad:
@@ -118,6 +125,8 @@ class LinearGradNormScorer(Scorer):
         finally:
             capture.stop()
         rows = int(losses.shape[0])
+        if capture.rows() is None:  # no hook fired: a compiled model (hooks skipped) is the known cause
+            check_not_compiled(model, owner)
         sq, uncalled = capture.squared_norms(rows, scales, owner, self.max_elements)
         if uncalled and not self._warned_uncalled:
             self._warned_uncalled = True

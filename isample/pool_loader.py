@@ -40,6 +40,7 @@ from .policies import ScorePolicy
 from .scorers import (
     LossScorer,
     UpperBoundScorer,
+    model_call_of,
     model_device,
     output_gradient_norms,
     per_example_losses,
@@ -857,7 +858,8 @@ class PoolLoader:
         loss_fn = getattr(self.scorer, "loss_fn", None)
         if loss_fn is not None:  # eval mode: BatchNorm statistics and Dropout stay untouched
             with scoring_mode(self.model), torch.inference_mode():
-                per_example_losses(loss_fn, self.model(inputs), targets, "PoolLoader's scorer")
+                outputs = model_call_of(self.scorer)(self.model, inputs)
+                per_example_losses(loss_fn, outputs, targets, "PoolLoader's scorer")
         scores = self.scorer(self.model, inputs, targets)
         if not isinstance(scores, torch.Tensor) or scores.shape != (n,):
             raise ValueError(

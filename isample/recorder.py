@@ -338,6 +338,42 @@ class LinearCapture:
         return total, uncalled
 
 
+def compiled_modules(model: nn.Module) -> list[str]:
+    """Names of ``model`` (``""``) or its submodules that run through ``torch.compile``.
+
+    Covers the wrapper returned by ``torch.compile(module)`` (it holds the original module as
+    ``_orig_mod``) and modules compiled in place with ``module.compile()``.
+    """
+    out = []
+    for name, module in model.named_modules():
+        wrapped = type(module).__name__ == "OptimizedModule" and isinstance(
+            getattr(module, "_orig_mod", None), nn.Module
+        )
+        if wrapped or getattr(module, "_compiled_call_impl", None) is not None:
+            out.append(name)
+    return out
+
+
+def compile_hint(owner: str) -> str:
+    """What to do when the selected layers run inside a ``torch.compile`` graph."""
+    return (
+        f"{owner} reads each layer's input and output gradient through module forward hooks and tensor "
+        "gradient hooks, which a torch.compile'd graph does not run. Record with the uncompiled model: "
+        "build the recorder on the original module and run the recorded training steps with it "
+        "(for m = torch.compile(model), that is model, also reachable as m._orig_mod; undo "
+        "model.compile() by building the model again), or compile only submodules that contain no "
+        "selected layer. Scorers without hooks (UpperBoundScorer, LossScorer) work with compiled models."
+    )
+
+
+def check_not_compiled(model: nn.Module, owner: str) -> None:
+    """Raise a ``ValueError`` with :func:`compile_hint` when ``model`` runs through ``torch.compile``."""
+    names = compiled_modules(model)
+    if names:
+        where = "the model" if names[0] == "" else f"submodule(s) {', '.join(repr(n) for n in names[:4])}"
+        raise ValueError(f"{owner}: {where} is compiled with torch.compile. " + compile_hint(owner))
+
+
 def warn_uncalled(owner: str, names: list[str], stacklevel: int) -> None:
     warnings.warn(
         f"{owner}: selected layer(s) {', '.join(repr(n) for n in names)} did not run their forward in this "
@@ -403,6 +439,11 @@ class GradNormRecorder:
     Weights of 0 leave no trace in the gradient: their norm is NaN (samplers skip NaN scores).
     The block must contain one forward and its backward; the recorded batch must be batch-first.
 
+    ``torch.compile``: compiled graphs skip the hooks the recorder needs, so a compiled model
+    (``torch.compile(model)`` or ``model.compile()``, also on a submodule) is refused with a
+    ``ValueError`` that says what to do: build the recorder on the uncompiled module and run
+    the recorded steps with it.
+
     Example:
         >>> recorder = GradNormRecorder(model, optimizer=opt)
         >>> with recorder.record(batch.weights):
@@ -426,6 +467,7 @@ class GradNormRecorder:
         self.layers = check_layers_arg(layers, owner)
         self.optimizer = check_optimizer_arg(optimizer, owner)
         self.max_elements = check_int(max_elements, "max_elements", owner, minimum=1)
+        check_not_compiled(model, owner)
         self._infos = resolve_layers(model, self.layers, owner)
         check_managed(self.optimizer, self._infos, owner)
         self._capture: LinearCapture | None = None
@@ -488,8 +530,11 @@ class GradNormRecorder:
         try:
             rows = capture.rows()
             if rows is None:
+                check_not_compiled(self.model, owner)  # compiled after construction: say so
                 raise RuntimeError(
-                    f"{owner}: no selected layer ran a forward pass with gradients enabled inside record()."
+                    f"{owner}: no selected layer ran a forward pass with gradients enabled inside record(). "
+                    "Run the model's forward and backward inside the with-block, with gradients enabled. "
+                    "If the step calls a torch.compile'd version of the model: " + compile_hint(owner)
                 )
             if not capture.received_gradients():
                 raise RuntimeError(

@@ -5,6 +5,11 @@ float32, >= 0, on the model's device, with no autograd graph attached. Scoring r
 model in eval mode (BatchNorm running statistics and Dropout would corrupt the scores)
 and restores the previous mode afterwards; inputs are moved to the model's device.
 
+The model is called by one convention shared with the metrics and the loaders
+(:class:`ModelCall`): dict inputs as ``model(**inputs)``; ``loss_fn`` receives the logits
+(a tensor output, else its ``.logits``, its ``"logits"`` entry or its element 0), and
+``forward=`` / ``logits=`` hooks on every scorer cover other models.
+
 ``loss_fn(outputs, targets)`` must return per-example losses (``reduction="none"``):
 a tensor of shape (b,), or of shape (b, ...) which is averaged over the trailing
 dimensions (so ``nn.MSELoss(reduction="none")`` gives the per-example mean squared error).
@@ -27,12 +32,13 @@ import contextlib
 import math
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._model_io import CalledModel, ForwardHook, LogitsHook, ModelCall, model_call_of, per_example_error
 from ._validation import check_int, param_error
 from .batch import move_to, split_batch
 
@@ -46,6 +52,8 @@ __all__ = [
     "model_device",
     "scoring_mode",
     "upper_bound_closed_form",
+    "ModelCall",
+    "model_call_of",
 ]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -54,16 +62,24 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def _iter_modules(model: nn.Module) -> Iterator[nn.Module]:
-    """``model.modules()`` (depth-first, each module once) without building the names."""
+def _iter_modules(model: nn.Module) -> list[nn.Module]:
+    """``list(model.modules())`` (depth-first, each module once), without building the names.
+
+    A plain loop over ``_modules`` (no generator, no names): it runs on every scorer call.
+    """
+    out = []
     seen = {id(model)}
     stack = [model]
     while stack:
         module = stack.pop()
-        yield module
-        children = [c for c in module._modules.values() if c is not None and id(c) not in seen]
-        seen.update(id(c) for c in children)
-        stack.extend(reversed(children))
+        out.append(module)
+        children = module._modules
+        if children:
+            for child in reversed(children.values()):
+                if child is not None and id(child) not in seen:
+                    seen.add(id(child))
+                    stack.append(child)
+    return out
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -92,7 +108,7 @@ def scoring_mode(model: nn.Module) -> contextlib.AbstractContextManager:
     (what ``model.eval()`` would do, without its recursive call overhead). A module that
     overrides ``train`` makes it fall back to ``model.eval()``.
     """
-    return _ScoringMode(model, list(_iter_modules(model)))
+    return _ScoringMode(model, _iter_modules(model))
 
 
 class _ScoringMode:
@@ -218,7 +234,9 @@ def _warn_non_finite(scores: torch.Tensor, owner: str, stacklevel: int = 2) -> N
     One reduction and one device synchronisation when every score is finite (the sum is
     finite); the exact count is computed only when the sum is not.
     """
-    if scores.numel() == 0 or math.isfinite(float(scores.sum())):
+    if scores.numel() == 0:
+        return
+    if math.isfinite(float(scores.sum())):
         return
     bad = int((~torch.isfinite(scores)).sum())
     if bad:
@@ -236,8 +254,16 @@ class Scorer:
     model's device with the model in eval mode, and may call :meth:`forward` for a
     graph-free forward pass under the configured autocast.
 
+    The model is called and its output read by one convention (:class:`ModelCall`): dict
+    inputs as ``model(**inputs)``, others as ``model(inputs)``; the loss function receives
+    the logits: a tensor output as it is, else the ``.logits`` attribute, the ``"logits"``
+    entry of a mapping or element 0 of a tuple. ``forward=`` and ``logits=`` override it.
+
     Args:
-        loss_fn: ``(outputs, targets) -> losses`` of shape (b,) (``reduction="none"``).
+        loss_fn: ``(logits, targets) -> losses`` of shape (b,) (``reduction="none"``).
+        forward: None or a callable ``forward(model, inputs) -> outputs`` that runs the model.
+        logits: None (default rule), a key or attribute name (str), an index (int) or a
+            callable ``logits(outputs) -> logits`` that picks what ``loss_fn`` receives.
         autocast: run the scoring forward under ``torch.autocast`` with ``autocast_dtype``.
             None (default) = on for a CUDA model, off otherwise. The loss and the scores are
             always computed in float32 from the (possibly reduced-precision) outputs.
@@ -246,21 +272,31 @@ class Scorer:
     Attributes:
         name: short name used in reports.
         extra_backward: whether scoring needs a backward pass through the model (cost).
+        model_call: the :class:`ModelCall` (calling convention and logits reader).
     """
 
     name = "scorer"
     extra_backward = False
+    #: the default convention; instances set their own in ``__init__`` (kept for old pickles)
+    model_call = ModelCall(owner="Scorer")
     #: what ``autocast=None`` resolves to on a CUDA model
     autocast_default_cuda = True
 
     def __init__(
-        self, loss_fn: LossFn, *, autocast: bool | None = None, autocast_dtype: torch.dtype = torch.bfloat16
+        self,
+        loss_fn: LossFn,
+        *,
+        forward: ForwardHook | None = None,
+        logits: LogitsHook | None = None,
+        autocast: bool | None = None,
+        autocast_dtype: torch.dtype = torch.bfloat16,
     ) -> None:
         owner = type(self).__name__
         if not callable(loss_fn):
             raise param_error("loss_fn", owner, "a callable (outputs, targets) -> losses", loss_fn, TypeError)
         _check_reduction(loss_fn, owner)
         self.loss_fn = loss_fn
+        self.model_call = ModelCall(forward, logits, owner)
         self.autocast, self.autocast_dtype = _check_autocast(autocast, autocast_dtype, owner)
 
     def __call__(self, model: nn.Module, inputs: Any, targets: Any) -> torch.Tensor:
@@ -272,7 +308,7 @@ class Scorer:
         """
         if not isinstance(model, nn.Module):
             raise param_error("model", type(self).__name__, "a torch.nn.Module", model, TypeError)
-        modules = list(_iter_modules(model))
+        modules = _iter_modules(model)
         device = _first_device(modules)
         inputs = _to_device(inputs, device)
         targets = _to_device(targets, device)
@@ -304,14 +340,16 @@ class Scorer:
         return torch.autocast(device.type, dtype=self.autocast_dtype)
 
     def forward(self, model: nn.Module, inputs: Any) -> Any:
-        """``model(inputs)`` without a graph, under autocast when enabled.
+        """The model's logits without a graph, under autocast when enabled.
 
-        Call it inside ``torch.inference_mode()`` (as the built-in scorers do) to skip
-        version counters and view tracking too; keep the work on its outputs inside the
-        same block, where it is cheapest.
+        The model is called and its logits read by :attr:`model_call` (``model(**inputs)``
+        for dict inputs; the ``.logits``/``"logits"``/element-0 rule, or the hooks). Call
+        it inside ``torch.inference_mode()`` (as the built-in scorers do) to skip version
+        counters and view tracking too; keep the work on its outputs inside the same
+        block, where it is cheapest.
 
         Returns:
-            the model outputs, with reduced-precision floating tensors cast to float32.
+            the logits, with reduced-precision floating tensors cast to float32.
         """
         if self.autocast is False:
             amp: contextlib.AbstractContextManager = contextlib.nullcontext()
@@ -320,11 +358,15 @@ class Scorer:
             amp = self.autocast_context(device)
         graph_free = contextlib.nullcontext() if torch.is_inference_mode_enabled() else torch.no_grad()
         with graph_free, amp:
-            outputs = model(inputs)
+            outputs = self.model_call(model, inputs)
         return _outputs_to_float32(outputs)
 
     def __repr__(self) -> str:
         extra = "" if self.autocast is None else f", autocast={self.autocast}"
+        if self.model_call.forward is not None:
+            extra += f", forward={self.model_call.forward!r}"
+        if self.model_call.logits is not None:
+            extra += f", logits={self.model_call.logits!r}"
         return f"{type(self).__name__}({self.loss_fn!r}{extra})"
 
 
@@ -332,7 +374,8 @@ class LossScorer(Scorer):
     """Score = the per-example loss, from one no-grad forward pass.
 
     Args:
-        loss_fn: ``(outputs, targets) -> losses`` of shape (b,) (``reduction="none"``).
+        loss_fn: ``(logits, targets) -> losses`` of shape (b,) (``reduction="none"``).
+        forward, logits: how the model is called and its logits read (see :class:`Scorer`).
         autocast, autocast_dtype: see :class:`Scorer` (default: bf16 forward on CUDA).
 
     Raises ``ValueError`` when a loss is negative (scores must be >= 0).
@@ -347,7 +390,10 @@ class LossScorer(Scorer):
     def score(self, model: nn.Module, inputs: Any, targets: Any) -> torch.Tensor:
         with torch.inference_mode():
             outputs = self.forward(model, inputs)
-        with torch.no_grad():  # outside inference mode: the losses are ordinary tensors
+            losses = fast_cross_entropy(self.loss_fn, outputs, targets)
+            if losses is not None:
+                return losses  # a cross-entropy: >= 0 (an inference tensor: __call__ clones it)
+        with torch.no_grad():  # outside inference mode: the user's loss gets ordinary tensors
             losses = per_example_losses(self.loss_fn, outputs, targets, type(self).__name__)
             negative = bool((losses < 0).any())
         if negative:
@@ -358,8 +404,83 @@ class LossScorer(Scorer):
         return losses
 
 
+#: Below this many classes the CPU softmax over the last dimension takes a slow kernel (torch 2.x:
+#: 5-10x slower at 4-15 classes than at 16); the softmax of the transposed logits along dim 0 does not.
+SMALL_CLASSES = 16
+
+
+def _is_plain(loss_fn: Any, cls: type) -> bool:
+    """``loss_fn`` is an instance of ``cls`` whose ``forward`` is ``cls.forward`` (not overridden)."""
+    return isinstance(loss_fn, cls) and type(loss_fn).forward is cls.forward
+
+
+def fast_cross_entropy(loss_fn: LossFn, outputs: Any, targets: Any) -> torch.Tensor | None:
+    """Per-example ``nn.CrossEntropyLoss`` on CPU without torch's slow cases, or None.
+
+    The same values (to float rounding) as ``per_example_losses(loss_fn, outputs, targets)``
+    for a plain ``nn.CrossEntropyLoss`` (no class weights) on float32 CPU logits with class-index
+    targets, in two cases where the loss itself is slow:
+
+    * logits (b, C) with C < 16: the log-softmax runs along dim 0 of the transposed logits
+      (the CPU kernel over a last dimension of 4-15 elements is several times slower);
+    * per-token logits (b, C, T...) whose class dimension is contiguous in memory (a (b, T, C)
+      head output seen as (b, C, T)): one log-softmax over rows of C, no copy to (b, C, T).
+      The per-example loss is the mean over the T positions (ignored positions count 0).
+
+    Anything else, and targets the CPU gather rejects (out of range), returns None: the caller
+    then calls ``loss_fn`` itself (and gets its errors).
+
+    Returns:
+        float32 Tensor of shape (b,) (per-example losses) or None.
+    """
+    if not (
+        isinstance(outputs, torch.Tensor)
+        and isinstance(targets, torch.Tensor)
+        and outputs.dim() >= 2
+        and outputs.dtype == torch.float32
+        and outputs.device.type == "cpu"
+        and targets.dtype == torch.int64
+        and targets.shape == outputs.shape[:1] + outputs.shape[2:]
+        and outputs.numel() > 0
+        and _is_plain(loss_fn, nn.CrossEntropyLoss)
+        and loss_fn.weight is None
+    ):
+        return None
+    b, num_classes = outputs.shape[0], outputs.shape[1]
+    per_token = outputs.dim() > 2
+    if per_token:
+        rows = outputs.movedim(1, -1)
+        if not rows.is_contiguous():
+            return None
+        rows = rows.reshape(-1, num_classes)
+    elif num_classes < SMALL_CLASSES:
+        rows = outputs
+    else:
+        return None
+    index = targets.reshape(-1)
+    ignore = int(loss_fn.ignore_index)
+    valid = None
+    if per_token or 0 <= ignore < num_classes:
+        valid = index != ignore
+        index = torch.where(valid, index, 0)
+    small = num_classes < SMALL_CLASSES
+    log_probs = torch.log_softmax(rows.T, dim=0) if small else torch.log_softmax(rows, dim=1)
+    cdim = 0 if small else 1
+    try:  # the CPU gather checks its indices: an ignored or invalid target leaves it to loss_fn
+        picked = log_probs.gather(cdim, index.unsqueeze(cdim)).squeeze(cdim)
+    except RuntimeError:
+        return None
+    eps = float(loss_fn.label_smoothing)
+    losses = picked.neg_() if not eps else picked.mul_(eps - 1.0).sub_(log_probs.mean(cdim), alpha=eps)
+    if valid is not None:
+        losses = losses * valid
+    if per_token:
+        return losses.reshape(b, -1).mean(1)
+    return losses
+
+
 def upper_bound_closed_form(
-    loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor
+    loss_fn: LossFn, outputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None
 ) -> torch.Tensor | None:
     """The Katharopoulos-Fleuret bound ``||d l_i / d z_i||_2`` in closed form, or ``None``.
 
@@ -370,66 +491,52 @@ def upper_bound_closed_form(
       ``ignore_index`` score 0.
     * ``nn.CrossEntropyLoss`` with probability targets t:
       ``|| softmax(z) * sum(t') - t' ||``, ``t' = (1 - e) t + e / C``.
-    * ``nn.MSELoss``: per-example mean over D output values, ``2 || z - y || / D``.
+    * Per-token cross-entropy: logits of shape (b, C, d1, ...) with targets of shape
+      (b, d1, ...) (or probabilities of the logits' shape). The loss returns (b, d1, ...) and
+      the per-example loss is its mean over the ``T = d1 * ...`` positions (as in
+      :func:`per_example_losses`), ``l_i = (1/T) sum_t m_it ce_it``, so the score is the norm of
+      the gradient over the whole sequence's logits:
+
+      .. math::
+
+          s_i = \\frac{1}{T} \\Big( \\sum_t m_{it}^2 \\, [y_{it} \\ne \\text{ignore}] \\,
+                \\| \\mathrm{softmax}(z_{it}) - q_{it} \\|_2^2 \\Big)^{1/2},
+
+      with ``m`` the optional ``mask`` (shape (b, d1, ...), 1 where absent; a 0 drops the
+      position like ``ignore_index``; T counts every position, masked or not).
+    * ``nn.MSELoss`` (no mask): per-example mean over D output values, ``2 || z - y || / D``.
 
     .. math::
 
         s_i = \\| \\mathrm{softmax}(z_i) - (1 - \\epsilon) e_{y_i} - \\epsilon / C \\|_2
 
+    On CPU with fewer than 16 classes the softmax runs over dim 0 of the transposed logits
+    (the small-last-dimension kernel is several times slower); the results agree to float
+    rounding.
+
     Returns ``None`` for any other loss (the caller falls back to autograd).
 
     Raises:
-        ValueError: targets of the wrong shape, or class indices outside ``[0, C)``
+        ValueError: targets or mask of the wrong shape, or class indices outside ``[0, C)``
             (checked before indexing: on CUDA an out-of-range index would be a device assert).
     """
-    if isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.weight is None and outputs.dim() == 2:
-        eps = float(loss_fn.label_smoothing)
-        num_classes = outputs.shape[1]
-        logits = outputs if outputs.dtype == torch.float32 else outputs.float()
-        probs = torch.softmax(logits, dim=1)  # a fresh tensor: modified in place below
-        if targets.dim() == 1 and not targets.is_floating_point():
-            if targets.shape[0] != outputs.shape[0]:
-                raise ValueError(
-                    f"CrossEntropyLoss targets of shape {tuple(targets.shape)} do not match outputs of shape "
-                    f"{tuple(outputs.shape)}: expected class indices of shape ({outputs.shape[0]},)."
-                )
-            if targets.shape[0] == 0:
-                return probs.new_zeros(0)
-            ignore = int(loss_fn.ignore_index)
-            if eps:
-                probs.sub_(eps / num_classes)
-            if targets.device.type == "cpu" and not 0 <= ignore < num_classes:
-                # The CPU scatter checks its indices: try the common case (every target a class,
-                # none ignored) without a separate range check; otherwise take the checked path.
-                try:
-                    probs.scatter_(1, targets.unsqueeze(1), -(1.0 - eps), reduce="add")
-                    return torch.linalg.vector_norm(probs, dim=1)
-                except RuntimeError:
-                    probs = torch.softmax(logits, dim=1)
-                    if eps:
-                        probs.sub_(eps / num_classes)
-            lo, hi = (int(v) for v in torch.aminmax(targets))
-            valid = None
-            if lo <= ignore <= hi:  # some rows may be ignored: mask them
-                valid = targets != ignore
-                targets = torch.where(valid, targets, torch.zeros_like(targets))
-                lo, hi = (int(v) for v in torch.aminmax(targets))
-            if lo < 0 or hi >= num_classes:
-                raise ValueError(
-                    f"Class-index targets must lie in [0, {num_classes}); got min {lo}, max {hi}."
-                )
-            diff = probs.scatter_(1, targets.unsqueeze(1), -(1.0 - eps), reduce="add")
-            norms = torch.linalg.vector_norm(diff, dim=1)
-            return norms if valid is None else norms * valid.to(norms.dtype)
-        if targets.shape == outputs.shape and targets.is_floating_point():
-            t = (1.0 - eps) * targets.float() + eps / num_classes
-            return torch.linalg.vector_norm(probs * t.sum(1, keepdim=True) - t, dim=1)
-        raise ValueError(
-            f"CrossEntropyLoss targets of shape {tuple(targets.shape)} do not match outputs of shape "
-            f"{tuple(outputs.shape)}: expected class indices of shape ({outputs.shape[0]},) or probabilities "
-            f"of shape {tuple(outputs.shape)}."
-        )
-    if isinstance(loss_fn, nn.MSELoss):
+    if _is_plain(loss_fn, nn.CrossEntropyLoss) and loss_fn.weight is None and outputs.dim() >= 2:
+        if (  # the common case first, with the fewest checks
+            mask is None
+            and outputs.dim() == 2
+            and targets.dim() == 1
+            and targets.dtype == torch.int64
+            and outputs.dtype == torch.float32
+            and outputs.device.type == "cpu"
+            and targets.shape[0] == outputs.shape[0] > 0
+        ):
+            scores = _flat_cross_entropy_bound(
+                outputs, targets, float(loss_fn.label_smoothing), int(loss_fn.ignore_index)
+            )
+            if scores is not None:
+                return scores
+        return _cross_entropy_bound(loss_fn, outputs, targets, mask)
+    if _is_plain(loss_fn, nn.MSELoss) and mask is None:
         if targets.shape != outputs.shape:
             raise ValueError(
                 f"MSELoss targets of shape {tuple(targets.shape)} do not match outputs of shape "
@@ -438,6 +545,135 @@ def upper_bound_closed_form(
         diff = (outputs.float() - targets.float()).flatten(1)
         return 2.0 * torch.linalg.vector_norm(diff, dim=1) / diff.shape[1]
     return None
+
+
+def _cross_entropy_bound(
+    loss_fn: nn.CrossEntropyLoss, outputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    eps = float(loss_fn.label_smoothing)
+    b, num_classes = outputs.shape[0], outputs.shape[1]
+    rest = tuple(outputs.shape[2:])
+    positions = math.prod(rest)
+    logits = outputs if outputs.dtype == torch.float32 else outputs.float()
+    index_targets = not targets.is_floating_point() and tuple(targets.shape) == (b, *rest)
+    if not index_targets and not (targets.shape == outputs.shape and targets.is_floating_point()):
+        expected = f"class indices of shape {(b, *rest)}"
+        raise ValueError(
+            f"CrossEntropyLoss targets of shape {tuple(targets.shape)} do not match outputs of shape "
+            f"{tuple(outputs.shape)}: expected {expected} or probabilities of shape {tuple(outputs.shape)}."
+        )
+    if mask is not None and tuple(mask.shape) != (b, *rest):
+        raise ValueError(
+            f"The token mask of shape {tuple(mask.shape)} does not match outputs of shape "
+            f"{tuple(outputs.shape)}: expected shape {(b, *rest)}."
+        )
+    if b == 0 or positions == 0:
+        return logits.new_zeros(b)
+    # Rows of class scores: class dimension `cdim` of `probs`; the other dimension(s) index positions.
+    if not rest:
+        rows = logits
+    else:
+        moved = logits.movedim(1, -1)  # (b, *rest, C): a view; contiguous for (b, T, C)-major logits
+        rows = moved.reshape(-1, num_classes) if moved.is_contiguous() else None
+
+    def softmax() -> tuple[torch.Tensor, int]:
+        if rows is not None and rows.device.type == "cpu" and num_classes < SMALL_CLASSES:
+            return torch.softmax(rows.T, dim=0), 0  # (C, R), contiguous
+        if rows is not None:
+            return torch.softmax(rows, dim=1), 1  # (R, C)
+        return torch.softmax(logits.reshape(b, num_classes, positions), dim=1), 1  # (b, C, T)
+
+    probs, cdim = softmax()
+
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        """(b, *rest) -> the position layout of `probs` with a size-1 class dimension."""
+        if probs.dim() == 3:
+            return t.reshape(b, 1, positions)
+        return t.reshape(1, -1) if cdim == 0 else t.reshape(-1, 1)
+
+    valid = None
+    if index_targets:
+        if eps:
+            probs.sub_(eps / num_classes)
+        ignore = int(loss_fn.ignore_index)
+        index = flat(targets)
+        if index.dtype != torch.int64:
+            index = index.long()
+        src = probs.new_full((1, 1, 1)[: probs.dim()], -(1.0 - eps)).expand(index.shape)
+        scattered = False
+        if probs.device.type == "cpu" and not 0 <= ignore < num_classes:
+            # The CPU scatter checks its indices: try the common case (every target a class, none
+            # ignored) without a separate range check; otherwise take the checked path below.
+            try:
+                probs.scatter_add_(cdim, index, src)
+                scattered = True
+            except RuntimeError:  # an index out of range (ignored or invalid): start again, checked
+                probs, cdim = softmax()
+                if eps:
+                    probs.sub_(eps / num_classes)
+        if not scattered:
+            lo, hi = (int(v) for v in torch.aminmax(index))
+            if lo <= ignore <= hi:  # some positions may be ignored: mask them
+                valid = index != ignore
+                index = torch.where(valid, index, torch.zeros_like(index))
+                lo, hi = (int(v) for v in torch.aminmax(index))
+            if lo < 0 or hi >= num_classes:
+                raise ValueError(
+                    f"Class-index targets must lie in [0, {num_classes}); got min {lo}, max {hi}."
+                )
+            if valid is None:
+                probs.scatter_add_(cdim, index, src)
+            else:
+                probs.scatter_add_(cdim, index, src * valid.to(probs.dtype))
+    else:
+        t = targets.float().movedim(1, -1).reshape(-1, num_classes) if rest else targets.float()
+        if cdim == 0:
+            t = t.T
+        elif probs.dim() == 3:
+            t = targets.float().reshape(b, num_classes, positions)
+        t = (1.0 - eps) * t + eps / num_classes
+        probs.mul_(t.sum(cdim, keepdim=True)).sub_(t)
+    # squared norm per position, (R,) or (b, T), without a second (R, C) buffer: fresh large buffers
+    # cost page faults on every call
+    if cdim == 1 and probs.dim() == 2:
+        sq = torch.linalg.vector_norm(probs, dim=1).square_()
+    else:
+        sq = probs.square_().sum(cdim)
+    if not rest and valid is None and mask is None:
+        return sq.sqrt_()
+    sq = sq.reshape(b, positions)
+    if valid is not None:
+        sq = sq * valid.reshape(b, positions).to(sq.dtype)
+    if mask is not None:
+        m = mask.reshape(b, positions).to(device=sq.device, dtype=sq.dtype)
+        sq = sq * m.square()
+    return sq.sum(1).sqrt_().div_(positions)
+
+
+def _flat_cross_entropy_bound(
+    logits: torch.Tensor, targets: torch.Tensor, eps: float, ignore: int
+) -> torch.Tensor | None:
+    """Fast path of :func:`_cross_entropy_bound` on CPU for logits (b, C) and class indices (b,).
+
+    Few operations and no range check: the CPU scatter checks its indices itself, so an
+    ignored or invalid target makes it fail and returns None (the general path then masks
+    the ignored rows or raises). Needs ``ignore_index`` outside ``[0, C)``.
+    """
+    num_classes = logits.shape[1]
+    if 0 <= ignore < num_classes:
+        return None
+    small = num_classes < SMALL_CLASSES
+    probs = torch.softmax(logits.T, dim=0) if small else torch.softmax(logits, dim=1)
+    cdim = 0 if small else 1
+    if eps:
+        probs.sub_(eps / num_classes)
+    try:
+        probs.scatter_(cdim, targets.unsqueeze(cdim), -(1.0 - eps), reduce="add")
+    except RuntimeError:
+        return None
+    if small:  # a norm over dim 0 of (C, b) takes a slow strided kernel; square-and-sum does not
+        return probs.square_().sum(0).sqrt_()
+    return torch.linalg.vector_norm(probs, dim=1)
 
 
 class UpperBoundScorer(Scorer):
@@ -453,14 +689,24 @@ class UpperBoundScorer(Scorer):
         s_i = \\Big\\| \\frac{\\partial \\ell(z_i, y_i)}{\\partial z_i} \\Big\\|_2,
         \\qquad \\text{softmax CE: } s_i = \\| \\mathrm{softmax}(z_i) - e_{y_i} \\|_2 .
 
-    Closed forms exist for cross-entropy and MSE (see :func:`upper_bound_closed_form`);
-    any other per-example loss uses one batched backward pass that stops at the outputs
-    (the model's forward runs without a graph). The forward runs in inference mode, under
-    autocast when enabled; the bound is computed in float32 from the outputs.
+    Closed forms exist for cross-entropy (also per token, logits of shape (b, C, T)) and
+    MSE (see :func:`upper_bound_closed_form`); any other per-example loss uses one batched
+    backward pass of the loss alone that stops at the outputs (the model's forward runs
+    without a graph). The forward runs in inference mode, under autocast when enabled; the
+    bound is computed in float32 from the outputs. ``z`` is what the model call's logits
+    reader returns (see :class:`Scorer`): it must be one tensor.
+
+    Per-token models: ``l_i`` is the mean of the per-token losses over the ``T`` positions
+    (times the optional ``mask``), and the score is the norm of the gradient over all of
+    the sequence's logits, ``(1/T) (sum_t m_t^2 ||softmax(z_t) - q_t||^2)^(1/2)``.
 
     Args:
-        loss_fn: ``(outputs, targets) -> losses`` of shape (b,) (``reduction="none"``).
+        loss_fn: ``(logits, targets) -> losses`` of shape (b,) or (b, T...) (``reduction="none"``).
         closed_form: use the closed form when one is known (default True).
+        mask: None, a key of the (dict) inputs, or a callable ``mask(inputs, targets)``,
+            giving a tensor of the per-token losses' shape (b, T...) that multiplies them
+            (0 drops a position, e.g. ``"attention_mask"``).
+        forward, logits: how the model is called and its logits read (see :class:`Scorer`).
         autocast, autocast_dtype: see :class:`Scorer` (default: bf16 forward on CUDA).
 
     References:
@@ -479,25 +725,61 @@ class UpperBoundScorer(Scorer):
         loss_fn: LossFn,
         closed_form: bool = True,
         *,
+        mask: str | Callable[[Any, Any], torch.Tensor] | None = None,
+        forward: ForwardHook | None = None,
+        logits: LogitsHook | None = None,
         autocast: bool | None = None,
         autocast_dtype: torch.dtype = torch.bfloat16,
     ) -> None:
-        super().__init__(loss_fn, autocast=autocast, autocast_dtype=autocast_dtype)
-        self.closed_form = bool(closed_form)
+        super().__init__(
+            loss_fn, forward=forward, logits=logits, autocast=autocast, autocast_dtype=autocast_dtype
+        )
+        if not isinstance(closed_form, bool):
+            raise param_error("closed_form", "UpperBoundScorer", "a bool", closed_form, TypeError)
+        if mask is not None and not isinstance(mask, str) and not callable(mask):
+            expected = "None, a key of the inputs (str) or a callable (inputs, targets) -> mask"
+            raise param_error("mask", "UpperBoundScorer", expected, mask, TypeError)
+        self.closed_form = closed_form
+        self.mask = mask
         self._checked_models: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
     def score(self, model: nn.Module, inputs: Any, targets: Any) -> torch.Tensor:
         if model not in self._checked_models:
             self._checked_models.add(model)
             _warn_fused_activation(model, stacklevel=3)
-        with torch.inference_mode():
+        owner = type(self).__name__
+        with torch.inference_mode():  # the closed form too: cheaper on inference tensors (__call__ clones)
             outputs = self.forward(model, inputs)
-        if self.closed_form and isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor):
-            with torch.no_grad():  # outside inference mode: the scores are ordinary tensors
-                scores = upper_bound_closed_form(self.loss_fn, outputs, targets)
-            if scores is not None:
-                return scores
-        return output_gradient_norms(self.loss_fn, outputs, targets, type(self).__name__)
+            if not isinstance(outputs, torch.Tensor):
+                raise TypeError(
+                    f"{owner} differentiates the loss with respect to the logits, which must be one tensor; "
+                    f"the model call gave a {type(outputs).__name__}. Pass logits= (a key, an index or a "
+                    f"callable outputs -> logits tensor) or forward= to {owner}."
+                )
+            mask = self._mask(inputs, targets)
+            if self.closed_form and isinstance(targets, torch.Tensor):
+                scores = upper_bound_closed_form(self.loss_fn, outputs, targets, mask)
+                if scores is not None:
+                    return scores
+        loss_fn = self.loss_fn if mask is None else _masked_loss(self.loss_fn, mask, owner)
+        return output_gradient_norms(loss_fn, outputs, targets, owner)
+
+    def _mask(self, inputs: Any, targets: Any) -> torch.Tensor | None:
+        if self.mask is None:
+            return None
+        if isinstance(self.mask, str):
+            if not isinstance(inputs, Mapping) or self.mask not in inputs:
+                keys = list(inputs) if isinstance(inputs, Mapping) else type(inputs).__name__
+                raise ValueError(
+                    f"The 'mask' parameter of UpperBoundScorer names the input {self.mask!r}, which the "
+                    f"batch does not hold (inputs: {keys})."
+                )
+            mask = inputs[self.mask]
+        else:
+            mask = self.mask(inputs, targets)
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"The mask of UpperBoundScorer must be a tensor; got {type(mask).__name__}.")
+        return mask
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -505,8 +787,25 @@ class UpperBoundScorer(Scorer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("mask", None)
         self.__dict__.update(state)
         self._checked_models = weakref.WeakSet()
+
+
+def _masked_loss(loss_fn: LossFn, mask: torch.Tensor, owner: str) -> LossFn:
+    """``loss_fn`` with its per-token losses multiplied by ``mask`` (same shape required)."""
+
+    def masked(outputs: Any, targets: Any) -> torch.Tensor:
+        losses = loss_fn(outputs, targets)
+        if not isinstance(losses, torch.Tensor) or losses.shape != mask.shape:
+            shape = getattr(losses, "shape", type(losses).__name__)
+            raise ValueError(
+                f"{owner}: the token mask of shape {tuple(mask.shape)} does not match the per-token losses "
+                f"of shape {tuple(shape)}."
+            )
+        return losses * mask.to(device=losses.device, dtype=losses.dtype)
+
+    return masked
 
 
 def _warn_fused_activation(model: nn.Module, stacklevel: int) -> None:
@@ -553,6 +852,7 @@ class GradNormScorer(Scorer):
     Args:
         loss_fn: ``(outputs, targets) -> losses`` of shape (b,) (``reduction="none"``).
         chunk_size: examples per vectorised chunk (int >= 1, default 32).
+        forward, logits: how the model is called and its logits read (see :class:`Scorer`).
         autocast, autocast_dtype: see :class:`Scorer`. Unlike the other scorers,
             ``autocast=None`` means off on every device: this scorer is the exact reference.
     """
@@ -566,10 +866,14 @@ class GradNormScorer(Scorer):
         loss_fn: LossFn,
         chunk_size: int = 32,
         *,
+        forward: ForwardHook | None = None,
+        logits: LogitsHook | None = None,
         autocast: bool | None = None,
         autocast_dtype: torch.dtype = torch.bfloat16,
     ) -> None:
-        super().__init__(loss_fn, autocast=autocast, autocast_dtype=autocast_dtype)
+        super().__init__(
+            loss_fn, forward=forward, logits=logits, autocast=autocast, autocast_dtype=autocast_dtype
+        )
         self.chunk_size = check_int(chunk_size, "chunk_size", "GradNormScorer", minimum=1)
 
     def score(self, model: nn.Module, inputs: Any, targets: Any) -> torch.Tensor:
@@ -578,13 +882,15 @@ class GradNormScorer(Scorer):
         params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
         if not params:
             raise ValueError("GradNormScorer needs a model with at least one trainable parameter.")
-        buffers = {k: v.detach() for k, v in model.named_buffers()}
+        called = CalledModel(model, self.model_call)
+        params = {"model." + k: v for k, v in params.items()}
+        buffers = {"model." + k: v.detach() for k, v in model.named_buffers()}
         loss_fn = self.loss_fn
         device = model_device(model)
 
         def one_loss(p: dict, x: Any, y: Any) -> torch.Tensor:
             with self.autocast_context(device):
-                out = functional_call(model, (p, buffers), (_unsqueeze(x),))
+                out = functional_call(called, (p, buffers), (_unsqueeze(x),))
             out = _outputs_to_float32(out)
             return per_example_losses(loss_fn, out, _unsqueeze(y), "GradNormScorer").sum()
 
@@ -596,7 +902,13 @@ class GradNormScorer(Scorer):
             x = _slice_rows(inputs, start, stop)
             y = _slice_rows(targets, start, stop) if targets is not None else None
             with torch.enable_grad():
-                grads = per_example(params, x, y)
+                try:
+                    grads = per_example(params, x, y)
+                except RuntimeError as exc:
+                    clearer = per_example_error(exc, type(self).__name__)
+                    if clearer is None:
+                        raise
+                    raise clearer from exc
             sq = None
             for name in list(grads):  # a reduction per tensor: no squared copy of the gradients
                 g = grads.pop(name).flatten(1)

@@ -20,8 +20,9 @@ when present). ``options`` is a subset of ``num_workers``, ``pin_memory``,
 ``persistent_workers``, ``drop_last``, ``collate_fn`` and ``multiprocessing_context``,
 with the meaning they have for ``torch.utils.data.DataLoader``. The dataset yields
 ``(input, target)`` pairs of tensors; the dict check turns them into
-``{"input_ids": input, "labels": target}``, so a model scoring pools must accept such a
-dict of inputs (or skip ``"dict_batches"``). ``drop_last=False`` means an epoch of
+``{"input_ids": input, "labels": target}``, so a model scoring pools must accept
+``model(input_ids=...)`` (dict inputs are passed as keyword arguments, see
+:class:`isample.scorers.ModelCall`; or skip ``"dict_batches"``). ``drop_last=False`` means an epoch of
 ``ceil(N / batch_size)`` batches, ``drop_last=True`` ``N // batch_size`` full ones.
 
 :func:`run_distributed` starts ``world_size`` processes with an initialised process group

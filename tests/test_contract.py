@@ -14,7 +14,7 @@ CE = nn.CrossEntropyLoss(reduction="none")
 
 
 class DictMLP(nn.Module):
-    """An MLP that also accepts ``{"input_ids": x}`` (for the dict-batch check)."""
+    """An MLP that also accepts ``input_ids=x`` (dict batches are called as ``model(**inputs)``)."""
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
@@ -24,8 +24,8 @@ class DictMLP(nn.Module):
             for p in self.net.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
 
-    def forward(self, x):
-        return self.net(x["input_ids"] if isinstance(x, dict) else x)
+    def forward(self, x=None, input_ids=None):  # dict inputs arrive as model(**inputs)
+        return self.net(x if input_ids is None else input_ids)
 
 
 def make_table(dataset, *, batch_size, seed, drop_last=False, **options):

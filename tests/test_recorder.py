@@ -237,3 +237,38 @@ def test_benchmark_quick_run(tmp_path):
     ratios = report["results"][0]["ratio_of_medians"]
     assert ratios["step"] == 1.0 and all(r > 0 for r in ratios.values())
     assert (tmp_path / "bench_recorder.md").exists() and (tmp_path / "bench_recorder.json").exists()
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+def test_compiled_models_are_refused_with_what_to_do(monkeypatch):
+    model = make_mlp()
+    message = r"compiled with torch\.compile.*uncompiled model.*_orig_mod"
+    with pytest.raises(ValueError, match="GradNormRecorder: the model is " + message):
+        GradNormRecorder(torch.compile(model))  # the wrapper: nothing is compiled until called
+    outer = nn.Sequential(make_mlp())
+    outer[0].compile()  # in place, on a submodule
+    with pytest.raises(ValueError, match=r"submodule\(s\) '0' is " + message):
+        GradNormRecorder(outer)
+    # The scorer: a compiled graph skips the hooks (simulated: they capture nothing), and the
+    # scorer says why instead of returning zeros.
+    from isample import recorder
+
+    monkeypatch.setattr(recorder.LinearCapture, "start", lambda self: setattr(self, "calls", [[]]))
+    x, y = make_batch()
+    model.compile(backend="eager")  # dynamo only: no code generation in the test
+    with pytest.raises(ValueError, match="LinearGradNormScorer: the model is " + message):
+        LinearGradNormScorer(CE, layers=[model[0]])(model, x, y)
+
+
+def test_no_forward_in_record_mentions_torch_compile():
+    model = make_mlp()
+    recorder = GradNormRecorder(model)
+    with pytest.raises(RuntimeError, match=r"no selected layer ran a forward pass.*torch\.compile'd"):
+        with recorder.record():
+            pass
+    model.compile()  # compiled after the recorder was built: detected when nothing was seen
+    with pytest.raises(ValueError, match=r"the model is compiled with torch\.compile"):
+        with recorder.record():
+            pass

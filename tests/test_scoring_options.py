@@ -251,8 +251,8 @@ class DictModel(nn.Module):
         super().__init__()
         self.net = make_mlp()
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        return self.net(batch["a"] + batch["b"])
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # dict inputs: model(**inputs)
+        return self.net(a + b)
 
 
 def test_grad_norm_chunks_nested_inputs():

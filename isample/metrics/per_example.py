@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._model_io import CalledModel, ForwardHook, LogitsHook, ModelCall, per_example_error
 from .._validation import check_int, param_error
 from ..batch import batch_size_of, slice_rows
 from ..scorers import model_device, per_example_losses, scoring_mode
@@ -72,6 +73,9 @@ def per_example_gradients(
     targets: Any,
     chunk_size: int = 32,
     params: Iterable[nn.Parameter | str] | None = None,
+    *,
+    forward: ForwardHook | None = None,
+    logits: LogitsHook | None = None,
 ) -> torch.Tensor:
     """Flattened per-example gradients ``g_i = d l_i / d theta``, a Tensor of shape (b, P).
 
@@ -91,6 +95,13 @@ def per_example_gradients(
             parameter). The columns follow :func:`select_parameters` order. A subset (e.g.
             the last layer) is cheaper but its norms understate the full norms, and the
             sampler that is optimal for the subset is only optimal for that subset.
+        forward, logits: how the model is called and its logits read, as for the scorers
+            (:class:`isample.Scorer`): dict inputs as ``model(**inputs)``; the loss receives
+            the ``.logits`` / ``"logits"`` / element-0 part of the output by default.
+
+    Raises:
+        RuntimeError: ``vmap`` cannot batch an operation of the model; for the nested tensors
+            of ``nn.TransformerEncoder`` the message says to pass ``enable_nested_tensor=False``.
 
     Returns:
         Tensor of shape (b, P) in the parameters' dtype (float32 for a float32 model;
@@ -105,6 +116,7 @@ def per_example_gradients(
             "loss_fn", owner, "a callable (outputs, targets) -> per-example losses", loss_fn, TypeError
         )
     chunk = check_int(chunk_size, "chunk_size", owner, minimum=1)
+    call = ModelCall(forward, logits, owner)
     chosen = select_parameters(model, params, owner)
     from torch.func import functional_call, grad, vmap
 
@@ -120,12 +132,13 @@ def per_example_gradients(
             f"Got {batch_size_of(targets)}."
         )
     chosen_names = {k for k, _ in chosen}
-    diff = {k: v.detach() for k, v in chosen}
-    rest = {k: v.detach() for k, v in model.named_parameters() if k not in chosen_names}
-    buffers = {k: v.detach() for k, v in model.named_buffers()}
+    called = CalledModel(model, call)  # parameters named "model." + name
+    diff = {"model." + k: v.detach() for k, v in chosen}
+    rest = {"model." + k: v.detach() for k, v in model.named_parameters() if k not in chosen_names}
+    buffers = {"model." + k: v.detach() for k, v in model.named_buffers()}
 
     def one_loss(p: dict, x: Any, y: Any) -> torch.Tensor:
-        out = functional_call(model, (p, rest, buffers), (_unsqueeze(x),))
+        out = functional_call(called, (p, rest, buffers), (_unsqueeze(x),))
         return per_example_losses(loss_fn, out, _unsqueeze(y) if y is not None else None, owner).sum()
 
     per_example = vmap(grad(one_loss), in_dims=(None, 0, 0 if targets is not None else None))
@@ -137,10 +150,16 @@ def per_example_gradients(
             stop = min(start + chunk, b)
             x = slice_rows(inputs, start, stop)
             y = slice_rows(targets, start, stop) if targets is not None else None
-            grads = per_example(diff, x, y)
+            try:
+                grads = per_example(diff, x, y)
+            except RuntimeError as exc:
+                clearer = per_example_error(exc, owner)
+                if clearer is None:
+                    raise
+                raise clearer from exc
             col = 0
             for k, _ in chosen:
-                flat = grads[k].flatten(1)
+                flat = grads["model." + k].flatten(1)
                 out[start:stop, col : col + flat.shape[1]] = flat
                 col += flat.shape[1]
             del grads
