@@ -227,6 +227,7 @@ class ImportanceDataLoader:
         self.dataset = dataset
         self.sampler = sampler
         self._workers_started = False
+        self._live = 0  # live iterators that own the resume point (0 or 1)
         self._loader = DataLoader(
             WeightedDataset(dataset, gather=can_gather(dataset, collate_fn)),
             batch_sampler=sampler,
@@ -245,16 +246,28 @@ class ImportanceDataLoader:
 
     def __iter__(self) -> Iterator[WeightedBatch]:
         self._check_size()
+        # As for isample.DataLoader: with no other live iterator this one continues from the
+        # resume point (where the last one stopped, or a loaded state) and moves it; one made
+        # while another is live yields a whole epoch of its own and leaves the resume point alone.
+        owner = self._live == 0
+        self.sampler._resume = self.sampler._resume or owner
+        self.sampler._next_owner = owner
         loader_iter = iter(self._loader)  # creates the sampler's iterator (and prefetches) right here
         self._workers_started = True
         cursor = self.sampler._latest
-        return self._iterate(loader_iter, cursor)
+        return self._iterate(loader_iter, cursor, owner)
 
-    def _iterate(self, loader_iter: Iterator[WeightedBatch], cursor: Any) -> Iterator[WeightedBatch]:
-        for batch in loader_iter:
-            if cursor is not None:
-                cursor.advance(1)  # this iterator's batch: another live iterator keeps its own cursor
-            yield batch
+    def _iterate(
+        self, loader_iter: Iterator[WeightedBatch], cursor: Any, owner: bool
+    ) -> Iterator[WeightedBatch]:
+        self._live += int(owner)
+        try:
+            for batch in loader_iter:
+                if cursor is not None:
+                    cursor.advance(1)  # this iterator's batch: another live iterator keeps its own cursor
+                yield batch
+        finally:
+            self._live -= int(owner)
 
     def _check_size(self) -> None:
         """Adapt the sampler when ``len(dataset)`` changed (see :meth:`TableSampler.resize`)."""

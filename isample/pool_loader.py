@@ -353,6 +353,9 @@ class PoolLoader:
             raise ValueError("The 'dataset' parameter of PoolLoader is empty (len 0).")
         self.batch_size = check_int(batch_size, "batch_size", owner, minimum=1)
         self.presample = check_presample(presample, owner)
+        top = max(self.num_samples, self.batch_size) / self.batch_size  # a pool is a sample of the N
+        if self.presample > top:
+            raise param_error("presample", owner, f"a float in [1, N / b] = [1, {top:g}]", presample)
         if not isinstance(score_when_off, bool):
             raise param_error("score_when_off", owner, "a bool", score_when_off, TypeError)
         self.always = bool(always)
@@ -667,8 +670,8 @@ class PoolLoader:
         data = move_to(data, device, non_blocking=True)
         inputs, targets = split_batch(data)
         weights = torch.ones(len(indices), dtype=torch.float32)
-        batch = WeightedBatch(
-            inputs, targets, indices, weights if device.type == "cpu" else weights.to(device)
+        batch = WeightedBatch.from_collated(
+            data, indices, weights if device.type == "cpu" else weights.to(device)
         )
         if getattr(self.switch, "wants_score_timing", False) and self.steps > 0:
             started = time.perf_counter()  # a timed probe: what scoring costs, scaled to a pool of B

@@ -104,7 +104,7 @@ class History(Sequence):
 
 def check_tau_threshold(value: Any, owner: str, allow_none: bool = True) -> float | None:
     """Validate the user's ``tau_threshold``: a float >= 1 (tau is never below 1; inf = never on), or None."""
-    return check_float(value, "tau_threshold", owner, minimum=1.0, allow_none=allow_none)
+    return check_float(value, "tau_threshold", owner, minimum=1.0, allow_none=allow_none, allow_inf=True)
 
 
 def check_tau_momentum(value: Any, owner: str) -> float:

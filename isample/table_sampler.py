@@ -124,8 +124,9 @@ class _Unvisited:
 class _EpochIterator:
     """One pass over one epoch of a :class:`TableSampler`: holds its own cursor."""
 
-    def __init__(self, sampler: TableSampler, epoch: int, start: int) -> None:
+    def __init__(self, sampler: TableSampler, epoch: int, start: int, owner: bool = True) -> None:
         self.sampler = sampler
+        self.owner = owner  # moves the sampler's resume point (position) as it is consumed
         self.epoch = epoch
         self.num_batches = sampler.num_batches
         self.step = start  # next step to draw
@@ -142,8 +143,9 @@ class _EpochIterator:
         s = self.sampler
         step = self.step
         self.step += 1
-        if s._resume and s._latest is self:
+        if s._latest is self:
             s._resume = False
+            s._next_owner = True
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] == step:
             indices, weights = ahead[1].result()
@@ -309,6 +311,7 @@ class TableSampler(Sampler[WeightedIndices]):
         self.epoch = 0
         self.position = 0  # batches of the current epoch consumed by the training loop
         self._resume = False  # the next iterator starts at ``position`` (set by load_state_dict)
+        self._next_owner = True  # the next iterator owns the resume point (see ImportanceDataLoader)
         self._consumed = 0  # batches consumed over the sampler's life (tags of updates)
         self._pending: list[tuple[int, np.ndarray, np.ndarray]] = []
         # pending updates already applied by a prefetched draw, with the values they replaced
@@ -404,9 +407,13 @@ class TableSampler(Sampler[WeightedIndices]):
         _dist.check_configuration(self, "TableSampler")  # every rank: same N, b, seed, ... (DDP)
         # The resume point holds until an iterator draws from it: torch's DataLoader creates
         # and drops one sampler iterator before the one it uses.
-        start = self.position if self._resume and self.position < self.num_batches else 0
-        self.position = start
-        self._latest = _EpochIterator(self, self.epoch, start)
+        owner = self._next_owner
+        if owner:
+            start = self.position if self._resume and self.position < self.num_batches else 0
+            self.position = start
+        else:  # an extra pass while another iterator owns the resume point: a whole epoch of its own
+            start = 0
+        self._latest = _EpochIterator(self, self.epoch, start, owner)
         return self._latest
 
     def advance(self, batches: int = 1) -> None:
@@ -427,7 +434,7 @@ class TableSampler(Sampler[WeightedIndices]):
 
     def _consumed_by(self, it: _EpochIterator, batches: int) -> None:
         self._consumed += batches
-        if it.epoch == self.epoch:  # iterators of another epoch (set_epoch while running) do not move it
+        if it.owner and it.epoch == self.epoch:  # others (set_epoch while running, extra passes) do not
             self.position = it.consumed
             if it.consumed >= it.num_batches:
                 self.epoch += 1

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from .base import SchemeLoader
 from .objects import (
+    Auto,
     HistoryGradNorm,
     HistoryIS,
     InfoBatch,
@@ -38,6 +39,7 @@ from .registry import available, build, describe, scheme_class, scheme_parameter
 from .rho_loss import train_irreducible_loss_model
 
 __all__ = [
+    "Auto",
     "HistoryGradNorm",
     "HistoryIS",
     "InfoBatch",

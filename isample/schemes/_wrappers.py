@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -72,8 +73,50 @@ class PoolScheme(SchemeLoader):
         """Validated and ignored: pools are re-scored at every step."""
         self.pool.update(indices, scores)
 
+    def step_context(self, batch: WeightedBatch) -> contextlib.AbstractContextManager:
+        """In Algorithm 1 mode, keep the model's output of this step for :meth:`feedback`.
+
+        A forward hook on the model records the last output whose leading dimension is the
+        batch size, so a loop that feeds back only the losses (``loader.update(losses)``)
+        still gives the switch its tau. Outside Algorithm 1 mode it does nothing.
+        """
+        if not getattr(self.pool, "lazy", False):
+            return contextlib.nullcontext()
+        return self._capture_outputs(len(batch))
+
+    @contextlib.contextmanager
+    def _capture_outputs(self, size: int) -> Iterator[None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            first = output
+            while isinstance(first, (tuple, list)) and first:
+                first = first[0]
+            logits = getattr(output, "logits", None)
+            lead = logits if isinstance(logits, torch.Tensor) else first
+            if isinstance(lead, torch.Tensor) and lead.dim() and lead.shape[0] == size:
+                self._captured = output
+
+        self._captured = None
+        handle = self.model.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
     def feedback(self, batch: WeightedBatch, outputs: Any, losses: torch.Tensor) -> None:
-        """Hand the training outputs to the pool loader (Algorithm 1's tau; :meth:`PoolLoader.feedback`)."""
+        """Hand the training outputs to the pool loader (Algorithm 1's tau; :meth:`PoolLoader.feedback`).
+
+        ``outputs=None`` uses the output recorded by :meth:`step_context` for this step.
+        """
+        captured, self._captured = getattr(self, "_captured", None), None
+        if outputs is None:
+            outputs = captured
+        if outputs is None and getattr(self.pool, "lazy", False) and self.pool._awaiting:
+            raise ValueError(
+                f"{type(self).__name__} computes tau from the training outputs while importance sampling is "
+                "off: pass them, loader.update(losses, outputs=out.detach()) or "
+                "loader.feedback(batch, out.detach(), losses), or run the step inside "
+                "`with loader.step_context(batch):` (isample.DataLoader does that for you)."
+            )
         self.pool.feedback(batch, outputs, losses)
 
     def describe(self) -> dict[str, Any]:

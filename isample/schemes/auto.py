@@ -74,7 +74,7 @@ class Auto(PoolScheme):
         tau_momentum: EMA momentum of tau and of the measured times (0.9).
         probe_every: steps between timed scoring probes while off (500).
         closed_form: closed-form upper bound for cross-entropy / MSE (default True).
-        scoring_batch_size, num_batches, drop_last, num_workers, pin_memory, collate_fn:
+        scoring_batch_size, num_batches, drop_last, **loader_options:
             :class:`isample.PoolLoader` options.
 
     References:
@@ -104,9 +104,7 @@ class Auto(PoolScheme):
         scoring_batch_size: int | None = None,
         num_batches: int | None = None,
         drop_last: bool = False,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        collate_fn: Callable | None = None,
+        **loader_options: Any,
     ) -> None:
         owner = type(self).__name__
         presample = check_presample(presample, owner)
@@ -129,9 +127,7 @@ class Auto(PoolScheme):
             scoring_batch_size=scoring_batch_size,
             num_batches=num_batches,
             drop_last=drop_last,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            collate_fn=collate_fn,
+            loader_options=loader_options,
         )
         super().__init__(
             dataset, model, loss_fn, batch_size, seed, UpperBoundScorer(loss_fn, closed_form), **options

@@ -32,6 +32,7 @@ from .registry import LOADER_LEVEL, build, describe, scheme_class, scheme_parame
 
 __all__ = [
     "scheme_object",
+    "Auto",
     "HistoryGradNorm",
     "HistoryIS",
     "InfoBatch",
@@ -420,6 +421,35 @@ class PoolLinearGradNorm(Scheme):
         super().__init__(**_arguments(locals()))
 
 
+class Auto(Scheme):
+    """Algorithm 1 pools switched on only when the measured gain pays for the scoring (``auto``).
+
+    Args:
+        presample: B / b, rounded to a whole number (3.0).
+        hysteresis: h >= 0: on when gain > R (1 + h), off when gain < R (0.1).
+        gain: ``"auto"`` (from the optimizer), ``"kappa"`` or ``"sqrt-kappa"``.
+        tau_momentum: EMA momentum of tau and of the measured times (0.9).
+        probe_every: steps between timed scoring probes while off (500).
+        closed_form: closed-form upper bound for cross-entropy / MSE (True).
+
+    Card: ``docs/methods/auto.md``.
+    """
+
+    name = "auto"
+
+    def __init__(
+        self,
+        *,
+        presample: float = 3.0,
+        hysteresis: float = 0.1,
+        gain: str = "auto",
+        tau_momentum: float = 0.9,
+        probe_every: int = 500,
+        closed_form: bool = True,
+    ) -> None:
+        super().__init__(**_arguments(locals()))
+
+
 #: The scheme object class of every registry name.
 SCHEME_OBJECTS: dict[str, type[Scheme]] = {
     cls.name: cls
@@ -434,6 +464,7 @@ SCHEME_OBJECTS: dict[str, type[Scheme]] = {
         HistoryIS,
         HistoryGradNorm,
         PoolLinearGradNorm,
+        Auto,
     )
 }
 
