@@ -69,7 +69,7 @@ def smooth(y: Sequence[float], window: int) -> np.ndarray:
 
     .. math::
 
-        \bar y_j = \frac{1}{j - \max(0, j - w + 1) + 1} \sum_{i = \max(0, j - w + 1)}^{j} y_i
+        \bar y_j = \frac{1}{j - \\max(0, j - w + 1) + 1} \\sum_{i = \\max(0, j - w + 1)}^{j} y_i
 
     A non-finite value makes every mean that contains it ``inf`` (a diverged run stays
     diverged). Causal: ``\bar y_j`` uses no value after ``j``, so a time-to-target read on
@@ -145,7 +145,7 @@ def schedule_factor(schedule: str, progress: float) -> float:
 
     .. math::
 
-        \text{constant}: 1, \qquad \text{cosine}: \tfrac12 (1 + \cos \pi t), \qquad
+        \text{constant}: 1, \\qquad \text{cosine}: \tfrac12 (1 + \\cos \\pi t), \\qquad
         \text{linear}: 1 - t
 
     ``t`` is the step divided by the step budget (or elapsed training seconds divided by

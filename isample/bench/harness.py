@@ -89,6 +89,7 @@ def default_schemes(registry: Any = None) -> tuple[str, ...]:
         names.append("auto")
     return tuple(names)
 
+
 #: Seed offset of the tuning runs, so the learning rate is never chosen on a measured run.
 TUNING_SEED_OFFSET = 10_000
 
@@ -295,7 +296,9 @@ def measure_step_costs(
         :func:`isample.bench.curves.compute_units`.
     """
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"The 'repeats' parameter of measure_step_costs must be an int >= 1. Got {repeats!r}.")
+        raise ValueError(
+            f"The 'repeats' parameter of measure_step_costs must be an int >= 1. Got {repeats!r}."
+        )
     device = inputs.device
     if clock is None:
         if device.type == "cpu":

@@ -216,7 +216,9 @@ def summarize(
                 ):
                     goal = targets[metric]
                     if math.isfinite(goal) and all(metric in p for r in rs for p in r["curve"][:1]):
-                        entry[f"{axis}_to_{suffix}"] = spread([_ttt(r, axis, goal, smooth, metric) for r in rs])
+                        entry[f"{axis}_to_{suffix}"] = spread(
+                            [_ttt(r, axis, goal, smooth, metric) for r in rs]
+                        )
                     else:
                         entry[f"{axis}_to_{suffix}"] = spread([math.nan])
             q = [_run_quality(r) for r in rs]
@@ -289,9 +291,7 @@ def verdicts(summary: dict[str, Any], axis: str = "cpu_seconds") -> dict[str, st
         winners = [
             (k, e)
             for k, e in others.items()
-            if e["diverged"] == 0
-            and e[f"ratio_at_{axis}"] > 1
-            and e[f"ratio_at_{axis}_range"][0] > 1
+            if e["diverged"] == 0 and e[f"ratio_at_{axis}"] > 1 and e[f"ratio_at_{axis}_range"][0] > 1
         ]
         acc_u = uni[f"test_accuracy_at_{axis}"]["median"]
         if winners:
@@ -299,8 +299,9 @@ def verdicts(summary: dict[str, Any], axis: str = "cpu_seconds") -> dict[str, st
             lo, hi = e[f"ratio_at_{axis}_range"]
             acc = e[f"test_accuracy_at_{axis}"]["median"]
             sentence = (
-                f"{opt}: **{name}** won at equal CPU time: its training loss was {e[f'ratio_at_{axis}']:.2f}x "
-                f"lower than uniform's (every seed, {lo:.2f}-{hi:.2f}x), with test accuracy "
+                f"{opt}: **{name}** won at equal CPU time: its training loss was "
+                f"{e[f'ratio_at_{axis}']:.2f}x lower than uniform's (every seed, {lo:.2f}-{hi:.2f}x), "
+                f"with test accuracy "
                 f"{_fmt(acc)} vs {_fmt(acc_u)}"
             )
             sp = e["speedup_test_accuracy_cpu_seconds"]
@@ -313,8 +314,8 @@ def verdicts(summary: dict[str, Any], axis: str = "cpu_seconds") -> dict[str, st
         if math.isnan(best) or best <= 1:
             out[opt] = (
                 f"{opt}: no scheme beat uniform at equal CPU time; the closest, {name}, reached a "
-                f"{_ratio_text(best)} loss ratio (test accuracy {_fmt(e[f'test_accuracy_at_{axis}']['median'])}"
-                f" vs {_fmt(acc_u)})."
+                f"{_ratio_text(best)} loss ratio (test accuracy "
+                f"{_fmt(e[f'test_accuracy_at_{axis}']['median'])} vs {_fmt(acc_u)})."
             )
         else:
             why = "a run diverged" if e["diverged"] else "not on every seed"
@@ -448,7 +449,8 @@ def headline_table(summary_opt: dict[str, Any]) -> str:
             kappa = "1 (baseline)"
         speed = " / ".join(_speed_text(e, a, "target", "speedup_{a}") for a in AXES)
         acc_speed = " / ".join(
-            _speed_text(e, a, "test_accuracy", "speedup_test_accuracy_{a}") for a in ("seconds", "cpu_seconds")
+            _speed_text(e, a, "test_accuracy", "speedup_test_accuracy_{a}")
+            for a in ("seconds", "cpu_seconds")
         )
         diverged = f" ({e['diverged']} diverged)" if e["diverged"] else ""
         lines.append(
@@ -579,7 +581,9 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         losers = [
             f"{k} ({100 * (e['final_test_accuracy']['median'] - ref):+.1f} points)"
             for k, e in table.items()
-            if k != "uniform" and e["final_test_accuracy"]["n"] and e["final_test_accuracy"]["median"] - ref <= -0.01
+            if k != "uniform"
+            and e["final_test_accuracy"]["n"]
+            and e["final_test_accuracy"]["median"] - ref <= -0.01
         ]
         nd = results.get("noise_dataset") or {}
         parts.append(
@@ -598,9 +602,9 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         f"Dataset: **{d['name']}** ({d['description']}); train / val / test = {d['n_train']} / "
         f"{d['n_val']} / {d['n_test']}. Model: **{cfg['model']}**. Batch size {cfg['batch_size']}, "
         f"budget {budget} per run (tuning runs: {_tuning_budget(cfg, results)}), learning-rate "
-        f"schedule **{cfg.get('schedule', 'constant')}** in every run, seeds {cfg['seeds']}, evaluation every "
-        f"{cfg['eval_every']} steps (training loss on {_eval_size(cfg, d)} training examples), kappa probe "
-        f"of {cfg['probe_size']} examples every {cfg['quality_every']} steps.\n",
+        f"schedule **{cfg.get('schedule', 'constant')}** in every run, seeds {cfg['seeds']}, evaluation "
+        f"every {cfg['eval_every']} steps (training loss on {_eval_size(cfg, d)} training examples), "
+        f"kappa probe of {cfg['probe_size']} examples every {cfg['quality_every']} steps.\n",
         _cost_text(results),
         "## Machine\n",
         f"- CPU: {m['cpu']} ({m['usable_cores']} usable of {m['logical_cores']} logical cores; torch "
@@ -628,8 +632,9 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         parts.append(
             f"### {opt}\n\nTargets: training loss {_fmt(s['target_loss'], 4)}, test accuracy "
             f"{_fmt(s.get('target_test_accuracy'), 4)}, test loss {_fmt(s.get('target_test_loss'), 4)}; "
-            f"equal steps = {ref['steps']:.0f}, equal wall time = {ref['seconds']:.3g} s, equal CPU time = "
-            f"{ref['cpu_seconds']:.3g} s, equal compute = {ref['compute']:.0f} forward-equivalent examples.\n\n"
+            f"equal steps = {ref['steps']:.0f}, equal wall time = {ref['seconds']:.3g} s, equal CPU "
+            f"time = {ref['cpu_seconds']:.3g} s, equal compute = {ref['compute']:.0f} forward-equivalent "
+            "examples.\n\n"
             + headline_table(s)
             + "\nDetails:\n\n"
             + details_table(s)
@@ -679,4 +684,8 @@ def _tuning_budget(cfg: dict[str, Any], results: dict[str, Any]) -> str:
 
 def _eval_size(cfg: dict[str, Any], d: dict[str, Any]) -> str:
     size = cfg.get("train_eval_size")
-    return str(d["n_train"]) if size is None or size >= d["n_train"] else f"{size} (a fixed subset) of {d['n_train']}"
+    return (
+        str(d["n_train"])
+        if size is None or size >= d["n_train"]
+        else f"{size} (a fixed subset) of {d['n_train']}"
+    )

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .. import __version__
+from .curves import SCHEDULES
 from .datasets import available_datasets, load_dataset
 from .harness import (
     OPTIMIZERS,
@@ -25,7 +26,6 @@ from .harness import (
     resolve_schemes,
     train_run,
 )
-from .curves import SCHEDULES
 from .models import MODELS, available_models, build_model
 from .plots import matplotlib_available, write_plots
 from .report import SCHEMA_VERSION, summarize, write_csv, write_json, write_report
@@ -166,8 +166,10 @@ def run_bench(
 
     n_grid = sum(len(config.lr_grids[o]) for o in config.optimizers) if config.tune else 0
     n_tune = n_grid * len(config.schemes)
-    n_measure = len(config.schemes) * len(config.seeds) * (
-        len(config.optimizers) + (len(config.noise_optimizers) if noise_data is not None else 0)
+    n_measure = (
+        len(config.schemes)
+        * len(config.seeds)
+        * (len(config.optimizers) + (len(config.noise_optimizers) if noise_data is not None else 0))
     )
     bar = _progress(config, kind, amount, n_tune, n_measure)
 
@@ -201,7 +203,15 @@ def run_bench(
                     lr = tuning[opt][scheme]["chosen"]
                     runs.append(
                         train_run(
-                            data, config, scheme, opt, lr, seed, registry=registry, on_step=tick, backward_cost=r
+                            data,
+                            config,
+                            scheme,
+                            opt,
+                            lr,
+                            seed,
+                            registry=registry,
+                            on_step=tick,
+                            backward_cost=r,
                         )
                     )
                     finish_run(before)
