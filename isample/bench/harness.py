@@ -172,7 +172,8 @@ class BenchConfig:
             subset; None = all).
         noise_dataset: a label-noise workload run after the main sweep with the tuned
             learning rates, reporting clean test accuracy (None = skip).
-        noise_optimizers: optimizers of the label-noise runs.
+        noise_optimizers: optimizers of the label-noise runs (None = ``adam`` when it is
+            among ``optimizers``, else the last optimizer).
         tie_rtol: relative tolerance under which validation losses tie (smaller lr wins).
         device: torch device string.
         data_seed: seed of the data split (and of the generated dataset).
@@ -200,7 +201,7 @@ class BenchConfig:
     smooth: int = 3
     train_eval_size: int | None = 2000
     noise_dataset: str | None = "mnist1d-noisy"
-    noise_optimizers: tuple[str, ...] = ("adam",)
+    noise_optimizers: tuple[str, ...] | None = None
     tie_rtol: float = 1e-3
     device: str = "cpu"
     data_seed: int = 0
@@ -215,7 +216,7 @@ class BenchConfig:
         d["schemes"] = list(self.schemes)
         d["optimizers"] = list(self.optimizers)
         d["seeds"] = list(self.seeds)
-        d["noise_optimizers"] = list(self.noise_optimizers)
+        d["noise_optimizers"] = None if self.noise_optimizers is None else list(self.noise_optimizers)
         d["lr_grids"] = {k: list(v) for k, v in self.lr_grids.items()}
         return d
 

@@ -634,10 +634,7 @@ def write_report(results: dict[str, Any], path: Path) -> None:
             f"{_fmt(s.get('target_test_accuracy'), 4)}, test loss {_fmt(s.get('target_test_loss'), 4)}; "
             f"equal steps = {ref['steps']:.0f}, equal wall time = {ref['seconds']:.3g} s, equal CPU "
             f"time = {ref['cpu_seconds']:.3g} s, equal compute = {ref['compute']:.0f} forward-equivalent "
-            "examples.\n\n"
-            + headline_table(s)
-            + "\nDetails:\n\n"
-            + details_table(s)
+            "examples.\n\n" + headline_table(s) + "\nDetails:\n\n" + details_table(s)
         )
     if noise:
         nd = results.get("noise_dataset") or {}

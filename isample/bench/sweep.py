@@ -48,7 +48,9 @@ def validate_config(config: BenchConfig, registry: Any = None) -> BenchConfig:
             f"Unknown optimizer {unknown[0]!r} in the learning-rate grids. Valid optimizers: "
             f"{', '.join(available_optimizers())}."
         )
-    for opt in config.noise_optimizers:
+    if config.noise_optimizers is None and config.optimizers:
+        config.noise_optimizers = ("adam",) if "adam" in config.optimizers else (config.optimizers[-1],)
+    for opt in config.noise_optimizers or ():
         if opt not in config.optimizers:
             raise ValueError(
                 f"The label-noise optimizer {opt!r} is not among the optimizers {list(config.optimizers)}; "
