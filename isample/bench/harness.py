@@ -393,7 +393,7 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, chunk: int = 4096
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, chunk: int = 512
 ) -> tuple[float, float]:
     """Mean (unweighted) loss and accuracy of ``model`` on ``(x, y)``, in eval mode.
 
