@@ -410,7 +410,24 @@ def _check_results(out, config_schemes, optimizers, seeds):
     assert len(rows) == sum(len(r["curve"]) for r in results["runs"] + results["noise_runs"])
     assert {r["scheme"] for r in rows} == set(config_schemes)
     assert any(r["kappa"] for r in rows if r["scheme"] != "uniform")
+    # tuning ran on the measured runs' budget and schedule (the harness's own record of both)
+    for opt in optimizers:
+        for name in config_schemes:
+            t = results["tuning"][opt][name]
+            measured = [r for r in results["runs"] if r["optimizer"] == opt and r["scheme"] == name]
+            assert all(r["plan"] == t["plan"] for r in measured)
+            assert all(
+                n == r["steps"]
+                for n, d in zip(t["steps"], t["diverged"], strict=True)
+                if not d
+                for r in measured
+            )
+    assert results["costs"]["backward_cost"] > 0 and results["costs"]["forward_seconds"] > 0
+    assert results["noise_runs"] and set(results["noise_summary"]) <= set(optimizers)
+    assert all(r["dataset"] == "mnist1d-noisy" for r in results["noise_runs"])
     report = (out / "report.md").read_text()
+    assert report.index("**Verdict**") < report.index("## Headline")
+    assert "## Label noise: mnist1d-noisy" in report and "Measured cost model" in report
     for opt in optimizers:
         assert f"### {opt}" in report
     for heading in ("## Machine", "## Headline", "## Tuned learning rates", "loss ratio @ equal steps"):
@@ -758,7 +775,7 @@ def test_measured_cost_model_on_a_fake_clock():
     )
     assert costs["backward_cost"] == pytest.approx(3.0) and costs["batch_size"] == 8
     assert all(p.grad is None for p in model.parameters())
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert compute_units(100, 50, costs["backward_cost"]) == pytest.approx(250.0)
     with pytest.raises(ValueError, match="'repeats' parameter"):
         measure_step_costs(model, loss, torch.randn(2, 4), torch.zeros(2, dtype=torch.long), repeats=0)
