@@ -125,15 +125,19 @@ def _log_y(ax: Any, values: Sequence[float] = ()) -> None:
     from matplotlib import ticker
 
     ax.set_yscale("log")
-    ax.yaxis.set_major_locator(ticker.LogLocator(base=10.0, subs=(1.0, 2.0, 5.0), numticks=12))
-    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _pos=None: f"{v:g}"))
-    ax.yaxis.set_minor_locator(ticker.NullLocator())
     finite = [float(v) for v in values if v is not None and math.isfinite(v) and v > 0]
+    subs: tuple[float, ...] = (1.0, 2.0, 5.0)
     if finite:
         lo, hi = min(finite), max(finite)
-        if hi / lo < 4:  # widen to at least two labelled 1-2-5 ticks
+        if hi / lo < 4:  # widen to at least two labelled ticks
             mid = math.sqrt(lo * hi)
-            ax.set_ylim(min(lo, mid / 2.2), max(hi, mid * 2.2))
+            lo, hi = min(lo, mid / 2.2), max(hi, mid * 2.2)
+            ax.set_ylim(lo, hi)
+        if hi / lo < 10:  # less than a decade: label more steps
+            subs = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)
+    ax.yaxis.set_major_locator(ticker.LogLocator(base=10.0, subs=subs, numticks=12))
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _pos=None: f"{v:g}"))
+    ax.yaxis.set_minor_locator(ticker.NullLocator())
 
 
 def _seed_legend(ax: Any, fontsize: int = 7) -> None:
