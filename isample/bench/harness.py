@@ -13,7 +13,7 @@ seconds, with the loop every isample loader shares::
             opt.step(); opt.zero_grad()
             loader.feedback(batch, out.detach(), losses.detach())   # timed: "feedback"
 
-Wall-clock seconds count only these three parts; evaluation (full training-set loss,
+Wall-clock seconds count only these three parts; evaluation (training loss on a fixed subset,
 test accuracy) and the sampler-quality probe run outside the clock every
 ``eval_every`` / ``quality_every`` steps.
 
@@ -156,8 +156,8 @@ class BenchConfig:
         seeds: the measured seeds (model initialisation and sampling).
         budget: ``"500"`` steps or ``"30s"`` training seconds per measured run.
         batch_size: examples per training step b.
-        eval_every: evaluate the full training loss and the test accuracy every k steps
-            (and at the end); with a seconds budget, every k steps as well.
+        eval_every: evaluate the training loss (on ``train_eval_size`` examples), test loss
+            and test accuracy every k steps (and at the end; with a seconds budget as well).
         quality_every: measure kappa on the probe every k steps (0 = never).
         probe_size: probe examples for kappa (a fixed seeded subset of the training set).
         tune: tune the learning rate (otherwise the middle of each grid is used).
