@@ -820,6 +820,7 @@ def test_verdict_sentences():
     assert "**kf** won at equal CPU time" in won and "1.40x" in won and "1.50x sooner" in won
     mixed = verdicts(_verdict_summary(1.1, 0.9, 1.3))["adam"]
     assert "no clear winner" in mixed and "not on every seed" in mixed
+    assert "no scheme beat uniform" in verdicts(_verdict_summary(1.004, 0.99, 1.1))["adam"]
     lost = verdicts(_verdict_summary(0.8, 0.7, 0.9))["adam"]
     assert "no scheme beat uniform" in lost and "kf" in lost
     assert "a run diverged" in verdicts(_verdict_summary(1.4, 1.2, 1.6, diverged=1))["adam"]
