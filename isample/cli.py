@@ -2,8 +2,9 @@
 
 Example::
 
-    isample bench                                   # default sweep on digits (< 3 min on 2 cores)
-    isample bench --quick --out /tmp/q             # tiny smoke profile
+    isample bench                                   # default sweep on MNIST-1D (< 5 min of CPU, 1 core)
+    isample bench --quick --out /tmp/q             # tiny smoke profile (< 1 min)
+    isample --version
     isample bench --dataset noisy-imbalanced --schemes uniform,kf,laber --optimizers adam \\
         --seeds 5 --budget 30s --out results/
 
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 
 __all__ = ["main", "build_parser", "config_from_args"]
 
-DEFAULT_SCHEMES = "uniform,kf,history-is"
+DEFAULT_SCHEMES = "uniform,kf,history-is,infobatch,selective-backprop (+ auto when registered)"
 
 
 def _csv_list(text: str) -> tuple[str, ...]:
@@ -80,7 +81,10 @@ def _lr_grid(text: str) -> tuple[str, tuple[float, ...]]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``isample`` argument parser (sub-command ``bench``)."""
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="isample", description="isample: importance sampling for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"isample {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     b = sub.add_parser(
         "bench",
@@ -89,8 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
         "measure training loss, test accuracy, wall-clock, compute and sampler quality over seeds; "
         "writes report.md, results.json, results.csv and PNG plots.",
     )
-    b.add_argument("--dataset", default=None, help="digits (default), noisy-imbalanced, or module:function")
-    b.add_argument("--model", default=None, help="mlp (default), linear or cnn")
+    b.add_argument(
+        "--dataset",
+        default=None,
+        help="mnist1d (default), mnist1d-noisy, digits, noisy-imbalanced, or module:function",
+    )
+    b.add_argument("--model", default=None, help="cnn1d (default), mlp, linear or cnn")
     b.add_argument("--schemes", type=_csv_list, default=None, help=f"comma list (default {DEFAULT_SCHEMES})")
     b.add_argument("--optimizers", type=_csv_list, default=None, help="comma list of sgd, rmsprop, adam")
     b.add_argument("--seeds", type=_seeds, default=None, help="seed count (3) or list (0,4,7)")
@@ -113,7 +121,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="override an optimizer's learning-rate grid (repeatable)",
     )
     b.add_argument("--no-tune", action="store_true", help="skip tuning; use the middle of each grid")
-    b.add_argument("--tune-fraction", type=float, default=None, help="tuning run length / budget (0.5)")
+    b.add_argument(
+        "--tune-fraction",
+        type=float,
+        default=None,
+        help="tuning run length / budget (1: tune on the measured budget and schedule)",
+    )
+    b.add_argument(
+        "--schedule",
+        choices=("constant", "cosine", "linear"),
+        default=None,
+        help="learning-rate schedule of every run, tuning included (cosine)",
+    )
+    b.add_argument(
+        "--max-grid",
+        type=_positive_int,
+        default=None,
+        help="extend a grid whose choice is at an edge up to N (5)",
+    )
+    b.add_argument(
+        "--smooth", type=_positive_int, default=None, help="targets: mean of the last N evaluations (3)"
+    )
+    b.add_argument(
+        "--train-eval-size",
+        type=_non_negative_int,
+        default=None,
+        help="training examples in the training-loss evaluation (2000; 0 = all)",
+    )
+    b.add_argument(
+        "--noise-dataset",
+        default=None,
+        help="label-noise workload run with the tuned learning rates (mnist1d-noisy; 'none' = skip)",
+    )
+    b.add_argument(
+        "--noise-optimizers", type=_csv_list, default=None, help="optimizers of the label-noise runs (adam)"
+    )
     b.add_argument("--device", default=None, help="torch device (cpu)")
     b.add_argument(
         "--threads",
@@ -139,12 +181,20 @@ _PLAIN_FIELDS = (
     "eval_every",
     "quality_every",
     "probe_size",
+    "schedule",
+    "max_grid",
+    "smooth",
+    "noise_optimizers",
 )
 
 
 def config_from_args(args: argparse.Namespace) -> object:
-    """The :class:`isample.bench.BenchConfig` described by parsed arguments."""
-    from .bench.harness import BenchConfig, quick_config
+    """The :class:`isample.bench.BenchConfig` described by parsed arguments.
+
+    Raises:
+        ValueError: a ``--lr-grid`` for an unknown optimizer or for one that is not run.
+    """
+    from .bench.harness import OPTIMIZERS, BenchConfig, available_optimizers, quick_config
 
     config = quick_config() if args.quick else BenchConfig()
     for field in _PLAIN_FIELDS:  # options that, when given, replace the profile's value
@@ -154,8 +204,22 @@ def config_from_args(args: argparse.Namespace) -> object:
     if args.lr_grid:
         grids = dict(config.lr_grids)
         for name, grid in args.lr_grid:
+            if name not in OPTIMIZERS:
+                raise ValueError(
+                    f"--lr-grid: unknown optimizer {name!r}. Valid optimizers: "
+                    f"{', '.join(available_optimizers())}."
+                )
+            if name not in config.optimizers:
+                raise ValueError(
+                    f"--lr-grid: optimizer {name!r} is not run (--optimizers {','.join(config.optimizers)}); "
+                    "its grid would be ignored."
+                )
             grids[name] = grid
         config.lr_grids = grids
+    if args.train_eval_size is not None:
+        config.train_eval_size = args.train_eval_size or None
+    if args.noise_dataset is not None:
+        config.noise_dataset = None if args.noise_dataset.lower() in ("none", "") else args.noise_dataset
     if args.no_tune:
         config.tune = False
     if args.tune_fraction is not None:
@@ -186,7 +250,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .bench.sweep import run_bench
 
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"isample bench: error: {exc}", file=sys.stderr)
+        return 2
     previous_threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(int(config.threads))

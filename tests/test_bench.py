@@ -225,14 +225,14 @@ def test_user_dataset_hook():
 
 
 def test_dataset_typos_list_valid_names():
-    with pytest.raises(ValueError, match="digits, noisy-imbalanced"):
+    with pytest.raises(ValueError, match="digits, mnist1d, mnist1d-noisy, noisy-imbalanced"):
         load_dataset("digitz")
     with pytest.raises(ValueError, match="no callable"):
         load_dataset("test_bench:nope")
-    assert available_datasets() == ["digits", "noisy-imbalanced"]
+    assert available_datasets() == ["digits", "mnist1d", "mnist1d-noisy", "noisy-imbalanced"]
 
 
-@pytest.mark.parametrize("name", ["mlp", "linear", "cnn"])
+@pytest.mark.parametrize("name", ["mlp", "linear", "cnn", "cnn1d"])
 def test_models_are_seeded_and_do_not_touch_global_rng(name):
     state = torch.random.get_rng_state()
     a = build_model(name, 64, 10, seed=5)
@@ -245,9 +245,9 @@ def test_models_are_seeded_and_do_not_touch_global_rng(name):
 
 
 def test_model_typo_and_cnn_shape():
-    with pytest.raises(ValueError, match="cnn, linear, mlp"):
+    with pytest.raises(ValueError, match="cnn, cnn1d, linear, mlp"):
         build_model("mpl", 64, 10, seed=0)
-    assert available_models() == ["cnn", "linear", "mlp"]
+    assert available_models() == ["cnn", "cnn1d", "linear", "mlp"]
     with pytest.raises(ValueError, match="square"):
         build_model("cnn", 63, 10, seed=0)
 
@@ -407,10 +407,27 @@ def _check_results(out, config_schemes, optimizers, seeds):
     with open(out / "results.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert tuple(rows[0]) == CSV_COLUMNS
-    assert len(rows) == sum(len(r["curve"]) for r in results["runs"])
+    assert len(rows) == sum(len(r["curve"]) for r in results["runs"] + results["noise_runs"])
     assert {r["scheme"] for r in rows} == set(config_schemes)
     assert any(r["kappa"] for r in rows if r["scheme"] != "uniform")
+    # tuning ran on the measured runs' budget and schedule (the harness's own record of both)
+    for opt in optimizers:
+        for name in config_schemes:
+            t = results["tuning"][opt][name]
+            measured = [r for r in results["runs"] if r["optimizer"] == opt and r["scheme"] == name]
+            assert all(r["plan"] == t["plan"] for r in measured)
+            assert all(
+                n == r["steps"]
+                for n, d in zip(t["steps"], t["diverged"], strict=True)
+                if not d
+                for r in measured
+            )
+    assert results["costs"]["backward_cost"] > 0 and results["costs"]["forward_seconds"] > 0
+    assert results["noise_runs"] and set(results["noise_summary"]) <= set(optimizers)
+    assert all(r["dataset"] == "mnist1d-noisy" for r in results["noise_runs"])
     report = (out / "report.md").read_text()
+    assert report.index("**Verdict**") < report.index("## Headline")
+    assert "## Label noise: mnist1d-noisy" in report and "Measured cost model" in report
     for opt in optimizers:
         assert f"### {opt}" in report
     for heading in ("## Machine", "## Headline", "## Tuned learning rates", "loss ratio @ equal steps"):
@@ -464,7 +481,7 @@ def test_seconds_budget_stops_on_wall_clock():
     from isample.bench.harness import train_run
 
     data = load_dataset("digits")
-    cfg = BenchConfig(budget="0.05s", eval_every=5, quality_every=0, progress=False)
+    cfg = BenchConfig(model="mlp", budget="0.05s", eval_every=5, quality_every=0, progress=False)
     run = train_run(data, cfg, "uniform", "sgd", 0.1, 0)
     assert run["train_seconds"] >= 0.05
     assert run["train_seconds"] < 0.05 + 0.5  # stops within a step (plus a slow machine's margin)
@@ -513,3 +530,297 @@ def test_digits_reader_equals_load_digits():
     x, y = _digits_arrays()
     raw = load_digits()
     assert np.array_equal(x, raw.data) and np.array_equal(y, raw.target)
+
+
+# --------------------------------------------------------------------------- MNIST-1D workload
+
+
+def test_mnist1d_is_deterministic_per_seed_and_needs_no_network(monkeypatch):
+    import socket
+
+    from isample.bench.mnist1d import make_mnist1d
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("MNIST-1D generation tried to open a network connection")
+
+    monkeypatch.setattr(socket, "socket", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    np_state = np.random.get_state()
+    torch_state = torch.random.get_rng_state()
+    a = make_mnist1d(seed=3, n_train=200, n_val=50, n_test=50)
+    b = make_mnist1d(seed=3, n_train=200, n_val=50, n_test=50)
+    c = make_mnist1d(seed=4, n_train=200, n_val=50, n_test=50)
+    assert np.array_equal(np.random.get_state()[1], np_state[1])  # no global NumPy RNG
+    assert torch.equal(torch.random.get_rng_state(), torch_state)
+    for name in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert not torch.equal(a.x_train, c.x_train)
+    assert a.x_train.shape == (200, 40) and a.x_train.dtype == torch.float32
+    assert a.x_test.shape == (50, 40) and a.num_classes == 10
+    # balanced classes over the whole generated set, standardised with the training moments
+    y_all = torch.cat([a.y_train, a.y_val, a.y_test])
+    assert torch.bincount(y_all, minlength=10).tolist() == [30] * 10
+    assert abs(float(a.x_train.mean())) < 1e-4 and abs(float(a.x_train.std()) - 1) < 1e-2
+
+
+def test_mnist1d_recipe_steps():
+    from isample.bench.mnist1d import _resample, make_mnist1d_arrays, mnist1d_templates
+
+    t = mnist1d_templates()
+    assert t.shape == (10, 12)
+    assert np.allclose(t[:, 0], 0.0)  # every template starts at 0
+    assert np.allclose(t.std(axis=1), 1 / 6)  # whitened, then divided by 6
+    # linear resampling of a ramp is exact
+    ramp = np.tile(np.arange(10.0), (2, 1))
+    out = _resample(ramp, np.array([10, 5]), 19)
+    assert np.allclose(out[0], np.linspace(0, 9, 19)) and np.allclose(out[1], np.linspace(0, 4, 19))
+    x, y = make_mnist1d_arrays(100, np.random.default_rng(0))
+    assert x.shape == (100, 40) and set(y.tolist()) == set(range(10)) and np.isfinite(x).all()
+    with pytest.raises(ValueError, match="'n' parameter of make_mnist1d_arrays"):
+        make_mnist1d_arrays(5, np.random.default_rng(0))
+
+
+def test_mnist1d_noisy_flips_only_training_labels():
+    clean = load_dataset("mnist1d", seed=0)
+    noisy = load_dataset("mnist1d-noisy", seed=0)
+    assert torch.equal(clean.x_train, noisy.x_train) and torch.equal(clean.y_test, noisy.y_test)
+    assert torch.equal(clean.y_val, noisy.y_val)
+    flipped = float((clean.y_train != noisy.y_train).float().mean())
+    assert noisy.info["label_noise"] == 0.15 and abs(flipped - 0.15) < 0.02
+    assert noisy.info["flipped_train_labels"] == int((clean.y_train != noisy.y_train).sum())
+
+
+def test_cnn1d_matches_the_mnist1d_shape():
+    model = build_model("cnn1d", 40, 10, seed=0)
+    convs = [m for m in model if isinstance(m, torch.nn.Conv1d)]
+    assert [(c.out_channels, c.kernel_size[0], c.stride[0]) for c in convs] == [
+        (32, 5, 1),
+        (64, 5, 2),
+        (64, 3, 2),
+    ]
+    assert model[-1].in_features == 64 * 7
+    assert model(torch.randn(4, 40)).shape == (4, 10)
+    with pytest.raises(ValueError, match="at least 17 points"):
+        build_model("cnn1d", 12, 10, seed=0)
+
+
+# --------------------------------------------------------------------------- fair comparison
+
+
+def test_tuning_and_measured_runs_share_budget_and_schedule():
+    from isample.bench.harness import run_plan
+
+    for schedule in ("constant", "cosine", "linear"):
+        for budget in ("240", "3s"):
+            cfg = BenchConfig(schedule=schedule, budget=budget)
+            assert cfg.tune_fraction == 1.0  # the default: tune on the measured budget
+            assert run_plan(cfg, tuning=True) == run_plan(cfg, tuning=False)
+    cfg = BenchConfig(schedule="linear", budget="200", tune_fraction=0.5)
+    tune, measure = run_plan(cfg, tuning=True), run_plan(cfg, tuning=False)
+    assert tune["max_steps"] == 100 and measure["max_steps"] == 200
+    assert tune["schedule"] == measure["schedule"] == "linear"
+    with pytest.raises(ValueError, match="Valid schedules: constant, cosine, linear"):
+        run_plan(BenchConfig(schedule="step"))
+
+
+def test_schedule_factor_known_values():
+    from isample.bench.curves import schedule_factor
+
+    assert schedule_factor("constant", 0.7) == 1.0
+    assert schedule_factor("cosine", 0.0) == 1.0 and schedule_factor("cosine", 1.0) == pytest.approx(0.0)
+    assert schedule_factor("cosine", 0.5) == pytest.approx(0.5)
+    assert schedule_factor("linear", 0.25) == 0.75 and schedule_factor("linear", 2.0) == 0.0
+
+
+def test_train_run_follows_the_schedule(monkeypatch):
+    from isample.bench import harness
+
+    seen = []
+    real = harness.make_optimizer
+
+    def spy(name, params, lr):
+        opt = real(name, params, lr)
+        original = opt.step
+
+        def step(*a, **k):
+            seen.append(opt.param_groups[0]["lr"])
+            return original(*a, **k)
+
+        opt.step = step
+        return opt
+
+    monkeypatch.setattr(harness, "make_optimizer", spy)
+    data = load_dataset("digits")
+    cfg = BenchConfig(model="linear", budget="10", eval_every=5, quality_every=0, schedule="linear", smooth=2)
+    for tuning in (False, True):
+        seen.clear()
+        run = harness.train_run(data, cfg, "uniform", "sgd", 0.5, 0, tuning=tuning)
+        assert run["steps"] == 10 and run["plan"]["schedule"] == "linear"
+        assert seen == pytest.approx([0.5 * (1 - k / 10) for k in range(10)])
+    # the tuning run evaluates validation loss at its last `smooth` evaluation points only
+    assert [p["step"] for p in run["curve"]] == [5, 10] and "val_loss" in run["curve"][0]
+
+
+def test_grid_extends_until_the_choice_is_inside(monkeypatch):
+    from isample.bench import tuning
+
+    def fake_run(data, config, scheme, optimizer, lr, seed, **kwargs):
+        val = 1.0 + (math.log10(lr) - math.log10(0.3)) ** 2  # best at 0.3, far above the grid
+        return {
+            "diverged": False,
+            "curve": [{"val_loss": val, "val_accuracy": 0.5}] * 3,
+            "steps": 1,
+            "train_seconds": 0.0,
+        }
+
+    monkeypatch.setattr(tuning, "train_run", fake_run)
+    cfg = BenchConfig(lr_grids={"adam": (0.01, 0.03, 0.1)}, max_grid=8)
+    t = tuning.tune_learning_rate(None, cfg, "uniform", "adam")
+    # 0.1^2 / 0.03 = 0.333 (3 significant digits), then 0.333^2 / 0.1 = 1.11: 0.333 is inside
+    assert t["extended"] == pytest.approx([0.333, 1.11])
+    assert t["chosen"] == pytest.approx(0.333) and not t["at_edge"]
+    assert t["grid"] == sorted(t["grid"]) and len(t["grid"]) == 5
+    capped = tuning.tune_learning_rate(
+        None, BenchConfig(lr_grids={"adam": (0.01, 0.03, 0.1)}, max_grid=4), "uniform", "adam"
+    )
+    assert capped["at_edge"] and len(capped["grid"]) == 4 and capped["chosen"] == pytest.approx(0.333)
+
+
+def test_extend_grid_rules():
+    from isample.bench.curves import extend_grid
+
+    assert extend_grid([0.1, 0.3, 1.0], 0) == pytest.approx(0.1 / 3)
+    assert extend_grid([0.1, 0.3, 1.0], 2) == pytest.approx(1.0 / 0.3)
+    assert extend_grid([0.1, 0.3, 1.0], 1) is None
+    assert extend_grid([0.1, 0.3, 1.0], 2, limit=3) is None
+    with pytest.raises(ValueError, match="ascending"):
+        extend_grid([0.3, 0.1], 0)
+
+
+def test_smoothing_and_time_to_target_on_synthetic_curves():
+    from isample.bench.curves import smooth, smoothed_final, time_to_accuracy
+
+    y = [4.0, 2.0, 6.0, 1.0, 3.0]
+    assert smooth(y, 1).tolist() == y
+    assert smooth(y, 2).tolist() == [4.0, 3.0, 4.0, 3.5, 2.0]
+    assert smooth(y, 3).tolist() == pytest.approx([4.0, 3.0, 4.0, 3.0, 10 / 3])
+    assert smoothed_final(y, 3) == pytest.approx(10 / 3)
+    assert smooth([1.0, float("nan"), 1.0, 1.0], 2).tolist() == [1.0, math.inf, math.inf, 1.0]
+    with pytest.raises(ValueError, match="'window' parameter of smooth"):
+        smooth(y, 0)
+    # one lucky low evaluation: the raw curve "reaches" 0.5 at x=2, the smoothed one never does
+    x = [0.0, 1.0, 2.0, 3.0, 4.0]
+    noisy = [1.0, 0.9, 0.4, 0.9, 0.8]
+    assert time_to_target(x, noisy, 0.5) < 2.0
+    assert time_to_target(x, smooth(noisy, 3), 0.5) == math.inf
+    # accuracy 0.5 + 0.1 x crosses 0.75 at x = 2.5 (linear)
+    acc = [0.5 + 0.1 * v for v in x]
+    assert time_to_accuracy(x, acc, 0.75) == pytest.approx(2.5)
+    assert time_to_accuracy(x, acc, 0.95) == math.inf
+    assert time_to_accuracy(x, [0.5, float("nan"), 0.9, 0.9, 0.9], 0.8) == pytest.approx(2.0)
+
+
+def test_summarize_test_accuracy_target_and_smoothed_loss_target():
+    runs = []
+    for k in range(3):
+        for name, slope in (("uniform", 0.001), ("is", 0.002)):
+            run = _synthetic_run(name, k, 0.01, 1e-3, 1.0)
+            for p in run["curve"]:
+                p["test_accuracy"] = 0.5 + slope * p["step"]
+                p["test_loss"] = 1.0 - slope * p["step"]
+            runs.append(run)
+    s = summarize(runs, {}, smooth=2)["sgd"]
+    # uniform's accuracy at the last two evaluations (80, 100): 0.58 and 0.6 -> mean 0.59
+    assert s["target_test_accuracy"] == pytest.approx(0.59)
+    assert s["target_loss"] == pytest.approx((math.exp(-0.8) + math.exp(-1.0)) / 2)
+    e = s["schemes"]["is"]
+    # "is" reaches a trailing mean (window 2) of 0.59 where 0.5 + 0.002 (x - 10) = 0.59: x = 55
+    assert e["steps_to_test_accuracy"]["median"] == pytest.approx(55.0)
+    assert e["test_accuracy_at_steps"]["median"] == pytest.approx(0.7)
+    assert s["schemes"]["uniform"]["steps_to_test_accuracy"]["median"] == pytest.approx(100.0)
+
+
+def test_measured_cost_model_on_a_fake_clock():
+    from isample.bench.harness import measure_step_costs
+
+    now = [0.0]
+
+    class SlowBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            now[0] += 0.03  # a backward "takes" 30 ms
+            return grad
+
+    class Fake(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            now[0] += 0.01  # a forward "takes" 10 ms
+            return SlowBackward.apply(self.lin(x))
+
+    model = Fake()
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = torch.nn.CrossEntropyLoss(reduction="none")
+    costs = measure_step_costs(
+        model, loss, torch.randn(8, 4), torch.randint(0, 3, (8,)), clock=lambda: now[0]
+    )
+    assert costs["forward_seconds"] == pytest.approx(0.01) and costs["backward_seconds"] == pytest.approx(
+        0.03
+    )
+    assert costs["backward_cost"] == pytest.approx(3.0) and costs["batch_size"] == 8
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert compute_units(100, 50, costs["backward_cost"]) == pytest.approx(250.0)
+    with pytest.raises(ValueError, match="'repeats' parameter"):
+        measure_step_costs(model, loss, torch.randn(2, 4), torch.zeros(2, dtype=torch.long), repeats=0)
+
+
+def test_is_on_history_reads_every_exposure():
+    from types import SimpleNamespace
+
+    from isample.bench.harness import is_on_history
+
+    on = [{"on": True}, {"on": False}, {"on": True}]
+    assert is_on_history(SimpleNamespace(tau_history=on)) == [True, False, True]
+    assert is_on_history(SimpleNamespace(pool=SimpleNamespace(tau_history=on))) == [True, False, True]
+
+    class Described:
+        def describe(self):
+            return {"on_history": [0, 1, 1, 1]}
+
+    assert is_on_history(Described()) == [False, True, True, True]
+    assert is_on_history(SimpleNamespace()) == []
+
+
+def _verdict_summary(ratio, lo, hi, diverged=0):
+    def entry(r, rng, div):
+        return {
+            "diverged": div,
+            "ratio_at_cpu_seconds": r,
+            "ratio_at_cpu_seconds_range": rng,
+            "test_accuracy_at_cpu_seconds": {"median": 0.9, "min": 0.9, "max": 0.9, "n": 3},
+            "speedup_test_accuracy_cpu_seconds": 1.5,
+        }
+
+    return {
+        "adam": {"schemes": {"uniform": entry(1.0, [0.9, 1.1], 0), "kf": entry(ratio, [lo, hi], diverged)}}
+    }
+
+
+def test_verdict_sentences():
+    from isample.bench.report import verdicts
+
+    won = verdicts(_verdict_summary(1.4, 1.2, 1.6))["adam"]
+    assert "**kf** won at equal CPU time" in won and "1.40x" in won and "1.50x sooner" in won
+    mixed = verdicts(_verdict_summary(1.1, 0.9, 1.3))["adam"]
+    assert "no clear winner" in mixed and "not on every seed" in mixed
+    assert "no scheme beat uniform" in verdicts(_verdict_summary(1.004, 0.99, 1.1))["adam"]
+    lost = verdicts(_verdict_summary(0.8, 0.7, 0.9))["adam"]
+    assert "no scheme beat uniform" in lost and "kf" in lost
+    assert "a run diverged" in verdicts(_verdict_summary(1.4, 1.2, 1.6, diverged=1))["adam"]

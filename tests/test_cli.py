@@ -21,8 +21,13 @@ def _config(*argv: str) -> BenchConfig:
 
 def test_defaults_and_overrides():
     cfg = _config()
-    assert cfg.dataset == "digits" and cfg.model == "mlp"
-    assert cfg.schemes == ("uniform", "kf", "history-is")
+    import isample.schemes as registry
+
+    assert cfg.dataset == "mnist1d" and cfg.model == "cnn1d"
+    expected = ("uniform", "kf", "history-is", "infobatch", "selective-backprop")
+    expected += ("auto",) if "auto" in registry.available() else ()
+    assert cfg.schemes == expected
+    assert cfg.noise_dataset == "mnist1d-noisy" and cfg.schedule == "cosine" and cfg.tune_fraction == 1.0
     assert cfg.optimizers == ("sgd", "rmsprop", "adam")
     assert cfg.seeds == (0, 1, 2) and cfg.progress is True and cfg.threads == 1
     cfg = _config(
@@ -81,8 +86,8 @@ def test_bad_numbers_exit_with_usage_error(argv, capsys):
     [
         ("--schemes", "uniform,kff", "Valid schemes: "),
         ("--optimizers", "sgd,adamw", "Valid optimizers: adam, rmsprop, sgd"),
-        ("--dataset", "mnist", "Valid datasets: digits, noisy-imbalanced"),
-        ("--model", "resnet", "Valid models: cnn, linear, mlp"),
+        ("--dataset", "mnist", "Valid datasets: digits, mnist1d, mnist1d-noisy, noisy-imbalanced"),
+        ("--model", "resnet", "Valid models: cnn, cnn1d, linear, mlp"),
         ("--budget", "ten", "steps (e.g. 500) or seconds (e.g. 30s)"),
     ],
 )
@@ -143,3 +148,84 @@ def test_python_dash_m_entry_point(tmp_path):
     assert results["command"].startswith("isample bench --quick")
     assert {r["scheme"] for r in results["runs"]} == {"uniform", "kf"}
     assert (out / "report.md").is_file() and (out / "results.csv").is_file()
+
+
+def test_version(capsys):
+    from isample import __version__
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"isample {__version__}"
+
+
+@pytest.mark.parametrize(
+    ("grid", "expected"),
+    [
+        ("foo=0.1", "unknown optimizer 'foo'. Valid optimizers: adam, rmsprop, sgd"),
+        ("Adam=0.5", "unknown optimizer 'Adam'"),
+        ("sgd=0.1", "optimizer 'sgd' is not run"),
+    ],
+)
+def test_lr_grid_keys_are_checked_before_any_work(grid, expected, capsys, tmp_path):
+    code = main(["bench", "--optimizers", "adam", "--lr-grid", grid, "--out", str(tmp_path), "--no-progress"])
+    assert code == 2
+    assert expected in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_fails_before_any_work(capsys, tmp_path, monkeypatch):
+    from isample.bench import sweep
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started")
+
+    monkeypatch.setattr(sweep, "load_dataset", no_work)
+    assert main(["bench", "--device", "cuda", "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_batch_larger_than_the_training_set_is_an_error(capsys, tmp_path, monkeypatch):
+    from isample.bench import sweep
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("tuning started")
+
+    monkeypatch.setattr(sweep, "tune_learning_rate", no_work)
+    argv = [
+        "bench",
+        "--dataset",
+        "digits",
+        "--model",
+        "mlp",
+        "--batch-size",
+        "5000",
+        "--noise-dataset",
+        "none",
+    ]
+    assert main([*argv, "--out", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "'batch_size' setting (5000) is larger than the training set of 'digits'" in err
+
+
+def test_fair_comparison_options():
+    cfg = _config(
+        "--schedule",
+        "linear",
+        "--max-grid",
+        "7",
+        "--smooth",
+        "4",
+        "--train-eval-size",
+        "0",
+        "--noise-dataset",
+        "none",
+        "--tune-fraction",
+        "0.5",
+    )
+    assert cfg.schedule == "linear" and cfg.max_grid == 7 and cfg.smooth == 4
+    assert cfg.train_eval_size is None and cfg.noise_dataset is None and cfg.tune_fraction == 0.5
+    with pytest.raises(SystemExit):
+        _config("--schedule", "step")

@@ -29,26 +29,139 @@ __all__ = [
     "select_learning_rate",
     "compute_units",
     "BACKWARD_COST",
+    "smooth",
+    "smoothed_final",
+    "time_to_accuracy",
+    "extend_grid",
+    "SCHEDULES",
+    "schedule_factor",
 ]
+
+#: Learning-rate schedules: the factor applied to the base learning rate at progress t in [0, 1].
+SCHEDULES = ("constant", "cosine", "linear")
 
 #: Cost of back-propagating one example, in forward passes (the usual 2x rule).
 BACKWARD_COST = 2.0
 
 
-def compute_units(forward_examples: float, backward_examples: float) -> float:
+def compute_units(
+    forward_examples: float, backward_examples: float, backward_cost: float = BACKWARD_COST
+) -> float:
     """Compute in forward-equivalent examples.
 
     .. math::
 
-        C = F + 2 B
+        C = F + r B
 
     where ``F`` counts examples forwarded (training batches plus the scheme's scoring
-    passes) and ``B`` examples back-propagated (a backward costs about two forwards).
+    passes), ``B`` examples back-propagated and ``r`` the cost of a backward in forwards:
+    the benchmark measures ``r`` on its own model once per sweep
+    (:func:`isample.bench.harness.measure_step_costs`); 2 is the textbook rule.
 
     Returns:
         float, forward-equivalent examples.
     """
-    return float(forward_examples) + BACKWARD_COST * float(backward_examples)
+    return float(forward_examples) + float(backward_cost) * float(backward_examples)
+
+
+def smooth(y: Sequence[float], window: int) -> np.ndarray:
+    """Trailing mean of the last ``window`` values at every point (fewer at the start).
+
+    .. math::
+
+        \bar y_j = \frac{1}{j - \\max(0, j - w + 1) + 1} \\sum_{i = \\max(0, j - w + 1)}^{j} y_i
+
+    A non-finite value makes every mean that contains it ``inf`` (a diverged run stays
+    diverged). Causal: ``\bar y_j`` uses no value after ``j``, so a time-to-target read on
+    the smoothed curve is never earlier than the evaluations that support it.
+
+    Returns:
+        float64 array of the same length as ``y``.
+    """
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"The 'window' parameter of smooth must be an int >= 1. Got {window!r}.")
+    ya = np.asarray(y, dtype=np.float64).reshape(-1)
+    bad = ~np.isfinite(ya)
+    clean = np.where(bad, 0.0, ya)
+    c = np.concatenate([[0.0], np.cumsum(clean)])
+    nb = np.concatenate([[0], np.cumsum(bad)])
+    j = np.arange(ya.size)
+    lo = np.maximum(0, j - window + 1)
+    out = (c[j + 1] - c[lo]) / (j + 1 - lo)
+    out[(nb[j + 1] - nb[lo]) > 0] = np.inf
+    return out
+
+
+def smoothed_final(y: Sequence[float], window: int) -> float:
+    """Mean of the last ``window`` values (``inf`` if any is non-finite): a robust final value."""
+    ya = np.asarray(y, dtype=np.float64).reshape(-1)
+    if ya.size == 0:
+        return math.nan
+    return float(smooth(ya, window)[-1])
+
+
+def time_to_accuracy(x: Sequence[float], accuracy: Sequence[float], target: float) -> float:
+    """First ``x`` at which an accuracy curve reaches ``accuracy >= target`` (linear interpolant).
+
+    The curve of errors ``1 - accuracy`` is read with :func:`time_to_target` (``log=False``).
+
+    Returns:
+        float: the crossing point; ``inf`` if never reached (non-finite accuracies never reach).
+    """
+    acc = np.asarray(accuracy, dtype=np.float64).reshape(-1)
+    err = np.where(np.isfinite(acc), 1.0 - acc, np.inf)
+    return time_to_target(x, err, 1.0 - float(target), log=False)
+
+
+def extend_grid(grid: Sequence[float], index: int, limit: int | None = None) -> float | None:
+    """The next learning rate to try when the choice sits at an edge of the grid.
+
+    The grid (sorted ascending) is extended geometrically by the ratio of its two outer
+    points on that side: below ``grid[0]`` by ``grid[0]^2 / grid[1]``, above ``grid[-1]`` by
+    ``grid[-1]^2 / grid[-2]``.
+
+    Args:
+        grid: learning rates tried so far, ascending, at least two.
+        index: the chosen one.
+        limit: None, or the number of points the grid may reach (no extension beyond).
+
+    Returns:
+        The new learning rate, or None when the choice is inside the grid (or the limit is reached).
+    """
+    g = [float(v) for v in grid]
+    if len(g) < 2 or any(b <= a for a, b in zip(g, g[1:], strict=False)):
+        raise ValueError(f"extend_grid: 'grid' must be ascending with at least two points. Got {g!r}.")
+    if limit is not None and len(g) >= limit:
+        return None
+    if index == 0:
+        return g[0] * g[0] / g[1]
+    if index == len(g) - 1:
+        return g[-1] * g[-1] / g[-2]
+    return None
+
+
+def schedule_factor(schedule: str, progress: float) -> float:
+    """Learning-rate factor of a schedule at training progress ``t`` in [0, 1].
+
+    .. math::
+
+        \text{constant}: 1, \\qquad \text{cosine}: \tfrac12 (1 + \\cos \\pi t), \\qquad
+        \text{linear}: 1 - t
+
+    ``t`` is the step divided by the step budget (or elapsed training seconds divided by
+    the seconds budget), clipped to [0, 1].
+
+    Raises:
+        ValueError: unknown schedule.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"Unknown schedule {schedule!r}. Valid schedules: {', '.join(SCHEDULES)}.")
+    t = min(max(float(progress), 0.0), 1.0)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+    if schedule == "linear":
+        return 1.0 - t
+    return 1.0
 
 
 def _curve(x: Sequence[float], y: Sequence[float], name: str) -> tuple[np.ndarray, np.ndarray]:

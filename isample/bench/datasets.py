@@ -5,6 +5,11 @@ Built-in datasets:
 * ``digits``: scikit-learn's bundled ``load_digits`` (1797 images of 8x8 pixels, 10
   classes), split 60 / 20 / 20 into train / validation / test (stratified, seeded) and
   standardised with the training mean and standard deviation of every pixel.
+* ``mnist1d`` (the default): MNIST-1D generated locally from its ten templates
+  (:mod:`isample.bench.mnist1d`; 8000 / 2000 / 2000 examples of 40 points, 10 balanced
+  classes), the workload where a forward pass costs enough for sampling to matter.
+* ``mnist1d-noisy``: the same with 15% of the training labels flipped (validation and
+  test clean): biased schemes that chase the mislabelled examples show in test accuracy.
 * ``noisy-imbalanced``: a seeded Gaussian mixture generated locally (NumPy only): 10
   classes in 32 dimensions, two clusters per class, class priors decaying geometrically
   (largest / smallest = 10), 15% of the training labels flipped uniformly at random; 4000
@@ -32,6 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .mnist1d import make_mnist1d
+
 __all__ = [
     "BenchData",
     "BUILTIN_DATASETS",
@@ -39,6 +46,7 @@ __all__ = [
     "load_dataset",
     "load_digits_data",
     "load_user_dataset",
+    "make_mnist1d",
     "make_noisy_imbalanced",
 ]
 
@@ -314,8 +322,13 @@ def load_user_dataset(spec: str, seed: int = 0) -> BenchData:
 #: Built-in datasets by name.
 BUILTIN_DATASETS: dict[str, Callable[[int], BenchData]] = {
     "digits": load_digits_data,
+    "mnist1d": lambda seed: make_mnist1d(seed),
+    "mnist1d-noisy": lambda seed: make_mnist1d(seed, noise=MNIST1D_NOISY_RATE),
     "noisy-imbalanced": make_noisy_imbalanced,
 }
+
+#: Fraction of flipped training labels of the ``mnist1d-noisy`` workload.
+MNIST1D_NOISY_RATE = 0.15
 
 
 def available_datasets() -> list[str]:

@@ -13,13 +13,14 @@ seconds, with the loop every isample loader shares::
             opt.step(); opt.zero_grad()
             loader.feedback(batch, out.detach(), losses.detach())   # timed: "feedback"
 
-Wall-clock seconds count only these three parts; evaluation (full training-set loss,
+Wall-clock seconds count only these three parts; evaluation (training loss on a fixed subset,
 test accuracy) and the sampler-quality probe run outside the clock every
 ``eval_every`` / ``quality_every`` steps.
 
 A *sweep* (:func:`run_bench`) first tunes the learning rate of every (scheme, optimizer)
-on the validation split (:mod:`isample.bench.tuning`), then measures every (scheme,
-optimizer, seed) with the chosen learning rate.
+on the validation split (:mod:`isample.bench.tuning`) with runs of the same budget and
+learning-rate schedule as the measured runs (:func:`run_plan`), then measures every
+(scheme, optimizer, seed) with the chosen learning rate.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from .._random import derive_seed
+from .curves import SCHEDULES, compute_units, schedule_factor
 from .datasets import BenchData
 from .models import build_model
 
@@ -52,6 +54,10 @@ __all__ = [
     "evaluate",
     "machine_info",
     "quick_config",
+    "default_schemes",
+    "run_plan",
+    "measure_step_costs",
+    "is_on_history",
 ]
 
 #: Optimizers by name: ``f(params, lr) -> torch.optim.Optimizer`` (library defaults otherwise;
@@ -62,12 +68,28 @@ OPTIMIZERS: dict[str, Callable[[Any, float], torch.optim.Optimizer]] = {
     "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
 }
 
-#: Learning-rate grids searched per optimizer (half-decade steps around common defaults).
+#: Learning-rate grids searched per optimizer (half-decade steps; centred where the default
+#: MNIST-1D sweep chose for uniform, whose short cosine runs favour large rates); a choice
+#: at an edge extends the grid (:func:`isample.bench.curves.extend_grid`).
 DEFAULT_LR_GRIDS: dict[str, tuple[float, ...]] = {
     "sgd": (0.1, 0.3, 1.0),
-    "rmsprop": (3e-4, 1e-3, 3e-3),
-    "adam": (1e-3, 3e-3, 1e-2),
+    "rmsprop": (1e-3, 3e-3, 1e-2),
+    "adam": (3e-3, 1e-2, 3e-2),
 }
+
+#: Schemes of the default comparison (``auto`` joins when the registry has it).
+DEFAULT_SCHEMES: tuple[str, ...] = ("uniform", "kf", "history-is", "infobatch", "selective-backprop")
+
+
+def default_schemes(registry: Any = None) -> tuple[str, ...]:
+    """:data:`DEFAULT_SCHEMES` that the registry has, plus ``auto`` when it is registered."""
+    registry = registry if registry is not None else _registry()
+    valid = set(registry.available())
+    names = [s for s in DEFAULT_SCHEMES if s in valid]
+    if "auto" in valid:
+        names.append("auto")
+    return tuple(names)
+
 
 #: Seed offset of the tuning runs, so the learning rate is never chosen on a measured run.
 TUNING_SEED_OFFSET = 10_000
@@ -127,20 +149,32 @@ class BenchConfig:
 
     Attributes:
         dataset: built-in name or ``module:function``.
-        model: ``mlp``, ``linear`` or ``cnn``.
+        model: ``mlp``, ``linear``, ``cnn`` or ``cnn1d``.
         schemes: scheme names from :func:`isample.schemes.available` (``uniform`` first is
-            the baseline; it is added if missing).
+            the baseline; it is added if missing); default :func:`default_schemes`.
         optimizers: names from :data:`OPTIMIZERS`.
         seeds: the measured seeds (model initialisation and sampling).
         budget: ``"500"`` steps or ``"30s"`` training seconds per measured run.
         batch_size: examples per training step b.
-        eval_every: evaluate the full training loss and the test accuracy every k steps
-            (and at the end); with a seconds budget, every k steps as well.
+        eval_every: evaluate the training loss (on ``train_eval_size`` examples), test loss
+            and test accuracy every k steps (and at the end; with a seconds budget as well).
         quality_every: measure kappa on the probe every k steps (0 = never).
         probe_size: probe examples for kappa (a fixed seeded subset of the training set).
         tune: tune the learning rate (otherwise the middle of each grid is used).
-        tune_fraction: tuning runs last this fraction of the measured budget.
+        tune_fraction: tuning runs last this fraction of the measured budget (1 = the same
+            budget; the schedule is stretched over the tuning run's own budget).
+        schedule: learning-rate schedule of every run, tuning included: ``constant``,
+            ``cosine`` or ``linear`` (decay to 0 over the budget).
         lr_grids: learning-rate grid per optimizer (default :data:`DEFAULT_LR_GRIDS`).
+        max_grid: a grid whose choice sits at an edge is extended up to this many points.
+        smooth: targets and the tuning criterion use the mean of the last ``smooth``
+            evaluations (1 = the last evaluation alone).
+        train_eval_size: training examples in the training-loss evaluation (a fixed seeded
+            subset; None = all).
+        noise_dataset: a label-noise workload run after the main sweep with the tuned
+            learning rates, reporting clean test accuracy (None = skip).
+        noise_optimizers: optimizers of the label-noise runs (None = ``adam`` when it is
+            among ``optimizers``, else the last optimizer).
         tie_rtol: relative tolerance under which validation losses tie (smaller lr wins).
         device: torch device string.
         data_seed: seed of the data split (and of the generated dataset).
@@ -150,19 +184,25 @@ class BenchConfig:
         quick: the tiny profile (recorded for the report).
     """
 
-    dataset: str = "digits"
-    model: str = "mlp"
-    schemes: tuple[str, ...] = ("uniform", "kf", "history-is")
+    dataset: str = "mnist1d"
+    model: str = "cnn1d"
+    schemes: tuple[str, ...] = field(default_factory=lambda: default_schemes())
     optimizers: tuple[str, ...] = ("sgd", "rmsprop", "adam")
     seeds: tuple[int, ...] = (0, 1, 2)
-    budget: str = "300"
+    budget: str = "240"
     batch_size: int = 64
-    eval_every: int = 25
-    quality_every: int = 100
-    probe_size: int = 256
+    eval_every: int = 30
+    quality_every: int = 120
+    probe_size: int = 128
     tune: bool = True
-    tune_fraction: float = 0.5
+    tune_fraction: float = 1.0
+    schedule: str = "cosine"
     lr_grids: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(DEFAULT_LR_GRIDS))
+    max_grid: int = 5
+    smooth: int = 3
+    train_eval_size: int | None = 2000
+    noise_dataset: str | None = "mnist1d-noisy"
+    noise_optimizers: tuple[str, ...] | None = None
     tie_rtol: float = 1e-3
     device: str = "cpu"
     data_seed: int = 0
@@ -177,12 +217,13 @@ class BenchConfig:
         d["schemes"] = list(self.schemes)
         d["optimizers"] = list(self.optimizers)
         d["seeds"] = list(self.seeds)
+        d["noise_optimizers"] = None if self.noise_optimizers is None else list(self.noise_optimizers)
         d["lr_grids"] = {k: list(v) for k, v in self.lr_grids.items()}
         return d
 
 
 def quick_config(**overrides: Any) -> BenchConfig:
-    """The tiny ``--quick`` profile: 2 seeds, 40 steps, two optimizers, a 2-point grid."""
+    """The tiny ``--quick`` profile: 2 seeds, 40 steps, two optimizers, a 2-point grid, no extension."""
     base = BenchConfig(
         schemes=("uniform", "kf"),
         optimizers=("sgd", "adam"),
@@ -192,11 +233,123 @@ def quick_config(**overrides: Any) -> BenchConfig:
         quality_every=20,
         probe_size=64,
         lr_grids={"sgd": (0.1, 0.3), "rmsprop": (3e-4, 1e-3), "adam": (1e-3, 3e-3)},
+        max_grid=2,
+        train_eval_size=1000,
         quick=True,
     )
     for key, value in overrides.items():
         setattr(base, key, value)
     return base
+
+
+def run_plan(config: BenchConfig, tuning: bool = False) -> dict[str, Any]:
+    """Budget and schedule of one run: the single place tuning and measured runs get them from.
+
+    Returns:
+        ``{"kind": "steps" | "seconds", "max_steps": int | None, "max_seconds": float | None,
+        "schedule": str, "eval_every": int, "smooth": int}``; a tuning run's budget is
+        ``tune_fraction`` of the measured one (the same with the default 1) and its
+        schedule is the same schedule over its own budget.
+    """
+    kind, amount = parse_budget(config.budget)
+    if config.schedule not in SCHEDULES:
+        raise ValueError(f"Unknown schedule {config.schedule!r}. Valid schedules: {', '.join(SCHEDULES)}.")
+    if tuning:
+        amount = (
+            max(1, int(round(amount * config.tune_fraction)))
+            if kind == "steps"
+            else amount * config.tune_fraction
+        )
+    return {
+        "kind": kind,
+        "max_steps": int(amount) if kind == "steps" else None,
+        "max_seconds": float(amount) if kind == "seconds" else None,
+        "schedule": config.schedule,
+        "eval_every": int(config.eval_every),
+        "smooth": int(config.smooth),
+    }
+
+
+def measure_step_costs(
+    model: nn.Module,
+    loss_fn: Callable,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    repeats: int = 7,
+    clock: Callable[[], float] | None = None,
+) -> dict[str, float]:
+    """Time a training forward and its backward on one batch: the measured cost model.
+
+    Each of ``repeats`` rounds (after one warm-up) times ``model(inputs)`` plus the loss with
+    gradients enabled, then ``loss.mean().backward()``; the medians are reported. The model's
+    gradients are cleared afterwards (its parameters are not changed).
+
+    Args:
+        model: the benchmark model (train mode is kept as it is).
+        loss_fn: per-example loss ``loss_fn(outputs, targets) -> Tensor (b,)``.
+        inputs, targets: one training batch of ``b`` examples.
+        repeats: timed rounds (>= 1).
+        clock: seconds counter (default: process CPU time on a CPU device, wall clock with
+            CUDA synchronisation otherwise); injectable for tests.
+
+    Returns:
+        ``{"forward_seconds", "backward_seconds"}`` per batch (medians), ``"batch_size"``,
+        and ``"backward_cost"`` = backward / forward, the ``r`` of
+        :func:`isample.bench.curves.compute_units`.
+    """
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(
+            f"The 'repeats' parameter of measure_step_costs must be an int >= 1. Got {repeats!r}."
+        )
+    device = inputs.device
+    if clock is None:
+        if device.type == "cpu":
+            clock = time.process_time
+        else:
+
+            def clock() -> float:
+                _sync(device)
+                return time.perf_counter()
+
+    fwd, bwd = [], []
+    for i in range(repeats + 1):
+        t0 = clock()
+        losses = loss_fn(model(inputs), targets)
+        t1 = clock()
+        losses.mean().backward()
+        t2 = clock()
+        if i > 0:
+            fwd.append(t1 - t0)
+            bwd.append(t2 - t1)
+    model.zero_grad(set_to_none=True)
+    f, b = sorted(fwd)[len(fwd) // 2], sorted(bwd)[len(bwd) // 2]
+    return {
+        "forward_seconds": float(f),
+        "backward_seconds": float(b),
+        "batch_size": int(inputs.shape[0]),
+        "backward_cost": float(b / f) if f > 0 else math.nan,
+    }
+
+
+def is_on_history(loader: Any) -> list[bool]:
+    """Per-step importance-sampling on/off flags of a switched loader ([] when it exposes none).
+
+    Read from ``tau_history`` entries with an ``"on"`` key on the loader or its ``pool``,
+    else from ``describe()["on_history"]`` when the loader has it.
+    """
+    for owner in (loader, getattr(loader, "pool", None)):
+        history = getattr(owner, "tau_history", None) if owner is not None else None
+        if history:
+            return [bool(h.get("on")) for h in list(history) if isinstance(h, dict) and "on" in h]
+    describe = getattr(loader, "describe", None)
+    if callable(describe):
+        try:
+            info = describe()
+        except Exception:  # describe is informative only
+            return []
+        if isinstance(info, dict) and isinstance(info.get("on_history"), (list, tuple)):
+            return [bool(v) for v in info["on_history"]]
+    return []
 
 
 # --------------------------------------------------------------------------- machine
@@ -241,7 +394,7 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, chunk: int = 4096
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, chunk: int = 512
 ) -> tuple[float, float]:
     """Mean (unweighted) loss and accuracy of ``model`` on ``(x, y)``, in eval mode.
 
@@ -402,6 +555,7 @@ def train_run(
     tuning: bool = False,
     registry: Any = None,
     on_step: Callable[[int], None] | None = None,
+    backward_cost: float = 2.0,
 ) -> dict[str, Any]:
     """Train one (scheme, optimizer, lr, seed) and measure it.
 
@@ -412,18 +566,22 @@ def train_run(
         optimizer: an optimizer name of :data:`OPTIMIZERS`.
         lr: learning rate.
         seed: model-initialisation and sampling seed.
-        tuning: a tuning run: budget scaled by ``config.tune_fraction``, only the final
-            validation loss is evaluated, no quality probe.
+        tuning: a tuning run: budget and schedule from :func:`run_plan` (the measured
+            run's with the default ``tune_fraction`` 1), validation loss evaluated at the
+            last ``config.smooth`` evaluation points only, no quality probe.
         registry: the schemes registry (default :mod:`isample.schemes`).
         on_step: called with the step count after every step (progress bars).
+        backward_cost: cost of a backward in forwards for the ``compute`` axis (measured
+            by :func:`measure_step_costs` in a sweep).
 
     Returns:
         dict with ``scheme``, ``optimizer``, ``seed``, ``lr``, ``diverged``, ``steps``,
         ``epochs``, ``train_seconds`` (wall-clock of loader + step + feedback),
         ``train_cpu_seconds`` (process CPU time of the same regions), ``loader_seconds``,
         ``feedback_seconds``, ``forward_examples``, ``backward_examples``,
-        ``scored_examples``, ``compute`` (forward + 2 x backward), ``is_on_share`` (pool
-        schemes with a tau switch: share of steps with importance sampling on; else nan),
+        ``scored_examples``, ``compute`` (forward + r x backward, r = ``backward_cost``), ``is_on_share``
+        (switched schemes: share of steps with importance sampling on, see
+        :func:`is_on_history`; else nan), ``plan`` (:func:`run_plan`),
         ``curve`` (list of
         eval points: ``step``, ``seconds``, ``cpu_seconds``, ``forward_examples``, ``backward_examples``,
         ``compute``, ``train_loss``, ``train_accuracy``, ``test_loss``, ``test_accuracy``;
@@ -433,15 +591,9 @@ def train_run(
     """
     registry = registry if registry is not None else _registry()
     device = torch.device(config.device)
-    kind, amount = parse_budget(config.budget)
-    if tuning:
-        amount = (
-            max(1, int(round(amount * config.tune_fraction)))
-            if kind == "steps"
-            else amount * config.tune_fraction
-        )
-    max_steps = int(amount) if kind == "steps" else None
-    max_seconds = float(amount) if kind == "seconds" else None
+    plan = run_plan(config, tuning)
+    max_steps, max_seconds = plan["max_steps"], plan["max_seconds"]
+    schedule = plan["schedule"]
     loss_fn = nn.CrossEntropyLoss(reduction="none")
     in_features = int(math.prod(data.input_shape))
     model = build_model(
@@ -469,7 +621,12 @@ def train_run(
     extra_backward = bool(info.get("extra_backward", False)) if isinstance(info, dict) else False
     extra_backward = extra_backward or bool(getattr(getattr(loader, "scorer", None), "extra_backward", False))
 
-    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    x_train, y_train = data.x_train, data.y_train
+    if config.train_eval_size is not None and config.train_eval_size < n:
+        eval_gen = torch.Generator().manual_seed(derive_seed(config.data_seed, 3))
+        subset = torch.randperm(n, generator=eval_gen)[: config.train_eval_size]
+        x_train, y_train = x_train[subset], y_train[subset]
+    x_train, y_train = x_train.to(device), y_train.to(device)
     x_eval, y_eval = (data.x_val, data.y_val) if tuning else (data.x_test, data.y_test)
     x_eval, y_eval = x_eval.to(device), y_eval.to(device)
 
@@ -510,7 +667,7 @@ def train_run(
             "cpu_seconds": cpu_s,
             "forward_examples": forward,
             "backward_examples": backward,
-            "compute": float(forward + 2 * backward),
+            "compute": compute_units(forward, backward, backward_cost),
         }
         if tuning:
             vl, va = evaluate(model, x_eval, y_eval, loss_fn)
@@ -529,6 +686,17 @@ def train_run(
                 quality_rows.extend(tracker.measure(model, step))
             except ValueError:  # non-finite gradients on the probe: treat as divergence
                 diverged = True
+
+    def set_lr() -> None:
+        if schedule == "constant":
+            return
+        progress = step / max_steps if max_steps is not None else total_s / float(max_seconds)
+        factor = schedule_factor(schedule, progress)
+        for group in opt.param_groups:
+            group["lr"] = lr * factor
+
+    # tuning evaluates only the last `smooth` evaluation points of a steps budget
+    tune_from = 0 if max_steps is None else max_steps - (config.smooth - 1) * config.eval_every
 
     if not tuning:
         record()
@@ -557,6 +725,7 @@ def train_run(
                 batch = batch.to(device, non_blocking=True)
             _sync(device)
             t1 = time.perf_counter()
+            set_lr()
             with loader.step_context(batch):
                 out = model(batch.inputs)
                 losses = loss_fn(out, batch.targets)
@@ -585,6 +754,8 @@ def train_run(
             if tuning:
                 if step % config.eval_every == 0 and not bool(torch.isfinite(losses).all()):
                     diverged = True
+                elif not done and step % config.eval_every == 0 and step >= tune_from:
+                    record()
             elif done or step % config.eval_every == 0:
                 record()
             if done or diverged:
@@ -596,9 +767,9 @@ def train_run(
         record()
     scored, forward = cost()
     backward = trained + (scored if extra_backward else 0)
-    history = getattr(getattr(loader, "pool", None), "tau_history", None)
-    is_on = [bool(h.get("on")) for h in history] if history else []
+    is_on = is_on_history(loader)
     return {
+        "dataset": data.name,
         "scheme": scheme,
         "optimizer": optimizer,
         "seed": int(seed),
@@ -616,7 +787,8 @@ def train_run(
         "backward_examples": backward,
         "scored_examples": scored,
         "trained_examples": trained,
-        "compute": float(forward + 2 * backward),
+        "compute": compute_units(forward, backward, backward_cost),
+        "plan": plan,
         "is_on_share": sum(is_on) / len(is_on) if is_on else math.nan,
         "curve": curve,
         "quality": quality_rows,

@@ -4,6 +4,9 @@
 * ``linear``: multinomial logistic regression ``d -> C``.
 * ``cnn``: for square single-channel images given as flat vectors (8x8 digits):
   ``conv3x3(16) -> ReLU -> maxpool2 -> conv3x3(32) -> ReLU -> maxpool2 -> linear``.
+* ``cnn1d``: for 1-D signals given as flat vectors (MNIST-1D, 40 points): ``conv1d(32, k5,
+  s1) -> ReLU -> conv1d(64, k5, s2) -> ReLU -> conv1d(64, k3, s2) -> ReLU -> linear``
+  (the MNIST-1D paper's CNN shape; 40 points give 64 x 7 features before the linear layer).
 
 Parameters are created on the ``meta`` device and then filled on the target device from a
 ``torch.Generator``: every weight and bias is ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``
@@ -84,11 +87,31 @@ def _cnn(in_features: int, num_classes: int, image_shape: tuple[int, int, int] |
     )
 
 
+def _cnn1d(in_features: int, num_classes: int, image_shape: tuple[int, int, int] | None) -> nn.Module:
+    length = in_features
+    for kernel, stride in ((5, 1), (5, 2), (3, 2)):
+        length = (length - kernel) // stride + 1
+    if length < 1:
+        raise ValueError(f"The 'cnn1d' model needs signals of at least 17 points. Got {in_features}.")
+    return nn.Sequential(
+        nn.Unflatten(1, (1, in_features)),
+        nn.Conv1d(1, 32, 5, stride=1, device="meta"),
+        nn.ReLU(),
+        nn.Conv1d(32, 64, 5, stride=2, device="meta"),
+        nn.ReLU(),
+        nn.Conv1d(64, 64, 3, stride=2, device="meta"),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(64 * length, num_classes, device="meta"),
+    )
+
+
 #: Model builders by name: ``f(in_features, num_classes, image_shape) -> nn.Module`` (on meta).
 MODELS: dict[str, Callable[[int, int, tuple[int, int, int] | None], nn.Module]] = {
     "mlp": _mlp,
     "linear": _linear,
     "cnn": _cnn,
+    "cnn1d": _cnn1d,
 }
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .curves import interpolate, spread, time_to_target
+from .curves import interpolate, smooth, smoothed_final, spread, time_to_accuracy, time_to_target
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -28,13 +28,15 @@ __all__ = [
     "ratio",
     "jsonable",
     "upper_median",
+    "verdicts",
 ]
 
 #: Version of the results.json layout (bump on any incompatible change).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Columns of results.csv, one row per (scheme, optimizer, seed, evaluation point).
 CSV_COLUMNS = (
+    "dataset",
     "scheme",
     "optimizer",
     "seed",
@@ -72,12 +74,22 @@ def ratio(baseline: float, value: float) -> float:
     return a / b
 
 
-def _curve(run: dict[str, Any], axis: str) -> tuple[list[float], list[float]]:
+def _curve(run: dict[str, Any], axis: str, metric: str = "train_loss") -> tuple[list[float], list[float]]:
     key = AXES[axis]
     points = run["curve"]
     xs = [float(p[key]) for p in points]
-    ys = [float(p["train_loss"]) if p["train_loss"] is not None else math.inf for p in points]
+    ys = [float(p[metric]) if p.get(metric) is not None else math.inf for p in points]
     return xs, ys
+
+
+def _final(run: dict[str, Any], metric: str, window: int) -> float:
+    """The run's smoothed final value of ``metric`` (inf / nan for a diverged run)."""
+    if run["diverged"]:
+        return math.nan if metric == "test_accuracy" else math.inf
+    values = [p.get(metric) for p in run["curve"]]
+    if any(v is None for v in values):
+        return math.nan
+    return smoothed_final([float(v) for v in values], window)
 
 
 def _loss_at(run: dict[str, Any], axis: str, at: float) -> float:
@@ -87,9 +99,14 @@ def _loss_at(run: dict[str, Any], axis: str, at: float) -> float:
     return interpolate(xs, ys, at)
 
 
-def _ttt(run: dict[str, Any], axis: str, target: float) -> float:
-    xs, ys = _curve(run, axis)
-    return time_to_target(xs, ys, target)
+def _ttt(run: dict[str, Any], axis: str, target: float, window: int = 1, metric: str = "train_loss") -> float:
+    """Time to target on the run's smoothed curve (:func:`isample.bench.curves.smooth`)."""
+    if not math.isfinite(target):
+        return math.nan
+    xs, ys = _curve(run, axis, metric)
+    if metric == "test_accuracy":  # non-finite points (divergence) never reach an accuracy
+        return time_to_accuracy(xs, smooth(ys, window).tolist(), target)
+    return time_to_target(xs, smooth(ys, window).tolist(), target)
 
 
 def _run_quality(run: dict[str, Any]) -> dict[str, float]:
@@ -117,11 +134,17 @@ def upper_median(values: Sequence[float]) -> float:
     return float(v[v.size // 2])
 
 
-def summarize(runs: Sequence[dict[str, Any]], tuning: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Per optimizer: reference points, target, and per-scheme medians, spreads and ratios.
+def summarize(
+    runs: Sequence[dict[str, Any]], tuning: dict[str, dict[str, Any]], smooth: int = 1
+) -> dict[str, Any]:
+    """Per optimizer: reference points, targets, and per-scheme medians, spreads and ratios.
 
-    * target loss: median over seeds of uniform's final training loss (upper median for an
-      even number of seeds, see :func:`upper_median`).
+    * targets (robust to one noisy evaluation): per run the *smoothed* final value, the mean
+      of the last ``smooth`` evaluations (:func:`isample.bench.curves.smoothed_final`), then
+      over uniform's seeds the upper median (:func:`upper_median`) for the training loss
+      (``target_loss``) and the test loss (``target_test_loss``), and the matching lower
+      median for the test accuracy (``target_test_accuracy``: at least half of uniform's
+      seeds reach it).
     * reference points: ``steps`` = the fewest steps any run of this optimizer made (the
       budget, for a steps budget), ``seconds`` / ``cpu_seconds`` / ``compute`` = the smallest
       final training wall-clock seconds / CPU seconds / compute of any run of this optimizer
@@ -130,8 +153,13 @@ def summarize(runs: Sequence[dict[str, Any]], tuning: dict[str, dict[str, Any]])
       (log-linear interpolation), median / min / max over seeds; ``ratio_at_<axis>`` =
       uniform's median / the scheme's median (> 1: the scheme is lower), with
       ``ratio_at_<axis>_range`` = uniform's median / the scheme's max and min.
-    * ``<axis>_to_target``: first crossing of the target (``inf`` = never), over seeds;
-      ``speedup_<axis>`` = uniform's median / the scheme's median (> 1: faster).
+    * ``<axis>_to_target``: first crossing of the training-loss target on the run's
+      trailing-mean curve (window ``smooth``; ``inf`` = never), over seeds; ``speedup_<axis>``
+      = uniform's median / the scheme's median (> 1: faster). ``<axis>_to_test_accuracy``,
+      ``speedup_test_accuracy_<axis>``, ``<axis>_to_test_loss``, ``speedup_test_loss_<axis>``:
+      the same for the test targets.
+    * ``test_accuracy_at_<axis>``: test accuracy read off the curve at the reference point
+      (linear interpolation), over seeds.
     * ``overhead_share``: (loader + feedback seconds) / training seconds, over seeds.
     * ``kappa`` / ``kappa_optimizer`` / ``q_log``: per run the median over probe points
       (after step 0), then median / min / max over seeds.
@@ -146,8 +174,11 @@ def summarize(runs: Sequence[dict[str, Any]], tuning: dict[str, dict[str, Any]])
         schemes = list(dict.fromkeys(r["scheme"] for r in mine))
         by_scheme = {s: [r for r in mine if r["scheme"] == s] for s in schemes}
         base = by_scheme.get("uniform", by_scheme[schemes[0]])
-        finals = [r["curve"][-1]["train_loss"] if not r["diverged"] else math.inf for r in base]
-        target = upper_median(finals)
+        target = upper_median([_final(r, "train_loss", smooth) for r in base])
+        target_test_loss = upper_median([_final(r, "test_loss", smooth) for r in base])
+        errors = [1.0 - _final(r, "test_accuracy", smooth) for r in base]
+        target_acc = 1.0 - upper_median([e if math.isfinite(e) else math.inf for e in errors])
+        targets = {"train_loss": target, "test_loss": target_test_loss, "test_accuracy": target_acc}
         reference = {axis: float(min(r["curve"][-1][key] for r in mine)) for axis, key in AXES.items()}
         table: dict[str, Any] = {}
         for s in schemes:
@@ -163,6 +194,9 @@ def summarize(runs: Sequence[dict[str, Any]], tuning: dict[str, dict[str, Any]])
                 "final_test_accuracy": spread(
                     [math.nan if r["diverged"] else r["curve"][-1]["test_accuracy"] for r in rs]
                 ),
+                "smoothed_train_loss": spread([_final(r, "train_loss", smooth) for r in rs]),
+                "smoothed_test_loss": spread([_final(r, "test_loss", smooth) for r in rs]),
+                "smoothed_test_accuracy": spread([_final(r, "test_accuracy", smooth) for r in rs]),
                 "train_seconds": spread([r["train_seconds"] for r in rs]),
                 "seconds_per_step": spread([r["train_seconds"] / max(r["steps"], 1) for r in rs]),
                 "cpu_seconds_per_step": spread([r["train_cpu_seconds"] / max(r["steps"], 1) for r in rs]),
@@ -174,10 +208,19 @@ def summarize(runs: Sequence[dict[str, Any]], tuning: dict[str, dict[str, Any]])
             }
             for axis, at in reference.items():
                 entry[f"loss_at_{axis}"] = spread([_loss_at(r, axis, at) for r in rs])
-                if math.isfinite(target):
-                    entry[f"{axis}_to_target"] = spread([_ttt(r, axis, target) for r in rs])
-                else:
-                    entry[f"{axis}_to_target"] = spread([math.nan])
+                entry[f"test_accuracy_at_{axis}"] = spread([_accuracy_at(r, axis, at) for r in rs])
+                for metric, suffix in (
+                    ("train_loss", "target"),
+                    ("test_accuracy", "test_accuracy"),
+                    ("test_loss", "test_loss"),
+                ):
+                    goal = targets[metric]
+                    if math.isfinite(goal) and all(metric in p for r in rs for p in r["curve"][:1]):
+                        entry[f"{axis}_to_{suffix}"] = spread(
+                            [_ttt(r, axis, goal, smooth, metric) for r in rs]
+                        )
+                    else:
+                        entry[f"{axis}_to_{suffix}"] = spread([math.nan])
             q = [_run_quality(r) for r in rs]
             for key in ("kappa", "kappa_optimizer", "q_log"):
                 entry[key] = spread([v[key] for v in q])
@@ -194,9 +237,94 @@ def summarize(runs: Sequence[dict[str, Any]], tuning: dict[str, dict[str, Any]])
                 entry[f"speedup_{axis}"] = ratio(
                     ref[f"{axis}_to_target"]["median"], entry[f"{axis}_to_target"]["median"]
                 )
+                for suffix in ("test_accuracy", "test_loss"):
+                    entry[f"speedup_{suffix}_{axis}"] = ratio(
+                        ref[f"{axis}_to_{suffix}"]["median"], entry[f"{axis}_to_{suffix}"]["median"]
+                    )
             for key in ("seconds_per_step", "cpu_seconds_per_step"):
                 entry[f"relative_{key}"] = ratio(entry[key]["median"], ref[key]["median"])
-        out[opt] = {"target_loss": target, "reference": reference, "schemes": table}
+        out[opt] = {
+            "target_loss": target,
+            "target_test_loss": target_test_loss,
+            "target_test_accuracy": target_acc,
+            "smooth": int(smooth),
+            "reference": reference,
+            "schemes": table,
+        }
+    return out
+
+
+def _accuracy_at(run: dict[str, Any], axis: str, at: float) -> float:
+    xs, ys = _curve(run, axis, "test_accuracy")
+    if run["diverged"] and at > xs[-1]:
+        return math.nan
+    if not all(math.isfinite(v) for v in ys):
+        return math.nan
+    return interpolate(xs, ys, at, log=False)
+
+
+def verdicts(summary: dict[str, Any], axis: str = "cpu_seconds") -> dict[str, str]:
+    """One sentence per optimizer: which scheme won at equal CPU time and by how much, or none.
+
+    A scheme *won* when its median training loss at the equal-CPU-time point is lower than
+    uniform's median (loss ratio > 1) on every seed (the worst seed's ratio > 1) and none of
+    its runs diverged; among winners the largest median ratio is named. Otherwise the
+    sentence names the best scheme and says it did not win on every seed, or (median ratio
+    below 1.005, which prints as 1.00x or less) that no scheme beat uniform.
+
+    Returns:
+        ``{optimizer: sentence}``.
+    """
+    out: dict[str, str] = {}
+    for opt, s in summary.items():
+        table = s["schemes"]
+        others = {k: v for k, v in table.items() if k != "uniform"}
+        if "uniform" not in table or not others:
+            out[opt] = f"{opt}: nothing to compare (uniform and at least one other scheme are needed)."
+            continue
+        uni = table["uniform"]
+
+        def key(item: tuple[str, dict[str, Any]]) -> float:
+            v = item[1][f"ratio_at_{axis}"]
+            return v if not math.isnan(v) else -math.inf
+
+        winners = [
+            (k, e)
+            for k, e in others.items()
+            if e["diverged"] == 0 and e[f"ratio_at_{axis}"] > 1 and e[f"ratio_at_{axis}_range"][0] > 1
+        ]
+        acc_u = uni[f"test_accuracy_at_{axis}"]["median"]
+        if winners:
+            name, e = max(winners, key=key)
+            lo, hi = e[f"ratio_at_{axis}_range"]
+            acc = e[f"test_accuracy_at_{axis}"]["median"]
+            sentence = (
+                f"{opt}: **{name}** won at equal CPU time: its training loss was "
+                f"{e[f'ratio_at_{axis}']:.2f}x lower than uniform's (every seed, {lo:.2f}-{hi:.2f}x), "
+                f"with test accuracy "
+                f"{_fmt(acc)} vs {_fmt(acc_u)}"
+            )
+            sp = e["speedup_test_accuracy_cpu_seconds"]
+            if math.isfinite(sp):
+                sentence += f"; it reached uniform's final test accuracy {sp:.2f}x sooner"
+            out[opt] = sentence + "."
+            continue
+        name, e = max(others.items(), key=key)
+        best = e[f"ratio_at_{axis}"]
+        if math.isnan(best) or best < 1.005:  # a ratio that rounds to 1.00x is no win
+            out[opt] = (
+                f"{opt}: no scheme beat uniform at equal CPU time; the closest, {name}, reached a "
+                f"{_ratio_text(best)} loss ratio (test accuracy "
+                f"{_fmt(e[f'test_accuracy_at_{axis}']['median'])} vs {_fmt(acc_u)})."
+            )
+        else:
+            why = "a run diverged" if e["diverged"] else "not on every seed"
+            out[opt] = (
+                f"{opt}: no clear winner at equal CPU time: {name}'s median training loss was "
+                f"{best:.2f}x lower than uniform's, but {why} "
+                f"(range {_ratio_text(e[f'ratio_at_{axis}_range'][0])} to "
+                f"{_ratio_text(e[f'ratio_at_{axis}_range'][1])})."
+            )
     return out
 
 
@@ -259,6 +387,7 @@ def write_csv(runs: Sequence[dict[str, Any]], path: Path) -> int:
             for point in run["curve"]:
                 row = {k: point.get(k) for k in CSV_COLUMNS}
                 row.update(scheme=run["scheme"], optimizer=run["optimizer"], seed=run["seed"], lr=run["lr"])
+                row["dataset"] = run.get("dataset", "")
                 row.update(quality.get(point["step"], {}))
                 row["diverged"] = int(run["diverged"])
                 writer.writerow({k: _csv_value(row.get(k)) for k in CSV_COLUMNS})
@@ -307,9 +436,9 @@ def headline_table(summary_opt: dict[str, Any]) -> str:
     """The Markdown headline table of one optimizer."""
     head = (
         "| scheme | lr | final train loss | loss ratio @ equal steps | @ equal wall time | @ equal CPU time "
-        "| @ equal compute | speed-up to target (steps / wall / CPU / compute) | test acc | overhead "
-        "| kappa |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| @ equal compute | to train-loss target (steps / wall / CPU / compute) | to test-accuracy target "
+        "(wall / CPU) | test acc @ equal CPU time | final test acc | IS on | overhead | kappa |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for name, e in summary_opt["schemes"].items():
@@ -318,9 +447,10 @@ def headline_table(summary_opt: dict[str, Any]) -> str:
             kappa += f" (D: {_spread_text(e['kappa_optimizer'])})"
         if name == "uniform":
             kappa = "1 (baseline)"
-        speed = " / ".join(
-            "never" if e[f"{a}_to_target"]["median"] == math.inf else _ratio_text(e[f"speedup_{a}"])
-            for a in ("steps", "seconds", "cpu_seconds", "compute")
+        speed = " / ".join(_speed_text(e, a, "target", "speedup_{a}") for a in AXES)
+        acc_speed = " / ".join(
+            _speed_text(e, a, "test_accuracy", "speedup_test_accuracy_{a}")
+            for a in ("seconds", "cpu_seconds")
         )
         diverged = f" ({e['diverged']} diverged)" if e["diverged"] else ""
         lines.append(
@@ -329,8 +459,43 @@ def headline_table(summary_opt: dict[str, Any]) -> str:
             f"| {_ratio_text(e['ratio_at_seconds'], e['ratio_at_seconds_range'])} "
             f"| {_ratio_text(e['ratio_at_cpu_seconds'], e['ratio_at_cpu_seconds_range'])} "
             f"| {_ratio_text(e['ratio_at_compute'], e['ratio_at_compute_range'])} "
-            f"| {speed} | {_spread_text(e['final_test_accuracy'])} "
+            f"| {speed} | {acc_speed} | {_spread_text(e.get('test_accuracy_at_cpu_seconds', _NONE))} "
+            f"| {_spread_text(e['final_test_accuracy'])} | {_pct(e['is_on_share']['median'])} "
             f"| {_pct(e['overhead_share']['median'])} | {kappa} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+_NONE = {"median": math.nan, "min": math.nan, "max": math.nan, "n": 0}
+
+
+def _speed_text(e: dict[str, Any], axis: str, suffix: str, speed_key: str) -> str:
+    reach = e.get(f"{axis}_to_{suffix}", _NONE)
+    if reach["n"] and reach["median"] == math.inf:
+        return "never"
+    return _ratio_text(e.get(speed_key.format(a=axis), math.nan))
+
+
+def noise_table(summary_opt: dict[str, Any]) -> str:
+    """Clean test accuracy of every scheme trained on noisy labels, and its gap to uniform."""
+    head = (
+        "| scheme | lr | final clean test acc | vs uniform (points) | smoothed train loss (noisy labels) "
+        "| CPU time to uniform's test acc | IS on |\n|---|---|---|---|---|---|---|\n"
+    )
+    table = summary_opt["schemes"]
+    ref = table.get("uniform", next(iter(table.values())))["final_test_accuracy"]["median"]
+    lines = []
+    for name, e in table.items():
+        acc = e["final_test_accuracy"]
+        gap = 100 * (acc["median"] - ref) if acc["n"] else math.nan
+        flag = " **(loses >= 1 point)**" if math.isfinite(gap) and gap <= -1 else ""
+        gap_text = "-" if math.isnan(gap) else f"{gap:+.1f}{flag}"
+        diverged = f" ({e['diverged']} diverged)" if e["diverged"] else ""
+        lines.append(
+            f"| {name}{diverged} | {_fmt(e['lr'], 2)} | {_spread_text(acc)} | {gap_text} "
+            f"| {_spread_text(e['smoothed_train_loss'])} "
+            f"| {_speed_text(e, 'cpu_seconds', 'test_accuracy', 'speedup_test_accuracy_{a}')} "
+            f"| {_pct(e['is_on_share']['median'])} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -383,53 +548,111 @@ def _tuning_table(tuning: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cost_text(results: dict[str, Any]) -> str:
+    c = results.get("costs") or {}
+    if not c:
+        return ""
+    return (
+        f"Measured cost model ({c.get('clock', 'clock')}, median of 7 rounds, batch {c['batch_size']}): "
+        f"forward {1000 * c['forward_seconds']:.2f} ms, backward {1000 * c['backward_seconds']:.2f} ms, "
+        f"so a backward costs r = {c['backward_cost']:.2f} forwards; *equal compute* counts forward + "
+        f"{c['backward_cost']:.2f} x backward examples.\n"
+    )
+
+
 def write_report(results: dict[str, Any], path: Path) -> None:
-    """Write the Markdown report (headline tables, tuned learning rates, machine, plots)."""
+    """Write the Markdown report (verdicts, headline tables, label noise, tuned learning rates, plots)."""
     cfg = results["config"]
     m = results["machine"]
     d = results["dataset"]
-    parts = [
-        "# isample bench report\n",
+    budget = results["budget"]["text"]
+    summary = results["summary"]
+    parts = ["# isample bench report\n"]
+    said = verdicts(summary)
+    if said:
+        parts.append("**Verdict** (equal CPU time, medians over seeds):\n")
+        parts.append("\n".join(f"- {v}" for v in said.values()) + "\n")
+    noise = results.get("noise_summary") or {}
+    for opt, ns in noise.items():
+        table = ns["schemes"]
+        if "uniform" not in table:
+            continue
+        ref = table["uniform"]["final_test_accuracy"]["median"]
+        losers = [
+            f"{k} ({100 * (e['final_test_accuracy']['median'] - ref):+.1f} points)"
+            for k, e in table.items()
+            if k != "uniform"
+            and e["final_test_accuracy"]["n"]
+            and e["final_test_accuracy"]["median"] - ref <= -0.01
+        ]
+        nd = results.get("noise_dataset") or {}
+        parts.append(
+            f"- label noise ({nd.get('name', 'noisy labels')}, {opt}): "
+            + (
+                "clean test accuracy at least 1 point below uniform's for " + ", ".join(losers) + "."
+                if losers
+                else "no scheme lost a point of clean test accuracy against uniform."
+            )
+            + "\n"
+        )
+    parts += [
         f"Command: `{results['command']}`  \nCreated: {results['created']} (wall time "
         f"{results['wall_seconds']:.1f} s, CPU time {results['cpu_seconds']:.1f} s, isample "
         f"{results['isample_version']})\n",
         f"Dataset: **{d['name']}** ({d['description']}); train / val / test = {d['n_train']} / "
         f"{d['n_val']} / {d['n_test']}. Model: **{cfg['model']}**. Batch size {cfg['batch_size']}, "
-        f"budget {results['budget']['text']} per measured run, seeds {cfg['seeds']}, evaluation every "
-        f"{cfg['eval_every']} steps, kappa probe of {cfg['probe_size']} examples every "
-        f"{cfg['quality_every']} steps.\n",
+        f"budget {budget} per run (tuning runs: {_tuning_budget(cfg, results)}), learning-rate "
+        f"schedule **{cfg.get('schedule', 'constant')}** in every run, seeds {cfg['seeds']}, evaluation "
+        f"every {cfg['eval_every']} steps (training loss on {_eval_size(cfg, d)} training examples), "
+        f"kappa probe of {cfg['probe_size']} examples every {cfg['quality_every']} steps.\n",
+        _cost_text(results),
         "## Machine\n",
         f"- CPU: {m['cpu']} ({m['usable_cores']} usable of {m['logical_cores']} logical cores; torch "
         f"threads {m['torch_threads']})\n- torch {m['torch']}, Python {m['python']}, {m['platform']}\n"
         f"- device: {m['device']}{' (' + m['device_name'] + ')' if m.get('device_name') else ''}\n"
         f"- load average (1/5/15 min) at start {m.get('load_average_start')}, at end "
         f"{m.get('load_average_end')}: above the core count, other processes shared the CPUs and "
-        "wall-clock figures are noisier\n",
+        "wall-clock figures are noisier than CPU-time ones\n",
         "## Headline\n",
         "Ratios are uniform / scheme: a **loss ratio > 1** means the scheme reached a *lower* training "
         "loss than uniform at the same number of steps, wall-clock seconds, process CPU seconds (less "
-        "sensitive than wall-clock to other processes on a shared machine) or compute (forward + 2 x "
-        "backward examples); a **speed-up > 1** means it reached the target (uniform's median final "
-        "training loss) sooner; 'never' = not within the budget. Values are medians over seeds with "
-        "[min, max]. *overhead* = time in the loader (sampling, scoring) and feedback as a share of "
-        "the training step; *kappa* = V_uniform / V_scheme on the probe (identity geometry; D: in the "
-        "optimizer's preconditioned geometry). Curves are read off with log-linear interpolation.\n",
+        "sensitive than wall-clock to other processes on a shared machine) or compute (forward + r x "
+        "backward examples, r measured above); a **speed-up > 1** means it reached the target sooner. "
+        f"Targets are robust: per run the mean of the last {cfg.get('smooth', 1)} evaluations, then "
+        "uniform's median over seeds, for the training loss and the test accuracy; times to a target "
+        "are read on each run's trailing mean of the same window; 'never' = not within the budget. "
+        "Values are medians over seeds with [min, max]. *IS on* = share of steps with importance "
+        "sampling switched on (switched schemes; '-' = not reported); *overhead* = time in the loader "
+        "(sampling, scoring) and feedback as a share of the training step; *kappa* = V_uniform / "
+        "V_scheme on the probe (identity geometry; D: in the optimizer's preconditioned geometry). "
+        "Curves are read off with log-linear interpolation.\n",
     ]
-    for opt, s in results["summary"].items():
+    for opt, s in summary.items():
         ref = s["reference"]
         parts.append(
-            f"### {opt}\n\nTarget loss {_fmt(s['target_loss'], 4)}; equal steps = {ref['steps']:.0f}, equal "
-            f"wall time = {ref['seconds']:.3g} s, equal CPU time = {ref['cpu_seconds']:.3g} s, equal "
-            f"compute = {ref['compute']:.0f} forward-equivalent examples.\n\n"
-            + headline_table(s)
-            + "\nDetails:\n\n"
-            + details_table(s)
+            f"### {opt}\n\nTargets: training loss {_fmt(s['target_loss'], 4)}, test accuracy "
+            f"{_fmt(s.get('target_test_accuracy'), 4)}, test loss {_fmt(s.get('target_test_loss'), 4)}; "
+            f"equal steps = {ref['steps']:.0f}, equal wall time = {ref['seconds']:.3g} s, equal CPU "
+            f"time = {ref['cpu_seconds']:.3g} s, equal compute = {ref['compute']:.0f} forward-equivalent "
+            "examples.\n\n" + headline_table(s) + "\nDetails:\n\n" + details_table(s)
         )
+    if noise:
+        nd = results.get("noise_dataset") or {}
+        parts.append(
+            f"## Label noise: {nd.get('name', '')}\n\n{nd.get('description', '')}. Every scheme reuses its "
+            "learning rate tuned on the clean workload; same budget, schedule and seeds. A scheme that "
+            "concentrates on high-loss examples trains on the mislabelled ones and loses clean test "
+            "accuracy.\n"
+        )
+        for opt, ns in noise.items():
+            parts.append(f"### {opt}\n\n" + noise_table(ns))
     parts.append(
-        "## Tuned learning rates\n\nEach (scheme, optimizer) ran every grid value for "
-        f"{cfg['tune_fraction']:g} of the budget (seed {10000 + cfg['seeds'][0]}); lowest final "
-        f"validation loss wins, losses within a relative {cfg['tie_rtol']:g} of the best tie and the "
-        "smallest tied learning rate is taken; diverged runs are excluded.\n\n"
+        "## Tuned learning rates\n\nEach (scheme, optimizer) ran every grid value with "
+        f"{_tuning_budget(cfg, results)} and the {cfg.get('schedule', 'constant')} schedule (seed "
+        f"{10000 + cfg['seeds'][0]}); lowest smoothed validation loss (mean of the last "
+        f"{cfg.get('smooth', 1)} evaluations) wins, losses within a relative {cfg['tie_rtol']:g} of the "
+        "best tie and the smallest tied learning rate is taken; diverged runs are excluded; a choice "
+        f"at an edge extends the grid (up to {cfg.get('max_grid', '-')} points).\n\n"
         + _tuning_table(results["tuning"])
     )
     parts.append("## Plots\n")
@@ -440,6 +663,26 @@ def write_report(results: dict[str, Any], path: Path) -> None:
     parts.append(
         "\nFiles: `results.json` (schema version "
         f"{results['schema_version']}), `results.csv` (one row per scheme x optimizer x seed x "
-        "evaluation point). See docs/bench.md for every field.\n"
+        "evaluation point; label-noise runs have dataset = the noisy workload). See docs/bench.md for "
+        "every field.\n"
     )
-    Path(path).write_text("\n".join(parts), encoding="utf-8")
+    Path(path).write_text("\n".join(p for p in parts if p), encoding="utf-8")
+
+
+def _tuning_budget(cfg: dict[str, Any], results: dict[str, Any]) -> str:
+    frac = float(cfg.get("tune_fraction", 1.0))
+    if frac >= 1:
+        return "the same budget"
+    kind, amount = results["budget"]["kind"], results["budget"]["amount"]
+    if kind == "steps":
+        return f"{max(1, int(round(amount * frac)))} steps"
+    return f"{amount * frac:g} s"
+
+
+def _eval_size(cfg: dict[str, Any], d: dict[str, Any]) -> str:
+    size = cfg.get("train_eval_size")
+    return (
+        str(d["n_train"])
+        if size is None or size >= d["n_train"]
+        else f"{size} (a fixed subset) of {d['n_train']}"
+    )
