@@ -420,6 +420,7 @@ class PoolLoader:
         #: examples passed to the scorer so far (pools, and probes in Algorithm 1 mode)
         self.scored_examples = 0
         self._generation = 0
+        self._live = 0  # live iterators that own the resume point
         #: per-step switch inputs and decision, most recent ``HISTORY_LIMIT`` steps (list-like)
         self.tau_history = History(maxlen=self.HISTORY_LIMIT)
         self._on_steps = 0
@@ -488,6 +489,8 @@ class PoolLoader:
         self._generation += 1
 
     def __iter__(self) -> Iterator[WeightedBatch]:
+        if self._live:  # an extra pass while another iterator is live: a whole epoch of its own
+            return self._iterate(self.epoch, 0, 0, -1)  # generation -1 never moves the resume point
         return self._iterate(self.epoch, self.position, self.chunk, self._generation)
 
     def _iterate(self, epoch: int, step: int, chunk: int, generation: int) -> Iterator[WeightedBatch]:
@@ -506,6 +509,8 @@ class PoolLoader:
         loader = self._loader if use_shared else self._make_loader(stream, False)
         if use_shared:
             self._shared_busy = True
+        owner = generation >= 0
+        self._live += int(owner)
         try:
             chunks = iter(loader)
             self._yielded_at = None
@@ -529,6 +534,7 @@ class PoolLoader:
                 self._yielded_at = time.perf_counter()
                 yield batch
         finally:
+            self._live -= int(owner)
             if use_shared:
                 self._shared_busy = False
 
