@@ -165,7 +165,15 @@ def run(
         mix = AdaptiveMixing(**extra["mixer"])
     uniform = mixing != "auto" and float(mixing) == 1.0
     loader = schemes.build(
-        "history-is", ds, model, CE, 32, seed=seed, optimizer=opt, mixing=mix, score=extra.get("score", "loss")
+        "history-is",
+        ds,
+        model,
+        CE,
+        32,
+        seed=seed,
+        optimizer=opt,
+        mixing=mix,
+        score=extra.get("score", "loss"),
     )
     sampler = loader.sampler
     probe = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 2))[:256]
@@ -252,13 +260,10 @@ def summary(results: list[dict]) -> str:
         ks = [row["kappa"] for row in r["rows"] if row["step"] > 0]
         kp = [row["kappa_pre"] for row in r["rows"] if row["step"] > 0 and math.isfinite(row["kappa_pre"])]
         u = r["uniform"]
+        pre = f"{min(kp):.2f}" if kp else "-"
         lines.append(
-            f"| {r['workload']} | {r['optimizer']} | {r['mixing']} | {min(ks):.2f} | {statistics.median(ks):.2f} "
-            f"| {min(kp):.2f} | {r['rows'][-1]['mixing']:.2f} " if kp else
-            f"| {r['workload']} | {r['optimizer']} | {r['mixing']} | {min(ks):.2f} | {statistics.median(ks):.2f} "
-            f"| - | {r['rows'][-1]['mixing']:.2f} "
-        )
-        lines[-1] += (
+            f"| {r['workload']} | {r['optimizer']} | {r['mixing']} | {min(ks):.2f} "
+            f"| {statistics.median(ks):.2f} | {pre} | {r['rows'][-1]['mixing']:.2f} "
             f"| {r['train_loss']:.4f} | {u['train_loss']:.4f} | {r['test_accuracy']:.3f} "
             f"| {u['test_accuracy']:.3f} | {r['diverged']} (uniform {u['diverged']}) |"
         )
@@ -298,7 +303,9 @@ def main(argv: list[str] | None = None) -> dict:
             res = run(data, model_fn, opt, args.mixing, steps[name], set(checkpoints[name]), args.seed, extra)
             uni = run(data, model_fn, opt, "1.0", steps[name], set(checkpoints[name]), args.seed, extra)
             res["workload"] = name
-            res["uniform"] = {k: uni[k] for k in ("train_loss", "test_accuracy", "diverged", "seconds", "rows")}
+            res["uniform"] = {
+                k: uni[k] for k in ("train_loss", "test_accuracy", "diverged", "seconds", "rows")
+            }
             results.append(res)
             print(summary([res]).splitlines()[-1], flush=True)
     table = summary(results)
@@ -316,7 +323,11 @@ def main(argv: list[str] | None = None) -> dict:
             "score": args.score,
             "mixer": extra["mixer"],
         },
-        "environment": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()},
+        "environment": {
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
         "total_seconds": time.perf_counter() - t0,
         "results": results,
         "markdown": table,

@@ -117,10 +117,10 @@ class AdaptiveMixing:
         levels: candidate levels in [0, 1]; must include 1.0 (uniform). Default
             :data:`DEFAULT_LEVELS` (1 down to 0.1: weights never exceed 10).
         initial: level before enough evidence (default 1.0: start uniform).
-        momentum: EMA momentum in [0, 1) of the second-moment estimates (default 0.98,
-            about 50 updates).
+        momentum: EMA momentum in [0, 1) of the second-moment estimates (default 0.95,
+            about 40 updates of memory: reacts within an epoch to scores going stale).
         hysteresis: improvement of ``r`` in [0, 1) needed to change level (default 0.05).
-        confidence: ``z`` >= 0, standard errors of pessimism (default 2.0; 0 = plain arg-min).
+        confidence: ``z`` >= 0, standard errors of pessimism (default 3.0; 0 = plain arg-min).
         warmup: updates observed before the level may leave ``initial`` (default 20).
 
     Example:
@@ -135,15 +135,17 @@ class AdaptiveMixing:
         levels: Sequence[float] = DEFAULT_LEVELS,
         *,
         initial: float = 1.0,
-        momentum: float = 0.98,
+        momentum: float = 0.95,
         hysteresis: float = 0.05,
-        confidence: float = 2.0,
+        confidence: float = 3.0,
         warmup: int = 20,
     ) -> None:
         owner = "AdaptiveMixing"
         if isinstance(levels, (str, bytes)) or not isinstance(levels, Sequence) or not levels:
             raise param_error("levels", owner, "a non-empty sequence of floats in [0, 1]", levels, TypeError)
-        checked = sorted({check_float(v, "levels", owner, minimum=0.0, maximum=1.0) for v in levels}, reverse=True)
+        checked = sorted(
+            {check_float(v, "levels", owner, minimum=0.0, maximum=1.0) for v in levels}, reverse=True
+        )
         if checked[0] != 1.0:
             raise param_error("levels", owner, "a sequence that includes 1.0 (uniform)", list(levels))
         self.levels = np.array(checked, dtype=np.float64)
@@ -151,7 +153,9 @@ class AdaptiveMixing:
         if initial not in checked:
             raise param_error("initial", owner, f"one of the levels {checked}", initial)
         self.initial = initial
-        self.momentum = check_float(momentum, "momentum", owner, minimum=0.0, maximum=1.0, max_inclusive=False)
+        self.momentum = check_float(
+            momentum, "momentum", owner, minimum=0.0, maximum=1.0, max_inclusive=False
+        )
         self.hysteresis = check_float(
             hysteresis, "hysteresis", owner, minimum=0.0, maximum=1.0, max_inclusive=False
         )
@@ -179,7 +183,9 @@ class AdaptiveMixing:
         its current level (a training batch). Non-finite estimates (overflowing scores)
         are skipped.
         """
-        self._add(mixing_second_moments(stale, fresh, total, num_samples, base_share, self.level, self.levels))
+        self._add(
+            mixing_second_moments(stale, fresh, total, num_samples, base_share, self.level, self.levels)
+        )
 
     def observe_full(
         self, stale: np.ndarray, fresh: np.ndarray, total: float, num_samples: int, base_share: float
@@ -228,7 +234,7 @@ class AdaptiveMixing:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """``levels``, ``moments``, ``spread`` (float64 Tensors (L,)), ``level`` (float), ``updates`` (int)."""
+        """The state: ``levels``, ``moments``, ``spread`` (float64 Tensors (L,)), ``level``, ``updates``."""
         return {
             "levels": torch.from_numpy(self.levels.copy()),
             "level": self.level,
