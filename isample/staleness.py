@@ -85,14 +85,15 @@ def mixing_second_moments(
         float64 array (L,): ``mean_j w_p(j) w_lambda(j) s_j^2`` (``mean_i w_lambda(i) s_i^2``
         for a full pass). Dimensionless up to the squared unit of the scores.
     """
-    s2 = np.square(np.asarray(fresh, dtype=np.float64))
     shares = levels + (1.0 - levels) * base_share
-    nq = _mixture(stale, total, num_samples, shares)  # (L, k)
-    if draw_level is None:
-        return (s2[None, :] / nq).mean(axis=1)
-    draw_share = np.array([draw_level + (1.0 - draw_level) * base_share])
-    np_draw = _mixture(stale, total, num_samples, draw_share)[0]  # (k,)
-    return (s2[None, :] / (np_draw[None, :] * nq)).mean(axis=1)
+    nq = _mixture(stale, total, num_samples, shares)  # (L, k), > 0 since every level is > 0
+    with np.errstate(over="ignore"):  # overflowing scores give inf, which the caller skips
+        s2 = np.square(np.asarray(fresh, dtype=np.float64))
+        if draw_level is None:
+            return (s2[None, :] / nq).mean(axis=1)
+        draw_share = np.array([draw_level + (1.0 - draw_level) * base_share])
+        np_draw = _mixture(stale, total, num_samples, draw_share)[0]  # (k,)
+        return (s2[None, :] / (np_draw[None, :] * nq)).mean(axis=1)
 
 
 class AdaptiveMixing:
@@ -114,7 +115,7 @@ class AdaptiveMixing:
     updates; ties favour the larger level (closer to uniform).
 
     Args:
-        levels: candidate levels in [0, 1]; must include 1.0 (uniform). Default
+        levels: candidate levels in (0, 1]; must include 1.0 (uniform). Default
             :data:`DEFAULT_LEVELS` (1 down to 0.1: weights never exceed 10).
         initial: level before enough evidence (default 1.0: start uniform).
         momentum: EMA momentum in [0, 1) of the second-moment estimates (default 0.95,
@@ -142,9 +143,10 @@ class AdaptiveMixing:
     ) -> None:
         owner = "AdaptiveMixing"
         if isinstance(levels, (str, bytes)) or not isinstance(levels, Sequence) or not levels:
-            raise param_error("levels", owner, "a non-empty sequence of floats in [0, 1]", levels, TypeError)
+            raise param_error("levels", owner, "a non-empty sequence of floats in (0, 1]", levels, TypeError)
         checked = sorted(
-            {check_float(v, "levels", owner, minimum=0.0, maximum=1.0) for v in levels}, reverse=True
+            {check_float(v, "levels", owner, minimum=0.0, maximum=1.0, min_inclusive=False) for v in levels},
+            reverse=True,
         )
         if checked[0] != 1.0:
             raise param_error("levels", owner, "a sequence that includes 1.0 (uniform)", list(levels))

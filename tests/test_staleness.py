@@ -178,6 +178,8 @@ def test_bad_input():
         AdaptiveMixing(levels=[0.5, 0.1])
     with pytest.raises(TypeError, match="'levels' parameter of AdaptiveMixing"):
         AdaptiveMixing(levels="0.5")
+    with pytest.raises(ValueError, match=r"'levels' parameter of AdaptiveMixing must be a float in \(0"):
+        AdaptiveMixing(levels=[1.0, 0.0])
     with pytest.raises(ValueError, match="'momentum'"):
         AdaptiveMixing(momentum=1.0)
     with pytest.raises(ValueError, match="'initial'"):
@@ -197,3 +199,48 @@ def test_starts_uniform_and_reports_its_level():
     assert s.mixing_level == 1.0
     np.testing.assert_allclose(s.probabilities().numpy(), np.full(10, 0.1))
     assert TableSampler(10, 2, seed=0, mixing=0.2).mixing_level == 0.2
+
+
+def test_overflowing_scores_are_skipped_not_fatal():
+    mixer = AdaptiveMixing()
+    mixer.observe(np.ones(3), np.array([1e200, 1.0, 2.0]), 3.0, 3, 0.0)  # s^2 overflows float64
+    assert mixer.updates == 0 and mixer.level == 1.0
+    mixer.observe(np.ones(3), np.array([1.0, 1.0, 2.0]), 3.0, 3, 0.0)
+    assert mixer.updates == 1 and np.isfinite(mixer.moments).all()
+
+
+def _train_digits_momentum(mixing, steps=400):
+    """history-is on digits, MLP, SGD momentum 0.9 at lr 0.1: the former default collapsed here."""
+    from isample import schemes
+    from isample.bench.datasets import load_dataset
+    from isample.bench.harness import evaluate
+    from isample.bench.models import build_model
+
+    data = load_dataset("digits", 0)
+    model = build_model("mlp", 64, 10, 0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ce = torch.nn.CrossEntropyLoss(reduction="none")
+    ds = torch.utils.data.TensorDataset(data.x_train, data.y_train)
+    loader = schemes.build("history-is", ds, model, ce, 32, seed=0, mixing=mixing)
+    step = epoch = 0
+    while step < steps:
+        loader.set_epoch(epoch)
+        for batch in loader:
+            out = model(batch.inputs)
+            losses = ce(out, batch.targets)
+            (batch.weights * losses).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            loader.feedback(batch, out.detach(), losses.detach())
+            step += 1
+            if step == steps:
+                break
+        epoch += 1
+    return evaluate(model, data.x_train, data.y_train, ce)[0]
+
+
+def test_no_collapse_with_momentum_where_uniform_converges():
+    uniform = _train_digits_momentum(1.0)
+    assert uniform < 0.1
+    assert _train_digits_momentum(0.1) > 1.0  # the failure: the fixed level collapses training
+    assert _train_digits_momentum("auto") < max(0.1, 3 * uniform)
