@@ -110,9 +110,9 @@ class AdaptiveMixing:
 
         r(\\lambda) = \\frac{\\overline{M(\\lambda) - M(1)} + z\\,\\mathrm{se}}{\\overline{M(1)}}
 
-    (``r(1) = 0``: a level is only taken when it beats uniform with confidence ``z``), and
-    the level moves only when ``r`` improves by at least ``hysteresis``, after ``warmup``
-    updates; ties favour the larger level (closer to uniform).
+    (``r(1) = 0``: a level is only taken when it beats uniform with confidence ``z``), after
+    ``warmup`` updates. The level falls only when ``r`` improves by at least ``hysteresis``
+    and rises (towards uniform) on any improvement; ties favour the larger level.
 
     Args:
         levels: candidate levels in (0, 1]; must include 1.0 (uniform). Default
@@ -120,7 +120,9 @@ class AdaptiveMixing:
         initial: level before enough evidence (default 1.0: start uniform).
         momentum: EMA momentum in [0, 1) of the second-moment estimates (default 0.95,
             about 40 updates of memory: reacts within an epoch to scores going stale).
-        hysteresis: improvement of ``r`` in [0, 1) needed to change level (default 0.05).
+        hysteresis: improvement of ``r`` in [0, 1) needed to move to a smaller level
+            (default 0.1: at least a 10% pessimistic reduction); a larger level, closer to
+            uniform, is taken on any improvement.
         confidence: ``z`` >= 0, standard errors of pessimism (default 3.0; 0 = plain arg-min).
         warmup: updates observed before the level may leave ``initial`` (default 20).
 
@@ -137,7 +139,7 @@ class AdaptiveMixing:
         *,
         initial: float = 1.0,
         momentum: float = 0.95,
-        hysteresis: float = 0.05,
+        hysteresis: float = 0.1,
         confidence: float = 3.0,
         warmup: int = 20,
     ) -> None:
@@ -207,7 +209,9 @@ class AdaptiveMixing:
         r = self.relative_change()
         best = int(np.argmin(r))  # first minimum: the largest level among ties
         current = int(np.flatnonzero(self.levels == self.level)[0])
-        if best != current and r[best] < r[current] - self.hysteresis:
+        # towards less uniform mixing only with a margin; back towards uniform on any predicted gain
+        margin = self.hysteresis if self.levels[best] < self.level else 0.0
+        if best != current and r[best] < r[current] - margin:
             self.level = float(self.levels[best])
 
     def relative_change(self) -> np.ndarray:
