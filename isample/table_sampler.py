@@ -27,6 +27,7 @@ from ._random import step_generator
 from ._validation import check_choice, check_float, check_int, param_error
 from .engine import SumTree
 from .policies import ScorePolicy
+from .staleness import AdaptiveMixing
 from .weighting import NORMALIZATIONS, weights_array
 
 __all__ = ["TableSampler", "WeightedIndices"]
@@ -196,8 +197,10 @@ class TableSampler(Sampler[WeightedIndices]):
         drop_last: see ``num_batches``.
         initial_score: score of unvisited examples (>= 0), or None for the running mean.
         power, additive, relative: score smoothing (see :class:`ScorePolicy`).
-        mixing: uniform mixing lambda in [0, 1] (default 0.1: weights <= 10 and no
-            example starves because its stale score happened to be ~0).
+        mixing: uniform mixing lambda in [0, 1] (weights <= 1 / lambda), or ``"auto"``
+            (default) or an :class:`isample.staleness.AdaptiveMixing`: lambda re-chosen
+            after every update from the measured staleness of the scores, between 1
+            (uniform) and 0.1, so that a stale table is not worse than uniform.
         bias_exponent: k in [0, 1]; 1 = unbiased.
         max_weight: clip weights (None = no clipping).
         normalize: ``"none"``, ``"mean"`` or ``"max"`` (see :mod:`isample.weighting`).
@@ -271,7 +274,7 @@ class TableSampler(Sampler[WeightedIndices]):
         power: float = 1.0,
         additive: float = 0.0,
         relative: float = 0.0,
-        mixing: float = 0.1,
+        mixing: float | str | AdaptiveMixing = "auto",
         bias_exponent: float = 1.0,
         max_weight: float | None = None,
         normalize: str = "none",
@@ -292,6 +295,11 @@ class TableSampler(Sampler[WeightedIndices]):
         self._num_batches_arg = check_int(num_batches, "num_batches", owner, minimum=1, allow_none=True)
         self.num_batches = self._default_num_batches()
         self.initial_score = check_float(initial_score, "initial_score", owner, minimum=0.0, allow_none=True)
+        self.mixer = None  # staleness-tuned mixing level (isample.staleness)
+        if isinstance(mixing, str) and mixing != "auto":
+            raise param_error("mixing", owner, "a float in [0, 1], 'auto' or an AdaptiveMixing", mixing)
+        if isinstance(mixing, (str, AdaptiveMixing)):
+            self.mixer, mixing = (AdaptiveMixing() if isinstance(mixing, str) else mixing), 0.0
         self.policy = ScorePolicy(power=power, additive=additive, relative=relative, mixing=mixing)
         self.bias_exponent = check_float(bias_exponent, "bias_exponent", owner, minimum=0.0, maximum=1.0)
         self.max_weight = check_float(
@@ -316,7 +324,7 @@ class TableSampler(Sampler[WeightedIndices]):
         self._pending: list[tuple[int, np.ndarray, np.ndarray]] = []
         # pending updates already applied by a prefetched draw, with the values they replaced
         # (reverted in state_dict() while not yet due at the consumption point)
-        self._applied: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self._applied: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, Any]] = []
         self._unsynced: list[tuple[np.ndarray, np.ndarray]] = []  # this rank's updates awaiting sync
         self._updates_since_sync = 0
         self._warned_zero = False
@@ -502,7 +510,7 @@ class TableSampler(Sampler[WeightedIndices]):
         init = 0.0 if all_visited else self._initial_transformed()
         unvisited = n - self._num_visited
         t_total = visited_total + unvisited * init
-        share = self.policy.uniform_share(t_total, n)
+        share = self._share(t_total)
         if t_total <= 0 and share >= 1.0 and not self._warned_zero:
             self._warned_zero = True
             warnings.warn(
@@ -545,6 +553,15 @@ class TableSampler(Sampler[WeightedIndices]):
             return 1.0
         return self._tree.total / self._num_visited
 
+    def _share(self, t_total: float) -> float:
+        share = self.policy.uniform_share(t_total, self.num_samples)
+        return share if self.mixer is None else self.mixer.share(share)
+
+    @property
+    def mixing_level(self) -> float:
+        """The uniform mixing level lambda in use (self-tuned with ``mixing="auto"``)."""
+        return self.policy.mixing if self.mixer is None else self.mixer.level
+
     def probabilities(self) -> torch.Tensor:
         """The current draw distribution over all N examples: float64 Tensor (N,), sum 1. O(N)."""
         self._settle()
@@ -552,7 +569,7 @@ class TableSampler(Sampler[WeightedIndices]):
         init = self._initial_transformed()
         t = np.where(self._visited, self._tree.values(), init)
         t_total = float(t.sum())
-        share = self.policy.uniform_share(t_total, n)
+        share = self._share(t_total)
         p = share / n + (1.0 - share) * (t / t_total if t_total > 0 else np.zeros_like(t))
         return torch.from_numpy(np.asarray(p, dtype=np.float64))
 
@@ -642,7 +659,8 @@ class TableSampler(Sampler[WeightedIndices]):
             tag, idx, val = self._pending.pop(0)
             if tag > self._consumed - self.delay:  # applied ahead of consumption (prefetch): keep undo
                 previous = np.array(self._tree.get(idx), dtype=np.float64)
-                self._applied.append((tag, idx, val, previous, self._visited[idx].copy()))
+                mixer = None if self.mixer is None else self.mixer.state_dict()
+                self._applied.append((tag, idx, val, previous, self._visited[idx].copy(), mixer))
             self._set(idx, val)
 
     def flush(self) -> None:
@@ -655,6 +673,13 @@ class TableSampler(Sampler[WeightedIndices]):
         if idx.size == 0:
             return
         t = val if self.policy.power == 1.0 else np.power(val, self.policy.power)
+        if self.mixer is not None:  # fresh scores vs the stale values they were drawn with
+            init = self._initial_transformed()
+            total = self._tree.total + (self.num_samples - self._num_visited) * init
+            stale = np.where(self._visited[idx], self._tree.get(idx), init)
+            full = idx.size == self.num_samples and np.unique(idx).size == idx.size
+            observe = self.mixer.observe_full if full else self.mixer.observe
+            observe(stale, val, total, self.num_samples, self.policy.uniform_share(total, self.num_samples))
         self._tree.set(idx, t, check=False)  # validated by feedback_arrays / _receive
         if self._unvisited is None:
             return
@@ -690,11 +715,13 @@ class TableSampler(Sampler[WeightedIndices]):
         visited = self._visited.copy()
         horizon = self._consumed - self.delay
         redo = []
-        for tag, idx, val, previous, was_visited in reversed(self._applied):
+        mixer = None if self.mixer is None else self.mixer.state_dict()
+        for tag, idx, val, previous, was_visited, mixer_before in reversed(self._applied):
             if tag > horizon:
                 table[idx] = previous
                 visited[idx] = was_visited
                 redo.append((tag, idx, val))
+                mixer = mixer_before
         pending = list(reversed(redo)) + self._pending
         return {
             "version": self.STATE_VERSION,
@@ -714,6 +741,7 @@ class TableSampler(Sampler[WeightedIndices]):
             "pending": [[tag, _tensor(i), _tensor(v)] for tag, i, v in pending],
             "unsynced": [[_tensor(i), _tensor(v)] for i, v in self._unsynced],
             "updates_since_sync": self._updates_since_sync,
+            **({} if mixer is None else {"mixer": mixer}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -740,6 +768,10 @@ class TableSampler(Sampler[WeightedIndices]):
         """
         self._settle()
         parsed = _parse_state(self, state)
+        if self.mixer is not None:  # the staleness estimator (isample.staleness), validated by its own load
+            if "mixer" not in state:
+                raise KeyError("TableSampler state is missing 'mixer' (saved without mixing='auto').")
+            self.mixer.load_state_dict(state["mixer"])
         self._tree.fill(parsed["table"])
         np.copyto(self._visited, parsed["visited"])
         self._num_visited = int(np.count_nonzero(self._visited))

@@ -59,7 +59,9 @@ class HistoryIS(TableScheme):
         seed: randomness source.
         epochs, optimizer: unused.
         score: ``"loss"`` (default) or ``"upper_bound"``.
-        mixing: uniform mixing lambda (0.1: weights <= 10, no example starves).
+        mixing: uniform mixing lambda, or ``"auto"`` (default): lambda tuned from the
+            measured staleness of the table (:class:`isample.staleness.AdaptiveMixing`),
+            between 1 (uniform) and 0.1 (weights <= 10).
         rescore_every: re-score everything at epochs 0, k, 2k, ... (None = never; default).
         power, additive, relative, bias_exponent, max_weight, initial_score: see
             :class:`isample.TableSampler`.
@@ -85,7 +87,7 @@ class HistoryIS(TableScheme):
         epochs: int | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         score: str = "loss",
-        mixing: float = 0.1,
+        mixing: float | str = "auto",
         rescore_every: int | None = None,
         power: float = 1.0,
         additive: float = 0.0,
