@@ -63,7 +63,7 @@ class HistoryGradNorm(TableScheme):
         epochs: int | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         layers: Any = None,
-        mixing: float = 0.1,
+        mixing: float | str = "auto",
         rescore_every: int | None = None,
         power: float = 1.0,
         additive: float = 0.0,

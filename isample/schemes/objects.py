@@ -334,7 +334,8 @@ class HistoryIS(Scheme):
 
     Args:
         score: ``"loss"`` (default) or ``"upper_bound"`` (needs ``update(losses, outputs=...)``).
-        mixing: uniform mixing lambda (0.1: weights <= 10).
+        mixing: uniform mixing lambda (weights <= 1 / lambda), or ``"auto"`` (default):
+            lambda tuned from the measured staleness of the scores (:mod:`isample.staleness`).
         rescore_every: re-score the whole dataset every k epochs (None = never).
         power, additive, relative: score smoothing.
         bias_exponent: k in [0, 1] (1 = unbiased).
@@ -350,7 +351,7 @@ class HistoryIS(Scheme):
         self,
         *,
         score: str = "loss",
-        mixing: float = 0.1,
+        mixing: float | str = "auto",
         rescore_every: int | None = None,
         power: float = 1.0,
         additive: float = 0.0,
@@ -379,7 +380,7 @@ class HistoryGradNorm(Scheme):
         self,
         *,
         layers: Any = None,
-        mixing: float = 0.1,
+        mixing: float | str = "auto",
         rescore_every: int | None = None,
         power: float = 1.0,
         additive: float = 0.0,
