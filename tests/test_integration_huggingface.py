@@ -7,6 +7,8 @@ import warnings
 import pytest
 import torch
 
+import isample
+
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 from isample.integrations.huggingface import (  # noqa: E402
@@ -77,7 +79,10 @@ def test_trains_a_tiny_bert_with_a_falling_loss(tmp_path):
     ds = Tokens()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = make_trainer(tmp_path, tiny_bert(), ds)
+        # a fixed mixing level, so that the draws are non-uniform as soon as scores arrive
+        # (the default, mixing="auto", stays uniform until the table is shown to beat it)
+        sampler = isample.TableSampler(len(ds), 16, seed=0, mixing=0.1)
+        trainer = make_trainer(tmp_path, tiny_bert(), ds, sampler=sampler)
         loader = trainer.get_train_dataloader()
         batch = next(iter(loader))
         trainer.train()

@@ -35,7 +35,7 @@ class HistoryGradNorm(TableScheme):
         epochs: unused.
         optimizer: None / SGD (plain norm) or Adam / AdamW / RMSprop / Adagrad (preconditioned).
         layers: the ``nn.Linear`` layers covered (default all).
-        mixing: uniform mixing lambda (0.1).
+        mixing: uniform mixing lambda, or "auto" (default): tuned from the staleness of the scores.
         rescore_every: re-score everything every k epochs with ``LinearGradNormScorer``
             (forward + backward of N examples; None = never, default).
         power, additive, relative, bias_exponent, max_weight, initial_score and loader
