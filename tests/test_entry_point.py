@@ -335,16 +335,9 @@ def test_scheme_object_repr_and_equality():
 
 
 # ---------------------------------------------------------------- the epoch cursor (issue 13, class 1)
-# Table and pool schemes keep their cursor in isample.TableSampler / isample.PoolLoader;
-# moving it onto their iterators is the table and pool changes of the same issue.
-OWN_CURSOR = {"uniform", "infobatch", "rho-loss"}
-
-
-def cursor_case(name):
-    if name in OWN_CURSOR:
-        return name
-    reason = "needs the iterator-owned cursor of TableSampler / PoolLoader"
-    return name
+# Every scheme: the first live iterator continues from the resume point and moves it; another
+# iterator made meanwhile yields a whole epoch of its own (TableSampler / PoolLoader /
+# SchemeLoader implement the same rule).
 
 
 def lengths(loader, epochs):
@@ -362,7 +355,7 @@ NO_FEEDBACK = pytest.mark.filterwarnings(
 
 
 @NO_FEEDBACK
-@pytest.mark.parametrize("name", [cursor_case(n) for n in schemes.available() if n != "selective-backprop"])
+@pytest.mark.parametrize("name", [n for n in schemes.available() if n != "selective-backprop"])
 def test_set_epoch_mid_epoch_never_truncates_the_next_epoch(name):
     loader = loader_for(name)
     full = len(loader)
@@ -376,7 +369,7 @@ def test_set_epoch_mid_epoch_never_truncates_the_next_epoch(name):
 
 
 @NO_FEEDBACK
-@pytest.mark.parametrize("name", [cursor_case(n) for n in schemes.available() if n != "selective-backprop"])
+@pytest.mark.parametrize("name", [n for n in schemes.available() if n != "selective-backprop"])
 def test_two_live_iterators_never_truncate_an_epoch(name):
     loader = loader_for(name)
     full = len(loader)

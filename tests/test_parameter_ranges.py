@@ -193,9 +193,8 @@ def test_policy_probabilities_never_overflow(ints, e, power, additive, relative,
 
 def test_presample_beyond_the_dataset_is_rejected():
     for value in (1e15, N / B + 0.5):
-        with pytest.raises(
-            ValueError, match=r"'presample' parameter of PoolLoader must be a float in \[1(\.0)?, (N / b|1024)"
-        ):
+        bound = r"'presample' parameter of PoolLoader must be a float in \[1(\.0)?, (N / b|1024)"
+        with pytest.raises(ValueError, match=bound):
             _pool(presample=value)
     assert _pool(presample=N / B).pool_size == N  # a pool of the whole dataset is fine
 
