@@ -247,6 +247,25 @@ class DataLoader:
         """The epoch the next iteration continues (or starts)."""
         return int(self.loader.epoch)  # type: ignore[attr-defined]
 
+    def describe(self) -> dict[str, Any]:
+        """What the scheme does now (importance sampling on or off and why).
+
+        Returns:
+            dict with at least ``scheme`` and ``is_on``: for pool schemes the switch's
+            state (``tau``, ``tau_ema``, ``threshold``, ``on_share``, ...; see
+            :meth:`isample.PoolLoader.describe`), for table schemes the mixing level and
+            the staleness estimate; for other schemes ``is_on`` is None (not switched).
+        """
+        describe = getattr(self.loader, "describe", None)
+        if callable(describe):
+            return describe()
+        return {"scheme": self.loader.name, "is_on": None}
+
+    def status(self) -> str:
+        """A one-line summary for a progress bar (``bar.set_postfix_str(loader.status())``) or a log."""
+        status = getattr(self.loader, "status", None)
+        return status() if callable(status) else f"{self.loader.name}: not switched"
+
     def cost(self) -> dict[str, int]:
         """Cumulative ``scored_examples`` and ``trained_examples`` (see :meth:`SchemeLoader.cost`)."""
         return self.loader.cost()

@@ -229,6 +229,33 @@ class TableScheme(SchemeLoader):
         """The current draw distribution over the N examples (float64 Tensor (N,)); O(N)."""
         return self.sampler.probabilities()
 
+    def describe(self) -> dict[str, Any]:
+        """What the table does now: the mixing level with uniform and the staleness estimate.
+
+        Returns:
+            dict with ``scheme``, ``is_on`` (True when the draws are not uniform: mixing
+            level < 1), ``mixing_level`` (lambda; 1 = uniform), ``estimated_gain`` (the
+            staleness estimator's uniform / table noise ratio, a kappa estimate; None with
+            a fixed level), ``visited`` (examples with a score), ``epoch`` and ``position``.
+        """
+        mixer = getattr(self.sampler, "mixer", None)
+        level = float(self.sampler.mixing_level)
+        return {
+            "scheme": self.name,
+            "is_on": level < 1.0,
+            "mixing_level": level,
+            "estimated_gain": None if mixer is None else float(mixer.estimated_gain()),
+            "visited": int(self.sampler._num_visited),
+            "epoch": self.sampler.epoch,
+            "position": self.sampler.position,
+        }
+
+    def status(self) -> str:
+        """One line for a progress bar or a log, e.g. ``"IS on | mixing 0.25 | gain 1.8"``."""
+        d = self.describe()
+        gain = "" if d["estimated_gain"] is None else f" | gain {d['estimated_gain']:.2f}"
+        return f"IS {'on' if d['is_on'] else 'off'} | mixing {d['mixing_level']:.2f}{gain}"
+
     def _state(self) -> dict[str, Any]:
         return {
             "loader": self.loader.state_dict(),
