@@ -14,9 +14,11 @@ import numbers
 from collections.abc import Mapping
 from typing import Any
 
+from torch.utils.data import IterableDataset
+
 from ._validation import check_float, check_int, param_error
 
-__all__ = ["LOADER_OPTIONS", "SAMPLING_OPTIONS", "check_loader_options"]
+__all__ = ["LOADER_OPTIONS", "SAMPLING_OPTIONS", "check_dataset", "check_loader_options"]
 
 #: The torch DataLoader options passed through unchanged, with torch's defaults.
 LOADER_OPTIONS: dict[str, Any] = {
@@ -114,3 +116,27 @@ def check_loader_options(options: Mapping[str, Any] | None, owner: str) -> dict[
                 "multiprocessing_context", owner, "None, a start-method name or a context", context, TypeError
             )
     return out
+
+
+def check_dataset(dataset: Any, owner: str) -> int:
+    """Check that ``dataset`` is a non-empty map-style dataset; returns its length.
+
+    Raises:
+        TypeError: an ``IterableDataset`` (even one with ``__len__``) or an object without
+            ``__getitem__`` / ``__len__``: importance sampling draws examples by index.
+        ValueError: an empty dataset.
+    """
+    if isinstance(dataset, IterableDataset):
+        raise TypeError(
+            f"The 'dataset' parameter of {owner} must be a map-style Dataset (random access by index, "
+            f"with __len__ and __getitem__). Got an IterableDataset ({type(dataset).__name__}): "
+            "importance sampling draws examples by index, so a stream cannot be sampled."
+        )
+    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        raise param_error(
+            "dataset", owner, "a map-style Dataset (with __len__ and __getitem__)", dataset, TypeError
+        )
+    size = len(dataset)
+    if size == 0:
+        raise ValueError(f"The 'dataset' parameter of {owner} is empty (len 0).")
+    return size

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ._fetch import can_gather, gather_rows
+from ._options import check_dataset, check_loader_options
 from ._validation import check_int, param_error
 from .batch import WeightedBatch
 from .table_sampler import TableSampler, WeightedIndices
@@ -199,18 +200,26 @@ class ImportanceDataLoader:
         owner = "ImportanceDataLoader"
         if not isinstance(sampler, TableSampler):
             raise param_error("sampler", owner, "a TableSampler", sampler, TypeError)
-        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
-            raise param_error("dataset", owner, "a map-style Dataset", dataset, TypeError)
-        if len(dataset) == 0:  # type: ignore[arg-type]
-            raise ValueError("The 'dataset' parameter of ImportanceDataLoader is empty (len 0).")
+        check_dataset(dataset, owner)
+        options = check_loader_options(
+            dict(
+                num_workers=num_workers,
+                pin_memory=pin_memory,
+                collate_fn=collate_fn,
+                persistent_workers=persistent_workers,
+                prefetch_factor=prefetch_factor,
+                worker_init_fn=worker_init_fn,
+                multiprocessing_context=multiprocessing_context,
+                timeout=timeout,
+            ),
+            owner,
+        )
         if len(dataset) != sampler.num_samples:  # type: ignore[arg-type]
             raise ValueError(
                 f"The 'sampler' of ImportanceDataLoader has num_samples={sampler.num_samples}, "
                 f"but the dataset has {len(dataset)} examples."  # type: ignore[arg-type]
             )
-        num_workers = check_int(num_workers, "num_workers", owner, minimum=0)
-        if prefetch_factor is not None:
-            check_int(prefetch_factor, "prefetch_factor", owner, minimum=1)
+        num_workers, prefetch_factor = options["num_workers"], options["prefetch_factor"]
         self._depth = (
             num_workers * (prefetch_factor if prefetch_factor is not None else 2) if num_workers else 0
         )
@@ -231,14 +240,7 @@ class ImportanceDataLoader:
         self._loader = DataLoader(
             WeightedDataset(dataset, gather=can_gather(dataset, collate_fn)),
             batch_sampler=sampler,
-            num_workers=num_workers,
-            pin_memory=bool(pin_memory),
-            collate_fn=WeightedCollate(collate_fn),
-            persistent_workers=bool(persistent_workers) and num_workers > 0,
-            prefetch_factor=prefetch_factor,
-            worker_init_fn=worker_init_fn,
-            multiprocessing_context=multiprocessing_context,
-            timeout=timeout,
+            **{**options, "collate_fn": WeightedCollate(collate_fn)},
         )
 
     def __len__(self) -> int:

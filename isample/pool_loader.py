@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import distributed as _dist
 from ._fetch import IndexedCollate, IndexedDataset, can_gather
+from ._options import check_dataset, check_loader_options
 from ._random import permutation, step_generator
 from ._validation import check_choice, check_float, check_int, param_error
 from .batch import WeightedBatch, index_rows, move_to, slice_rows, split_batch
@@ -344,13 +345,20 @@ class PoolLoader:
             raise param_error("model", owner, "a torch.nn.Module", model, TypeError)
         if not callable(scorer):
             raise param_error("scorer", owner, "a callable scorer(model, inputs, targets)", scorer, TypeError)
-        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
-            raise param_error(
-                "dataset", owner, "a map-style Dataset (with __len__ and __getitem__)", dataset, TypeError
-            )
-        self.num_samples = len(dataset)  # type: ignore[arg-type]
-        if self.num_samples == 0:
-            raise ValueError("The 'dataset' parameter of PoolLoader is empty (len 0).")
+        self.num_samples = check_dataset(dataset, owner)
+        options = check_loader_options(
+            dict(
+                num_workers=num_workers,
+                pin_memory=pin_memory,
+                collate_fn=collate_fn,
+                persistent_workers=persistent_workers,
+                prefetch_factor=prefetch_factor,
+                worker_init_fn=worker_init_fn,
+                multiprocessing_context=multiprocessing_context,
+                timeout=timeout,
+            ),
+            owner,
+        )
         self.batch_size = check_int(batch_size, "batch_size", owner, minimum=1)
         self.presample = check_presample(presample, owner)
         top = max(self.num_samples, self.batch_size) / self.batch_size  # a pool is a sample of the N
@@ -447,16 +455,16 @@ class PoolLoader:
             self.rank,
         )
         self._loader_options = dict(
-            num_workers=check_int(num_workers, "num_workers", owner, minimum=0),
-            pin_memory=bool(pin_memory),
+            num_workers=options["num_workers"],
+            pin_memory=options["pin_memory"],
             collate_fn=IndexedCollate(collate_fn),
-            prefetch_factor=prefetch_factor,
-            worker_init_fn=worker_init_fn,
-            multiprocessing_context=multiprocessing_context,
-            timeout=timeout,
+            prefetch_factor=options["prefetch_factor"],
+            worker_init_fn=options["worker_init_fn"],
+            multiprocessing_context=options["multiprocessing_context"],
+            timeout=options["timeout"],
         )
         self._gather = can_gather(dataset, collate_fn)
-        self._persistent = bool(persistent_workers) and num_workers > 0
+        self._persistent = options["persistent_workers"]
         self._loader = self._make_loader(self._stream, self._persistent)
         self._shared_busy = False
         if check_loss_fn:

@@ -25,39 +25,15 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import Dataset
 
 from .._feedback import feedback_arrays as _feedback_arrays
-from .._options import check_loader_options
+from .._options import check_dataset, check_loader_options
 from .._validation import check_int, check_seed, param_error
 from ..batch import WeightedBatch
 from ..scorers import _check_reduction, model_device
 
 __all__ = ["SchemeLoader", "check_dataset", "feedback_arrays"]
-
-
-def check_dataset(dataset: Any, owner: str) -> int:
-    """Check that ``dataset`` is a non-empty map-style dataset; returns its length.
-
-    Raises:
-        TypeError: an ``IterableDataset`` (even one with ``__len__``) or an object without
-            ``__getitem__`` / ``__len__``: importance sampling draws examples by index.
-        ValueError: an empty dataset.
-    """
-    if isinstance(dataset, IterableDataset):
-        raise TypeError(
-            f"The 'dataset' parameter of {owner} must be a map-style Dataset (random access by index, "
-            f"with __len__ and __getitem__). Got an IterableDataset ({type(dataset).__name__}): "
-            "importance sampling draws examples by index, so a stream cannot be sampled."
-        )
-    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
-        raise param_error(
-            "dataset", owner, "a map-style Dataset (with __len__ and __getitem__)", dataset, TypeError
-        )
-    size = len(dataset)
-    if size == 0:
-        raise ValueError(f"The 'dataset' parameter of {owner} is empty (len 0).")
-    return size
 
 
 def feedback_arrays(indices: Any, scores: Any, num_samples: int, owner: str) -> tuple[np.ndarray, np.ndarray]:
