@@ -70,9 +70,11 @@ class IndexedDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[int, Any]:
         return index, self.dataset[index]
 
-    def __getitems__(self, indices: list[int]) -> Any:
+    def __getitems__(self, indices: list[int] | torch.Tensor) -> Any:
         if self.gather:
             return Gathered(indices, gather_rows(self.dataset, indices))  # type: ignore[arg-type]
+        if isinstance(indices, torch.Tensor):
+            indices = indices.tolist()
         return [self[i] for i in indices]
 
 

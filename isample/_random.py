@@ -53,6 +53,12 @@ def step_generator(seed: int, epoch: int, step: int, stream: int = 0) -> torch.G
     return g
 
 
+#: The stream id of the uniform epoch permutations: the ``uniform`` scheme reads them, and so
+#: does a switched pool loader (Algorithm 1) while importance sampling is off, so that a
+#: switched scheme that never switches on trains on exactly uniform's batches.
+UNIFORM_STREAM = 11
+
+
 def permutation(n: int, seed: int, *parts: int) -> torch.Tensor:
     """A random permutation of ``range(n)`` (LongTensor), a pure function of ``(seed, *parts)``."""
     g = torch.Generator()

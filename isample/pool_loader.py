@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from . import distributed as _dist
 from ._fetch import IndexedCollate, IndexedDataset, can_gather
 from ._options import check_dataset, check_loader_options
-from ._random import permutation, step_generator
+from ._random import UNIFORM_STREAM, permutation, step_generator
 from ._validation import check_choice, check_float, check_int, param_error
 from .batch import WeightedBatch, index_rows, move_to, slice_rows, split_batch
 from .policies import ScorePolicy
@@ -68,7 +68,7 @@ def pool_tau(scores: torch.Tensor) -> float:
     return float(tau(scores))
 
 
-class _ChunkStream(Sampler[list[int]]):
+class _ChunkStream(Sampler[torch.Tensor]):
     """The candidates of one epoch for one rank, as a batch sampler of fixed-size chunks.
 
     The global stream concatenates random permutations of the dataset seeded by
@@ -80,7 +80,16 @@ class _ChunkStream(Sampler[list[int]]):
     The range to read is captured when ``iter()`` is called (two iterators do not share it).
     """
 
-    def __init__(self, num_samples: int, chunk_size: int, seed: int, num_replicas: int = 1, rank: int = 0):
+    def __init__(
+        self,
+        num_samples: int,
+        chunk_size: int,
+        seed: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        stream: int = 1,
+    ) -> None:
+        self.stream = stream  # permutation stream id (UNIFORM_STREAM in Algorithm 1 mode)
         self.num_samples = num_samples
         self.chunk_size = chunk_size
         self.seed = seed
@@ -93,21 +102,22 @@ class _ChunkStream(Sampler[list[int]]):
     def __len__(self) -> int:
         return max(self.stop - self.start, 0)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[torch.Tensor]:
         return self._chunks(self.seed, self.epoch, self.start, self.stop)
 
-    def _chunks(self, seed: int, epoch: int, start: int, stop: int) -> Iterator[list[int]]:
+    def _chunks(self, seed: int, epoch: int, start: int, stop: int) -> Iterator[torch.Tensor]:
+        """LongTensor chunks of dataset indices (no per-index Python objects)."""
         n, size, replicas, rank = self.num_samples, self.chunk_size, self.num_replicas, self.rank
         cached_block, perm = -1, torch.empty(0, dtype=torch.long)
         for j in range(start, stop):
             lo = (j * replicas + rank) * size
             hi = lo + size
-            out: list[int] = []
+            parts = []
             for block in range(lo // n, (hi - 1) // n + 1):
                 if block != cached_block:
-                    perm, cached_block = permutation(n, seed, epoch, block, 1), block
-                out.extend(perm[max(lo - block * n, 0) : min(hi - block * n, n)].tolist())
-            yield out
+                    perm, cached_block = permutation(n, seed, epoch, block, self.stream), block
+                parts.append(perm[max(lo - block * n, 0) : min(hi - block * n, n)])
+            yield parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _output_tensor(outputs: Any) -> torch.Tensor:
@@ -453,6 +463,9 @@ class PoolLoader:
             self.seed,
             self.num_replicas,
             self.rank,
+            # Algorithm 1 reads uniform's batches while off: a switch that never turns on
+            # reproduces the uniform scheme exactly (same seed, same batches)
+            UNIFORM_STREAM if self.lazy else 1,
         )
         self._loader_options = dict(
             num_workers=options["num_workers"],
@@ -508,7 +521,12 @@ class PoolLoader:
             self._stream
             if use_shared
             else _ChunkStream(
-                self.num_samples, self._stream.chunk_size, self.seed, self.num_replicas, self.rank
+                self.num_samples,
+                self._stream.chunk_size,
+                self.seed,
+                self.num_replicas,
+                self.rank,
+                self._stream.stream,
             )
         )
         stream.seed = self.seed

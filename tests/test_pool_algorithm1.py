@@ -437,3 +437,41 @@ def test_algorithm1_on_cuda():
             states.append(loader.tau_history[-1]["on"])
             loader.feedback(batch, model(batch.inputs).detach(), heavy_losses(batch).to(device))
     assert any(states) and not all(states)
+
+
+@pytest.mark.parametrize("scheme", ["kf", "auto"])
+def test_a_switch_that_stays_off_reproduces_the_uniform_scheme_exactly(scheme):
+    """Algorithm 1 reads uniform's batches while off: same seed, same batches, same parameters."""
+    from torch.utils.data import TensorDataset
+
+    import isample
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(320, 5, generator=g), torch.randint(0, 3, (320,), generator=g)
+    ce = torch.nn.CrossEntropyLoss(reduction="none")
+    never = {"kf": isample.schemes.KatharopoulosFleuret(tau_threshold=math.inf), "auto": "auto"}
+
+    def train(choice):
+        model = make_mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loader = isample.DataLoader(
+            TensorDataset(x, y), batch_size=32, scheme=choice, model=model, loss_fn=ce, seed=7
+        )
+        seen = []
+        for _ in range(2):
+            for xb, yb, w in loader:
+                losses = ce(model(xb), yb)
+                (w * losses).mean().backward()
+                opt.step()
+                opt.zero_grad()
+                loader.update(losses.detach())
+                seen.append(loader.last_batch.indices.clone())
+        return seen, list(model.parameters())
+
+    (u, pu), (s, ps) = train("uniform"), train(never[scheme])
+    assert len(u) == len(s)
+    if scheme == "kf":
+        assert all(torch.equal(a, b) for a, b in zip(u, s, strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(pu, ps, strict=True))
+    else:  # auto starts off (its costs are not measured yet): uniform's first batches
+        assert torch.equal(u[0], s[0]) and torch.equal(u[1], s[1])

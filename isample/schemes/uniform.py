@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .._random import UNIFORM_STREAM
 from .._validation import check_int
 from ..batch import WeightedBatch
 from ._stream import RowReader, epoch_permutation
@@ -17,7 +18,7 @@ from .base import SchemeLoader
 
 __all__ = ["Uniform"]
 
-_STREAM = 11
+_STREAM = UNIFORM_STREAM
 
 
 class Uniform(SchemeLoader):
