@@ -78,9 +78,11 @@ class PoolScheme(SchemeLoader):
 
         A forward hook on the model records the last output whose leading dimension is the
         batch size, so a loop that feeds back only the losses (``loader.update(losses)``)
-        still gives the switch its tau. Outside Algorithm 1 mode it does nothing.
+        still gives the switch its tau. The hook is attached only once a feedback came
+        without outputs (from then on; that one batch is not used for tau), so a loop that
+        passes its outputs pays nothing. Outside Algorithm 1 mode it does nothing.
         """
-        if not getattr(self.pool, "lazy", False):
+        if not (getattr(self.pool, "lazy", False) and getattr(self, "_capture", False)):
             return contextlib.nullcontext()
         return self._capture_outputs(len(batch))
 
@@ -110,7 +112,11 @@ class PoolScheme(SchemeLoader):
         captured, self._captured = getattr(self, "_captured", None), None
         if outputs is None:
             outputs = captured
-        if outputs is None and getattr(self.pool, "lazy", False) and self.pool._awaiting:
+        lazy = getattr(self.pool, "lazy", False)
+        if outputs is None and lazy and not getattr(self, "_capture", False):
+            self._capture = True  # record the outputs from the next step on (see step_context)
+            return
+        if outputs is None and lazy and self.pool._awaiting:
             raise ValueError(
                 f"{type(self).__name__} computes tau from the training outputs while importance sampling is "
                 "off: pass them, loader.update(losses, outputs=out.detach()) or "
