@@ -377,7 +377,7 @@ def test_two_live_iterators_never_truncate_an_epoch(name):
     next(first)
     second = sum(1 for _ in loader)  # e.g. checking the sampler during training
     assert second == full
-    assert 1 + sum(1 for _ in first) == full
+    assert sum(1 for _ in first) + 1 == full  # the first iterator finishes its own epoch
     loader.set_epoch(1)
     full = len(loader)
     assert sum(1 for _ in loader) == full

@@ -196,40 +196,23 @@ def run_bench(
                     data, config, scheme, opt, registry=registry, on_step=tick, backward_cost=r
                 )
                 tuning[opt][scheme] = result
-        for seed in config.seeds:
-            for opt in config.optimizers:
-                for scheme in config.schemes:
-                    if bar is not None:
-                        bar.set_description(f"run {scheme}/{opt}/seed {seed}")
-                    before = bar.n if bar is not None else 0
-                    lr = tuning[opt][scheme]["chosen"]
-                    runs.append(
-                        train_run(
-                            data,
-                            config,
-                            scheme,
-                            opt,
-                            lr,
-                            seed,
-                            registry=registry,
-                            on_step=tick,
-                            backward_cost=r,
-                        )
-                    )
-                    finish_run(before)
-        if noise_data is not None:
-            noise_config = dataclasses.replace(config, quality_every=0)
+
+        def measure(
+            run_data: Any, run_config: BenchConfig, optimizers: Any, label: str
+        ) -> list[dict[str, Any]]:
+            """Every seed x optimizer x scheme run, with the tuned learning rates."""
+            out_runs = []
             for seed in config.seeds:
-                for opt in config.noise_optimizers:
+                for opt in optimizers:
                     for scheme in config.schemes:
                         if bar is not None:
-                            bar.set_description(f"label noise {scheme}/{opt}/seed {seed}")
+                            bar.set_description(f"{label}{scheme}/{opt}/seed {seed}")
                         before = bar.n if bar is not None else 0
                         lr = tuning[opt][scheme]["chosen"]
-                        noise_runs.append(
+                        out_runs.append(
                             train_run(
-                                noise_data,
-                                noise_config,
+                                run_data,
+                                run_config,
                                 scheme,
                                 opt,
                                 lr,
@@ -240,6 +223,12 @@ def run_bench(
                             )
                         )
                         finish_run(before)
+            return out_runs
+
+        runs = measure(data, config, config.optimizers, "run ")
+        if noise_data is not None:
+            noise_config = dataclasses.replace(config, quality_every=0)
+            noise_runs = measure(noise_data, noise_config, config.noise_optimizers, "label noise ")
     finally:
         if bar is not None:
             bar.close()
