@@ -120,24 +120,6 @@ class _ChunkStream(Sampler[torch.Tensor]):
             yield parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _output_tensor(outputs: Any) -> torch.Tensor:
-    """The logits inside model outputs: a tensor, ``.logits``, ``["logits"]`` or the first entry."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    logits = getattr(outputs, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(outputs, Mapping) and isinstance(outputs.get("logits"), torch.Tensor):
-        return outputs["logits"]
-    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
-        return outputs[0]
-    raise TypeError(
-        "PoolLoader.feedback could not find the logits in the model outputs (a Tensor, an object "
-        "with .logits, a dict with 'logits' or a tuple whose first entry is a Tensor); "
-        f"got {type(outputs).__name__}."
-    )
-
-
 def scores_from_outputs(
     scorer: Any, outputs: Any, targets: Any, losses: torch.Tensor | None = None
 ) -> torch.Tensor | None:
@@ -156,7 +138,7 @@ def scores_from_outputs(
     if callable(hook):
         return hook(outputs, targets)
     if isinstance(scorer, UpperBoundScorer):
-        z = _output_tensor(outputs).detach()  # detached: no graph is recorded below
+        z = model_call_of(scorer).read(outputs).detach()  # detached: no graph is recorded below
         scores = None
         if scorer.closed_form and isinstance(targets, torch.Tensor):
             scores = upper_bound_closed_form(scorer.loss_fn, z, targets)
@@ -167,7 +149,9 @@ def scores_from_outputs(
         if losses is not None:
             return losses.detach()
         with torch.no_grad():
-            return per_example_losses(scorer.loss_fn, _output_tensor(outputs).detach(), targets, "PoolLoader")
+            return per_example_losses(
+                scorer.loss_fn, model_call_of(scorer).read(outputs).detach(), targets, "PoolLoader"
+            )
     return None
 
 

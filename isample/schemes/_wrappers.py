@@ -14,7 +14,7 @@ from .._validation import check_int
 from ..batch import WeightedBatch
 from ..dataloader import ImportanceDataLoader
 from ..pool_loader import PoolLoader
-from ..scorers import score_dataset
+from ..scorers import model_call_of, score_dataset
 from ..table_sampler import TableSampler
 from .base import SchemeLoader
 
@@ -88,12 +88,13 @@ class PoolScheme(SchemeLoader):
 
     @contextlib.contextmanager
     def _capture_outputs(self, size: int) -> Iterator[None]:
+        call = model_call_of(self.scorer)
+
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            first = output
-            while isinstance(first, (tuple, list)) and first:
-                first = first[0]
-            logits = getattr(output, "logits", None)
-            lead = logits if isinstance(logits, torch.Tensor) else first
+            try:
+                lead = call.read(output)
+            except TypeError:  # an output the scorer cannot read: not the training logits
+                return
             if isinstance(lead, torch.Tensor) and lead.dim() and lead.shape[0] == size:
                 self._captured = output
 
