@@ -475,3 +475,29 @@ def test_a_switch_that_stays_off_reproduces_the_uniform_scheme_exactly(scheme):
         assert all(torch.equal(a, b) for a, b in zip(pu, ps, strict=True))
     else:  # auto starts off (its costs are not measured yet): uniform's first batches
         assert torch.equal(u[0], s[0]) and torch.equal(u[1], s[1])
+
+
+def test_feedback_reads_the_logits_with_the_scorers_logits_hook():
+    """Outputs are read by the scorer's ModelCall: its logits= key applies to the training outputs too."""
+
+    class Named(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = make_mlp()
+
+        def forward(self, x):
+            return {"aux": x.sum(1), "scores": self.net(x)}
+
+    model, scorer = Named(), UpperBoundScorer(CE, logits="scores")
+    loader = lazy(model=model, scorer=scorer, tau_threshold=1e6)
+    x, y = loader.dataset.tensors
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        with torch.no_grad():
+            loader.feedback(batch, model(batch.inputs), None)
+        if len(batches) == 3:
+            break
+    next(iter(loader))  # this request observes the scores of the 3 batches fed back
+    idx = torch.cat([b.indices for b in batches])
+    assert loader.tau_history[-1]["tau"] == pytest.approx(tau_of(scorer(model, x[idx], y[idx])), rel=1e-6)
