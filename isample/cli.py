@@ -4,6 +4,8 @@ Example::
 
     isample bench                                   # default sweep on MNIST-1D (< 5 min of CPU, 1 core)
     isample bench --quick --out /tmp/q             # tiny smoke profile (< 1 min)
+    isample study --quick --out /tmp/s              # optimizer study, tiny profile (< 2 min)
+    isample study --experiments A,C --optimizers sgd,adam --out study_out
     isample --version
     isample bench --dataset noisy-imbalanced --schemes uniform,kf,laber --optimizers adam \\
         --seeds 5 --budget 30s --out results/
@@ -17,7 +19,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-__all__ = ["main", "build_parser", "config_from_args"]
+__all__ = ["main", "build_parser", "config_from_args", "study_config_from_args"]
 
 DEFAULT_SCHEMES = "uniform,kf,history-is,infobatch,selective-backprop (+ auto when registered)"
 
@@ -80,7 +82,7 @@ def _lr_grid(text: str) -> tuple[str, tuple[float, ...]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``isample`` argument parser (sub-command ``bench``)."""
+    """The ``isample`` argument parser (sub-commands ``bench`` and ``study``)."""
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="isample", description="isample: importance sampling for PyTorch.")
@@ -167,6 +169,33 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="tiny profile for smoke tests")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    s = sub.add_parser(
+        "study",
+        help="optimizer study: effective batch (A), predicted vs realized speed-up (B), stability (C)",
+        description="Run experiments A-C of docs/study.md on the bench harness; writes report.md, "
+        "results.json, results.csv and plots/*.png.",
+    )
+    s.add_argument("--quick", action="store_true", help="tiny profile (about a minute)")
+    s.add_argument("--out", default="study_out", help="output folder (study_out)")
+    s.add_argument("--experiments", type=_csv_list, default=None, help="comma list of A, B, C (all)")
+    s.add_argument("--seeds", type=_seeds, default=None, help="seed count (1) or list (0,4,7)")
+    s.add_argument(
+        "--workloads",
+        type=_csv_list,
+        default=None,
+        help="comma list of dataset/model for B (mnist1d/cnn1d,digits/mlp); A and C use the last",
+    )
+    s.add_argument("--optimizers", type=_csv_list, default=None, help="comma list (default: the whole grid)")
+    s.add_argument("--steps", type=_positive_int, default=None, help="steps per run of A and B (160)")
+    s.add_argument("--device", default=None, help="torch device (cpu)")
+    s.add_argument(
+        "--threads",
+        type=_non_negative_int,
+        default=None,
+        help="torch.set_num_threads (default 1; 0 = leave torch's default)",
+    )
+    s.add_argument("--no-progress", action="store_true", help="no progress lines")
+    s.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     return parser
 
 
@@ -233,6 +262,45 @@ def config_from_args(args: argparse.Namespace) -> object:
     return config
 
 
+def study_config_from_args(args: argparse.Namespace) -> object:
+    """The :class:`isample.study.StudyConfig` described by parsed ``isample study`` arguments."""
+    from .study.runner import StudyConfig, quick_study_config
+
+    config = quick_study_config() if args.quick else StudyConfig()
+    if args.experiments is not None:
+        config.experiments = tuple(e.upper() for e in args.experiments)
+    for name in ("seeds", "workloads", "optimizers", "steps", "device"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(config, name, value)
+    if args.threads is not None:
+        config.threads = args.threads or None
+    config.progress = not args.no_progress
+    config.plots = not args.no_plots
+    return config
+
+
+def _main_study(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    import time
+
+    from .study.runner import run_study, validate_study_config
+
+    started = time.perf_counter()
+    try:
+        config = validate_study_config(study_config_from_args(args))
+        results = run_study(config, args.out, command=["isample", *argv])
+    except (ValueError, ImportError) as exc:
+        print(f"isample study: error: {exc}", file=sys.stderr)
+        return 2
+    plots = ", " + ", ".join(results["plots"]) if results["plots"] else " (no plots)"
+    print(
+        f"isample study: wrote {args.out}/report.md, results.json, results.csv{plots} in "
+        f"{time.perf_counter() - started:.1f} s wall ({results['cpu_seconds']:.1f} s CPU, "
+        f"{results['n_runs']} runs)"
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``isample`` console script.
 
@@ -243,6 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if args.command == "study":
+        return _main_study(args, argv)
     if args.command != "bench":
         parser.print_help(sys.stderr)
         return 2

@@ -58,6 +58,7 @@ __all__ = [
     "run_plan",
     "measure_step_costs",
     "is_on_history",
+    "tau_history",
 ]
 
 #: Optimizers by name: ``f(params, lr) -> torch.optim.Optimizer`` (library defaults otherwise;
@@ -66,7 +67,29 @@ OPTIMIZERS: dict[str, Callable[[Any, float], torch.optim.Optimizer]] = {
     "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr),
     "rmsprop": lambda params, lr: torch.optim.RMSprop(params, lr=lr),
     "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
+    # the optimizer grid of ``isample study`` (docs/study.md); no default lr grid for bench
+    "sgd-momentum": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9),
+    "nesterov": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True),
+    "adam-b1-0": lambda params, lr: torch.optim.Adam(params, lr=lr, betas=(0.0, 0.999)),
+    "adam-b1-0.99": lambda params, lr: torch.optim.Adam(params, lr=lr, betas=(0.99, 0.999)),
+    "adam-b1=b2": lambda params, lr: torch.optim.Adam(params, lr=lr, betas=(0.99, 0.99)),
+    "adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr),
 }
+
+
+def _register_bayesian() -> None:
+    """Add ``brmsprop`` / ``badam`` (:mod:`isample.optim`) when that module imports."""
+    try:
+        from .. import optim as _optim
+    except ImportError:
+        return
+    if hasattr(_optim, "BRMSprop"):
+        OPTIMIZERS["brmsprop"] = lambda params, lr: _optim.BRMSprop(params, lr=lr)
+    if hasattr(_optim, "BAdam"):
+        OPTIMIZERS["badam"] = lambda params, lr: _optim.BAdam(params, lr=lr)
+
+
+_register_bayesian()
 
 #: Learning-rate grids searched per optimizer (half-decade steps; centred where the default
 #: MNIST-1D sweep chose for uniform, whose short cosine runs favour large rates); a choice
@@ -352,6 +375,19 @@ def is_on_history(loader: Any) -> list[bool]:
     return []
 
 
+def tau_history(loader: Any) -> list[dict[str, float]]:
+    """Per-step ``{"step", "tau"}`` of a pool loader's ``tau_history`` ([] when it has none)."""
+    for owner in (loader, getattr(loader, "pool", None)):
+        history = getattr(owner, "tau_history", None) if owner is not None else None
+        if history:
+            out = []
+            for h in list(history):
+                if isinstance(h, dict) and h.get("tau") is not None:
+                    out.append({"step": int(h.get("step", len(out))), "tau": float(h["tau"])})
+            return out
+    return []
+
+
 # --------------------------------------------------------------------------- machine
 
 
@@ -556,6 +592,10 @@ def train_run(
     registry: Any = None,
     on_step: Callable[[int], None] | None = None,
     backward_cost: float = 2.0,
+    scheme_options: dict[str, Any] | None = None,
+    optimizer_hook: Callable[[torch.optim.Optimizer], None] | None = None,
+    weight_normalize: str = "none",
+    record_tau: bool = False,
 ) -> dict[str, Any]:
     """Train one (scheme, optimizer, lr, seed) and measure it.
 
@@ -573,6 +613,17 @@ def train_run(
         on_step: called with the step count after every step (progress bars).
         backward_cost: cost of a backward in forwards for the ``compute`` axis (measured
             by :func:`measure_step_costs` in a sweep).
+        scheme_options: extra ``build`` overrides of the scheme (e.g. ``{"always": True}``
+            or ``{"max_weight": 10.0}``; ``isample study``).
+        optimizer_hook: called with the freshly built optimizer before the first step, e.g.
+            to apply :func:`isample.metrics.scaled_hyperparameters`; the learning rate it
+            leaves in the first param group becomes the run's base ``lr`` (the schedule
+            multiplies it).
+        weight_normalize: ``"none"`` (default), ``"mean"`` or ``"max"``: divide each
+            batch's importance weights by their mean or max before the loss (see
+            :mod:`isample.weighting`; for schemes without a ``normalize`` option).
+        record_tau: return the pool loader's per-step ``tau`` as ``tau_history``
+            (``[{"step", "tau"}]``; empty for loaders without one).
 
     Returns:
         dict with ``scheme``, ``optimizer``, ``seed``, ``lr``, ``diverged``, ``steps``,
@@ -601,6 +652,14 @@ def train_run(
     )
     model.train()
     opt = make_optimizer(optimizer, model.parameters(), lr)
+    if optimizer_hook is not None:
+        optimizer_hook(opt)
+        lr = float(opt.param_groups[0]["lr"])
+    if weight_normalize not in ("none", "mean", "max"):
+        raise ValueError(
+            f"The 'weight_normalize' parameter of train_run must be 'none', 'mean' or 'max'. "
+            f"Got {weight_normalize!r}."
+        )
     train_ds = TensorDataset(data.x_train, data.y_train)
     n = len(train_ds)
     per_epoch = math.ceil(n / config.batch_size)
@@ -614,7 +673,7 @@ def train_run(
         seed=int(seed),
         epochs=epochs,
         optimizer=opt,
-        **scheme_overrides(scheme, data),
+        **{**scheme_overrides(scheme, data), **(scheme_options or {})},
     )
     info = registry.describe(scheme)
     # scoring with a backward pass (gradient-norm scorers) costs a backward per scored example
@@ -729,7 +788,11 @@ def train_run(
             with loader.step_context(batch):
                 out = model(batch.inputs)
                 losses = loss_fn(out, batch.targets)
-                (batch.weights * losses).mean().backward()
+                weights = batch.weights
+                if weight_normalize != "none" and weights.numel():
+                    scale = weights.mean() if weight_normalize == "mean" else weights.max()
+                    weights = weights / scale.clamp_min(torch.finfo(weights.dtype).tiny)
+                (weights * losses).mean().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             _sync(device)
@@ -768,6 +831,9 @@ def train_run(
     scored, forward = cost()
     backward = trained + (scored if extra_backward else 0)
     is_on = is_on_history(loader)
+    extra: dict[str, Any] = {}
+    if record_tau:
+        extra["tau_history"] = tau_history(loader)
     return {
         "dataset": data.name,
         "scheme": scheme,
@@ -792,6 +858,7 @@ def train_run(
         "is_on_share": sum(is_on) / len(is_on) if is_on else math.nan,
         "curve": curve,
         "quality": quality_rows,
+        **extra,
     }
 
 
