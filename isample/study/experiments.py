@@ -8,7 +8,8 @@ and models); this module only chooses the runs and turns their curves into the n
   ``round(kappa b)`` with the hyperparameters of :func:`isample.metrics.scaled_hyperparameters`
   (the *coupled* run), and against uniform at batch b with the same hyperparameters (the
   *control*). kappa is the median over the IS run's probes of kappa in the optimizer's
-  geometry. :func:`effective_batch_verdict` says whether the rule holds.
+  geometry. :func:`effective_batch_verdict` says whether the rule holds. The *matched*
+  variant runs IS itself with the scaled hyperparameters (its control: uniform at b with them).
 * **B, does the metric predict the speed-up.** For every checkpoint t of an IS run,
   ``predicted`` = mean kappa (Q_log, tau^2) over the probes up to t, ``realized`` = steps (CPU
   seconds) uniform needs to reach the IS run's training loss at t, over t (the IS run's CPU
@@ -284,7 +285,12 @@ def experiment_a(
     workload: str,
     log: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
-    """Experiment A on one workload: per optimizer and seed, IS vs coupled uniform vs control."""
+    """Experiment A on one workload: per optimizer and seed, IS vs coupled uniform vs control.
+
+    Five runs per (optimizer, seed): IS at b (base hyperparameters), uniform at b (control),
+    uniform at round(kappa b) with the scaled hyperparameters (coupled), IS at b with the scaled
+    hyperparameters and uniform at b with them (the matched pair).
+    """
     from ..metrics import scaled_hyperparameters
 
     scheme, options = resolve_scheme(study.a_scheme, registry)
@@ -301,12 +307,14 @@ def experiment_a(
                 "workload": workload, "optimizer": opt, "family": optimizer_family(opt), "seed": seed,
                 "scheme": study.a_scheme, "lr": lr, "kappa": kappa, "batch_size": bench.batch_size,
                 "coupled_batch_size": None, "coupled_lr": math.nan, "rule": "", "d_rule": math.nan,
-                "d_control": math.nan, "is_diverged": bool(is_run["diverged"]),
+                "d_control": math.nan, "d_matched": math.nan, "d_matched_control": math.nan,
+                "is_diverged": bool(is_run["diverged"]),
                 "is_on_share": is_run["is_on_share"],
             }
             control = train(data, bench, "uniform", opt, lr, seed)
             row["d_control"] = _distance(is_run, control, start)
             coupled = None
+            extra: dict[str, Any] = {}
             if math.isfinite(kappa) and kappa > 0:
                 big = max(1, int(round(kappa * bench.batch_size)))
                 ratio = big / bench.batch_size
@@ -329,11 +337,20 @@ def experiment_a(
                 row["coupled_lr"] = coupled["lr"]
                 if "error" not in applied:
                     row["d_rule"] = _distance(is_run, coupled, start)
+                    # matched: IS itself run with the scaled hyperparameters, against the coupled
+                    # run, and against uniform at b with the same scaled hyperparameters
+                    is_scaled = train(data, bench, scheme, opt, lr, seed, scheme_options=options,
+                                      optimizer_hook=hook)
+                    small_scaled = train(data, bench, "uniform", opt, lr, seed, optimizer_hook=hook)
+                    row["d_matched"] = _distance(is_scaled, coupled, start)
+                    row["d_matched_control"] = _distance(is_scaled, small_scaled, start)
+                    extra = {"is_scaled": _curve(is_scaled), "uniform_scaled": _curve(small_scaled)}
             rows.append(row)
             if seed == study.seeds[0]:
                 curves[opt] = {"is": _curve(is_run), "control": _curve(control)}
                 if coupled is not None:
                     curves[opt]["coupled"] = _curve(coupled)
+                    curves[opt].update(extra)
     verdicts = {}
     for opt in study.optimizers:
         mine = [r for r in rows if r["optimizer"] == opt]
@@ -341,6 +358,8 @@ def experiment_a(
         d_control = _nanmedian([r["d_control"] for r in mine])
         ratios = [r["coupled_batch_size"] / r["batch_size"] for r in mine if r["coupled_batch_size"]]
         ratio = float(np.median(ratios)) if ratios else math.nan
+        d_matched = _nanmedian([r["d_matched"] for r in mine])
+        d_matched_control = _nanmedian([r["d_matched_control"] for r in mine])
         verdicts[opt] = {
             "family": optimizer_family(opt),
             "rule": next((r["rule"] for r in mine if r["rule"]), ""),
@@ -349,6 +368,9 @@ def experiment_a(
             "d_rule": d_rule,
             "d_control": d_control,
             "verdict": effective_batch_verdict(d_rule, d_control, ratio, study.match_threshold),
+            "d_matched": d_matched,
+            "d_matched_control": d_matched_control,
+            "verdict_matched": effective_batch_verdict(d_matched, d_matched_control, ratio, study.match_threshold),
         }
     return {"workload": workload, "scheme": study.a_scheme, "rows": rows, "verdicts": verdicts, "curves": curves}
 

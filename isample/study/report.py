@@ -5,7 +5,9 @@
 * ``experiment = A``: one row per (optimizer, seed): ``kappa`` (median over the IS run's
   probes, optimizer geometry), ``batch_size`` (b), ``coupled_batch_size`` (round(kappa b)),
   ``lr`` / ``coupled_lr``, ``rule``, ``d_rule`` and ``d_control`` (median |log loss ratio| of
-  the IS curve against the coupled and the control uniform curves), ``verdict`` (per optimizer).
+  the IS curve against the coupled and the control uniform curves), ``verdict`` (per optimizer);
+  ``d_matched`` / ``d_matched_control`` / ``verdict_matched``: the same with the IS run itself
+  given the scaled hyperparameters (and the control uniform at b with them).
 * ``experiment = B``: one row per (workload, optimizer, scheme, seed, checkpoint): ``step``,
   ``kappa``, ``q_log``, ``tau2`` (predicted), ``realized_steps``, ``realized_cpu``, ``censored``.
 * ``experiment = C``: one row per (optimizer, variant): ``stable_lr`` (empty: none stable),
@@ -29,7 +31,7 @@ __all__ = ["CSV_COLUMNS", "PLOT_FILES", "write_outputs", "write_csv", "write_rep
 CSV_COLUMNS = (
     "experiment", "workload", "optimizer", "family", "scheme", "seed", "step",
     "lr", "batch_size", "coupled_batch_size", "coupled_lr", "rule", "kappa", "q_log", "tau2",
-    "d_rule", "d_control", "verdict", "realized_steps", "realized_cpu", "censored",
+    "d_rule", "d_control", "verdict", "d_matched", "d_matched_control", "verdict_matched", "realized_steps", "realized_cpu", "censored",
     "stable_lr", "stable_factor", "at_edge",
 )
 
@@ -53,7 +55,8 @@ def csv_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         a = results["A"]
         for r in a["rows"]:
             rows.append({"experiment": "A", **{k: r.get(k) for k in CSV_COLUMNS if k in r},
-                         "verdict": a["verdicts"][r["optimizer"]]["verdict"]})
+                         "verdict": a["verdicts"][r["optimizer"]]["verdict"],
+                         "verdict_matched": a["verdicts"][r["optimizer"]]["verdict_matched"]})
     if "B" in results:
         for p in results["B"]["points"]:
             rows.append({"experiment": "B", **{k: p.get(k) for k in CSV_COLUMNS if k in p}})
@@ -98,11 +101,13 @@ def _f(v: Any, digits: int = 3) -> str:
 
 def table_a(a: dict[str, Any]) -> str:
     """Markdown table of Experiment A's verdicts."""
-    lines = ["| optimizer | family | rule | kappa | coupled batch / b | d(IS, coupled) | d(IS, control) | verdict |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| optimizer | rule | kappa | batch ratio | d(IS, coupled) | d(IS, control) | verdict | "
+             "d(IS', coupled) | d(IS', control') | verdict, matched |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for opt, v in a["verdicts"].items():
-        lines.append(f"| {opt} | {v['family']} | {v['rule'] or '-'} | {_f(v['kappa'])} | {_f(v['batch_ratio'])} | "
-                     f"{_f(v['d_rule'])} | {_f(v['d_control'])} | {v['verdict']} |")
+        lines.append(f"| {opt} | {v['rule'] or '-'} | {_f(v['kappa'])} | {_f(v['batch_ratio'])} | "
+                     f"{_f(v['d_rule'])} | {_f(v['d_control'])} | {v['verdict']} | {_f(v['d_matched'])} | "
+                     f"{_f(v['d_matched_control'])} | {v['verdict_matched']} |")
     return "\n".join(lines)
 
 
@@ -165,9 +170,10 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         out += [
             f"## A. Effective batch ({a['workload']}, IS scheme {a['scheme']})",
             "",
-            "IS at batch b against uniform at round(kappa b) with the hyperparameters of "
+            "IS at batch b against uniform at round(kappa b) (batch ratio) with the hyperparameters of "
             "`scaled_hyperparameters` (d(IS, coupled)) and against uniform at b with the same hyperparameters "
             "(d(IS, control)); d = median |log loss ratio| over the steps after the first evaluation. "
+            "Matched: IS' = IS run with the scaled hyperparameters too, control' = uniform at b with them. "
             f"Verdict: *holds* when d(IS, coupled) <= {cfg['match_threshold']} and <= d(IS, control); "
             "*closer than control* when only the second; *fails* otherwise; *untestable* when round(kappa b) is "
             "within 10 % of b.",
@@ -228,7 +234,7 @@ def write_plots(results: dict[str, Any], out: Path) -> list[str]:
         rows = math.ceil(n / cols)
         fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
         for ax, (opt, c) in zip(axes.flat, curves.items()):
-            for key, style in (("control", "C7--"), ("coupled", "C1-"), ("is", "C0-")):
+            for key, style in (("control", "C7--"), ("coupled", "C1-"), ("is", "C0-"), ("is_scaled", "C2:")):
                 if key in c:
                     ax.plot([p["step"] for p in c[key]], [p["train_loss"] for p in c[key]], style, label=key, lw=1.2)
             ax.set_yscale("log")
