@@ -30,7 +30,13 @@ from .experiments import (
     optimizer_family,
     run_kappa,
 )
-from .runner import StudyConfig, default_study_optimizers, quick_study_config, run_study, validate_study_config
+from .runner import (
+    StudyConfig,
+    default_study_optimizers,
+    quick_study_config,
+    run_study,
+    validate_study_config,
+)
 
 __all__ = [
     "FAMILIES",

@@ -250,11 +250,12 @@ def family_spearman(
                 pairs = [
                     (float(r[pred]), float(r[target]))
                     for r in rows
-                    if math.isfinite(float(r.get(pred, math.nan))) and math.isfinite(float(r.get(target, math.nan)))
+                    if math.isfinite(float(r.get(pred, math.nan)))
+                    and math.isfinite(float(r.get(target, math.nan)))
                 ]
                 entry: dict[str, Any] = {"rho": math.nan, "low": math.nan, "high": math.nan, "n": len(pairs)}
                 if len(pairs) >= 3:
-                    x, y = zip(*pairs)
+                    x, y = zip(*pairs, strict=True)
                     if len(set(x)) > 1 and len(set(y)) > 1:
                         res = spearman(x, y, n_boot=n_boot, rng=seed)
                         entry.update(rho=res.rho, low=res.low, high=res.high)
@@ -266,14 +267,26 @@ def family_spearman(
 
 
 def _summary(run: dict[str, Any]) -> dict[str, Any]:
-    keep = ("dataset", "scheme", "optimizer", "seed", "lr", "diverged", "steps", "train_seconds",
-            "train_cpu_seconds", "is_on_share")
+    keep = (
+        "dataset",
+        "scheme",
+        "optimizer",
+        "seed",
+        "lr",
+        "diverged",
+        "steps",
+        "train_seconds",
+        "train_cpu_seconds",
+        "is_on_share",
+    )
     return {k: run.get(k) for k in keep}
 
 
 def _curve(run: dict[str, Any]) -> list[dict[str, float]]:
-    return [{"step": p["step"], "cpu_seconds": p["cpu_seconds"], "train_loss": p["train_loss"]}
-            for p in run["curve"]]
+    return [
+        {"step": p["step"], "cpu_seconds": p["cpu_seconds"], "train_loss": p["train_loss"]}
+        for p in run["curve"]
+    ]
 
 
 def experiment_a(
@@ -304,10 +317,21 @@ def experiment_a(
             is_run = train(data, bench, scheme, opt, lr, seed, scheme_options=options)
             kappa = run_kappa(is_run["quality"])
             row: dict[str, Any] = {
-                "workload": workload, "optimizer": opt, "family": optimizer_family(opt), "seed": seed,
-                "scheme": study.a_scheme, "lr": lr, "kappa": kappa, "batch_size": bench.batch_size,
-                "coupled_batch_size": None, "coupled_lr": math.nan, "rule": "", "d_rule": math.nan,
-                "d_control": math.nan, "d_matched": math.nan, "d_matched_control": math.nan,
+                "workload": workload,
+                "optimizer": opt,
+                "family": optimizer_family(opt),
+                "seed": seed,
+                "scheme": study.a_scheme,
+                "lr": lr,
+                "kappa": kappa,
+                "batch_size": bench.batch_size,
+                "coupled_batch_size": None,
+                "coupled_lr": math.nan,
+                "rule": "",
+                "d_rule": math.nan,
+                "d_control": math.nan,
+                "d_matched": math.nan,
+                "d_matched_control": math.nan,
                 "is_diverged": bool(is_run["diverged"]),
                 "is_on_share": is_run["is_on_share"],
             }
@@ -327,20 +351,22 @@ def experiment_a(
                     except (TypeError, ValueError) as exc:
                         applied["error"] = str(exc)
                         return
-                    for group, new in zip(optimizer.param_groups, groups):
+                    for group, new in zip(optimizer.param_groups, groups, strict=True):
                         group.update(new)
                     applied["rule"] = "linear" if set(groups[0]) == {"lr"} else "square-root"
 
-                coupled = train(data, replace(bench, batch_size=big), "uniform", opt, lr, seed,
-                                optimizer_hook=hook)
+                coupled = train(
+                    data, replace(bench, batch_size=big), "uniform", opt, lr, seed, optimizer_hook=hook
+                )
                 row["rule"] = applied.get("rule", "none: " + applied.get("error", "?"))
                 row["coupled_lr"] = coupled["lr"]
                 if "error" not in applied:
                     row["d_rule"] = _distance(is_run, coupled, start)
                     # matched: IS itself run with the scaled hyperparameters, against the coupled
                     # run, and against uniform at b with the same scaled hyperparameters
-                    is_scaled = train(data, bench, scheme, opt, lr, seed, scheme_options=options,
-                                      optimizer_hook=hook)
+                    is_scaled = train(
+                        data, bench, scheme, opt, lr, seed, scheme_options=options, optimizer_hook=hook
+                    )
                     small_scaled = train(data, bench, "uniform", opt, lr, seed, optimizer_hook=hook)
                     row["d_matched"] = _distance(is_scaled, coupled, start)
                     row["d_matched_control"] = _distance(is_scaled, small_scaled, start)
@@ -370,9 +396,17 @@ def experiment_a(
             "verdict": effective_batch_verdict(d_rule, d_control, ratio, study.match_threshold),
             "d_matched": d_matched,
             "d_matched_control": d_matched_control,
-            "verdict_matched": effective_batch_verdict(d_matched, d_matched_control, ratio, study.match_threshold),
+            "verdict_matched": effective_batch_verdict(
+                d_matched, d_matched_control, ratio, study.match_threshold
+            ),
         }
-    return {"workload": workload, "scheme": study.a_scheme, "rows": rows, "verdicts": verdicts, "curves": curves}
+    return {
+        "workload": workload,
+        "scheme": study.a_scheme,
+        "rows": rows,
+        "verdicts": verdicts,
+        "curves": curves,
+    }
 
 
 def _nanmedian(values: Sequence[float]) -> float:
@@ -416,11 +450,23 @@ def experiment_b(
                     scheme, options = resolve_scheme(label, registry)
                     run = train(data, bench, scheme, opt, lr, seed, scheme_options=options, record_tau=True)
                     runs.append({"workload": workload, **_summary(run), "scheme": label})
-                    tau2 = [(h["step"], h["tau"] ** 2) for h in run.get("tau_history") or []
-                            if math.isfinite(h["tau"])]
+                    tau2 = [
+                        (h["step"], h["tau"] ** 2)
+                        for h in run.get("tau_history") or []
+                        if math.isfinite(h["tau"])
+                    ]
                     for p in checkpoint_points(run, base, tau2):
-                        points.append({"workload": workload, "optimizer": opt, "family": optimizer_family(opt),
-                                       "scheme": label, "seed": seed, "is_on_share": run["is_on_share"], **p})
+                        points.append(
+                            {
+                                "workload": workload,
+                                "optimizer": opt,
+                                "family": optimizer_family(opt),
+                                "scheme": label,
+                                "seed": seed,
+                                "is_on_share": run["is_on_share"],
+                                **p,
+                            }
+                        )
     return {
         "points": points,
         "runs": runs,
@@ -456,11 +502,14 @@ def experiment_c(
         for variant, (name, opts, normalize) in variants.items():
             log(f"C {opt} {variant}")
 
-            def run(lr: float, name: str = name, opts: dict = opts, normalize: str = normalize) -> list[float]:
+            def run(
+                lr: float, name: str = name, opts: dict = opts, normalize: str = normalize, o: str = opt
+            ) -> list[float]:
                 with warnings.catch_warnings():  # diverging runs warn about non-finite scores
                     warnings.simplefilter("ignore", RuntimeWarning)
-                    result = train(data, bench, name, opt, lr, seed, scheme_options=opts,
-                                   weight_normalize=normalize)
+                    result = train(
+                        data, bench, name, o, lr, seed, scheme_options=opts, weight_normalize=normalize
+                    )
                 return [float(p["train_loss"]) for p in result["curve"]]
 
             found = largest_stable_lr(run, grid, divergence_factor=study.divergence_factor, search="bisect")
@@ -470,5 +519,10 @@ def experiment_c(
                 "at_edge": found.at_edge,
                 "tested": {repr(k): v for k, v in found.tested.items()},
             }
-    return {"workload": workload, "scheme": study.c_scheme, "max_weight": study.c_max_weight,
-            "grid_factors": list(study.c_lr_factors), "table": table}
+    return {
+        "workload": workload,
+        "scheme": study.c_scheme,
+        "max_weight": study.c_max_weight,
+        "grid_factors": list(study.c_lr_factors),
+        "table": table,
+    }

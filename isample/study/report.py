@@ -29,13 +29,40 @@ from ..bench.report import write_json
 __all__ = ["CSV_COLUMNS", "PLOT_FILES", "write_outputs", "write_csv", "write_report", "write_plots"]
 
 CSV_COLUMNS = (
-    "experiment", "workload", "optimizer", "family", "scheme", "seed", "step",
-    "lr", "batch_size", "coupled_batch_size", "coupled_lr", "rule", "kappa", "q_log", "tau2",
-    "d_rule", "d_control", "verdict", "d_matched", "d_matched_control", "verdict_matched", "realized_steps", "realized_cpu", "censored",
-    "stable_lr", "stable_factor", "at_edge",
+    "experiment",
+    "workload",
+    "optimizer",
+    "family",
+    "scheme",
+    "seed",
+    "step",
+    "lr",
+    "batch_size",
+    "coupled_batch_size",
+    "coupled_lr",
+    "rule",
+    "kappa",
+    "q_log",
+    "tau2",
+    "d_rule",
+    "d_control",
+    "verdict",
+    "d_matched",
+    "d_matched_control",
+    "verdict_matched",
+    "realized_steps",
+    "realized_cpu",
+    "censored",
+    "stable_lr",
+    "stable_factor",
+    "at_edge",
 )
 
-PLOT_FILES = {"A": "plots/effective_batch.png", "B": "plots/predicted_vs_realized.png", "C": "plots/stability.png"}
+PLOT_FILES = {
+    "A": "plots/effective_batch.png",
+    "B": "plots/predicted_vs_realized.png",
+    "C": "plots/stability.png",
+}
 
 
 def _cell(v: Any) -> Any:
@@ -54,9 +81,14 @@ def csv_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     if "A" in results:
         a = results["A"]
         for r in a["rows"]:
-            rows.append({"experiment": "A", **{k: r.get(k) for k in CSV_COLUMNS if k in r},
-                         "verdict": a["verdicts"][r["optimizer"]]["verdict"],
-                         "verdict_matched": a["verdicts"][r["optimizer"]]["verdict_matched"]})
+            rows.append(
+                {
+                    "experiment": "A",
+                    **{k: r.get(k) for k in CSV_COLUMNS if k in r},
+                    "verdict": a["verdicts"][r["optimizer"]]["verdict"],
+                    "verdict_matched": a["verdicts"][r["optimizer"]]["verdict_matched"],
+                }
+            )
     if "B" in results:
         for p in results["B"]["points"]:
             rows.append({"experiment": "B", **{k: p.get(k) for k in CSV_COLUMNS if k in p}})
@@ -66,10 +98,18 @@ def csv_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
         for opt, variants in c["table"].items():
             for variant, entry in variants.items():
-                rows.append({"experiment": "C", "workload": c["workload"], "optimizer": opt,
-                             "family": optimizer_family(opt), "scheme": variant,
-                             "stable_lr": entry["lr"], "stable_factor": entry["factor"],
-                             "at_edge": entry["at_edge"]})
+                rows.append(
+                    {
+                        "experiment": "C",
+                        "workload": c["workload"],
+                        "optimizer": opt,
+                        "family": optimizer_family(opt),
+                        "scheme": variant,
+                        "stable_lr": entry["lr"],
+                        "stable_factor": entry["factor"],
+                        "at_edge": entry["at_edge"],
+                    }
+                )
     return rows
 
 
@@ -101,20 +141,29 @@ def _f(v: Any, digits: int = 3) -> str:
 
 def table_a(a: dict[str, Any]) -> str:
     """Markdown table of Experiment A's verdicts."""
-    lines = ["| optimizer | rule | kappa | batch ratio | d(IS, coupled) | d(IS, control) | verdict | "
-             "d(IS', coupled) | d(IS', control') | verdict, matched |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| optimizer | rule | kappa | batch ratio | d(IS, coupled) | d(IS, control) | verdict | "
+        "d(IS', coupled) | d(IS', control') | verdict, matched |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for opt, v in a["verdicts"].items():
-        lines.append(f"| {opt} | {v['rule'] or '-'} | {_f(v['kappa'])} | {_f(v['batch_ratio'])} | "
-                     f"{_f(v['d_rule'])} | {_f(v['d_control'])} | {v['verdict']} | {_f(v['d_matched'])} | "
-                     f"{_f(v['d_matched_control'])} | {v['verdict_matched']} |")
+        lines.append(
+            f"| {opt} | {v['rule'] or '-'} | {_f(v['kappa'])} | {_f(v['batch_ratio'])} | "
+            f"{_f(v['d_rule'])} | {_f(v['d_control'])} | {v['verdict']} | {_f(v['d_matched'])} | "
+            f"{_f(v['d_matched_control'])} | {v['verdict_matched']} |"
+        )
     return "\n".join(lines)
 
 
 def table_b(b: dict[str, Any]) -> str:
     """Markdown table of Experiment B's rank correlations per family."""
-    keys = ["kappa~realized_steps", "kappa~realized_cpu", "q_log~realized_steps", "tau2~realized_steps",
-            "tau2~realized_cpu"]
+    keys = [
+        "kappa~realized_steps",
+        "kappa~realized_cpu",
+        "q_log~realized_steps",
+        "tau2~realized_steps",
+        "tau2~realized_cpu",
+    ]
     head = "| family | " + " | ".join(k.replace("~", " vs ") for k in keys) + " |"
     lines = [head, "| --- |" + " --- |" * len(keys)]
     for family, entries in b["spearman"].items():
@@ -149,20 +198,23 @@ def write_report(results: dict[str, Any], path: Path) -> None:
     """Write ``report.md``."""
     cfg = results["config"]
     m = results["machine"]
+    phases = ", ".join(f"{k} {v:.0f} s" for k, v in results["phase_seconds"].items())
+    lrs = ", ".join(f"{o} {cfg['lrs'][o]:g}" for o in cfg["optimizers"])
+    quick = "quick profile; " if cfg["quick"] else ""
     out = [
         "# isample study",
         "",
-        f"isample {results['isample_version']}, {results['created']}; command: `{results.get('command') or '-'}`.",
-        f"Total {results['wall_seconds']:.1f} s wall, {results['cpu_seconds']:.1f} s CPU, {results['n_runs']} training "
-        f"runs ({', '.join(f'{k} {v:.0f} s' for k, v in results['phase_seconds'].items())}); "
-        f"{'quick profile; ' if cfg['quick'] else ''}machine: {m.get('cpu')}, {m.get('usable_cores')} usable cores, "
-        f"torch threads {cfg['threads']}, load average {m.get('load_average')} at start, "
-        f"{results.get('load_average_end')} at end.",
+        f"isample {results['isample_version']}, {results['created']}; "
+        f"command: `{results.get('command') or '-'}`.",
+        f"Total {results['wall_seconds']:.1f} s wall, {results['cpu_seconds']:.1f} s CPU, "
+        f"{results['n_runs']} training runs ({phases}); {quick}machine: {m.get('cpu')}, "
+        f"{m.get('usable_cores')} usable cores, torch threads {cfg['threads']}, "
+        f"load average {m.get('load_average')} at start, {results.get('load_average_end')} at end.",
         "",
-        f"Runs: {cfg['steps']} steps at constant learning rate, batch {cfg['batch_size']}, seeds {cfg['seeds']}, "
-        f"training loss on {cfg['train_eval_size']} fixed examples every {cfg['eval_every']} steps, kappa probe "
-        f"({cfg['probe_size']} examples) every {cfg['quality_every']} steps. Base learning rates: "
-        + ", ".join(f"{o} {cfg['lrs'][o]:g}" for o in cfg["optimizers"]) + ".",
+        f"Runs: {cfg['steps']} steps at constant learning rate, batch {cfg['batch_size']}, "
+        f"seeds {cfg['seeds']}, training loss on {cfg['train_eval_size']} fixed examples every "
+        f"{cfg['eval_every']} steps, kappa probe ({cfg['probe_size']} examples) every "
+        f"{cfg['quality_every']} steps. Base learning rates: {lrs}.",
         "",
     ]
     if "A" in results:
@@ -170,13 +222,14 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         out += [
             f"## A. Effective batch ({a['workload']}, IS scheme {a['scheme']})",
             "",
-            "IS at batch b against uniform at round(kappa b) (batch ratio) with the hyperparameters of "
-            "`scaled_hyperparameters` (d(IS, coupled)) and against uniform at b with the same hyperparameters "
-            "(d(IS, control)); d = median |log loss ratio| over the steps after the first evaluation. "
-            "Matched: IS' = IS run with the scaled hyperparameters too, control' = uniform at b with them. "
+            "IS at batch b against uniform at round(kappa b) (batch ratio) with the hyperparameters "
+            "of `scaled_hyperparameters` (d(IS, coupled)) and against uniform at b with the same "
+            "hyperparameters (d(IS, control)); d = median |log loss ratio| over the steps after the "
+            "first evaluation. Matched: IS' = IS run with the scaled hyperparameters too, "
+            "control' = uniform at b with them. "
             f"Verdict: *holds* when d(IS, coupled) <= {cfg['match_threshold']} and <= d(IS, control); "
-            "*closer than control* when only the second; *fails* otherwise; *untestable* when round(kappa b) is "
-            "within 10 % of b.",
+            "*closer than control* when only the second; *fails* otherwise; *untestable* when "
+            "round(kappa b) is within 10 % of b.",
             "",
             table_a(a),
             "",
@@ -187,11 +240,13 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         out += [
             f"## B. Does the metric predict the speed-up ({', '.join(cfg['workloads'])})",
             "",
-            f"{len(b['points'])} checkpoints ({n_cens} censored: uniform never reached the IS loss, realized is a "
-            f"lower bound) of schemes {', '.join(cfg['b_schemes'])} x optimizers {', '.join(b['optimizers'])}. "
-            "Spearman rho [95 % bootstrap interval] (n pairs) of predicted (mean kappa / Q_log in the optimizer's "
-            "geometry, or mean tau^2, up to the checkpoint) against realized speed-up (uniform's steps or CPU seconds "
-            "to the IS run's training loss at the checkpoint, over the IS run's).",
+            f"{len(b['points'])} checkpoints ({n_cens} censored: uniform never reached the IS loss, "
+            f"the realized value is a lower bound; left out of rho) of schemes "
+            f"{', '.join(cfg['b_schemes'])} x optimizers {', '.join(b['optimizers'])}. "
+            "Spearman rho [95 % bootstrap interval] (n pairs) of predicted (mean kappa / Q_log in "
+            "the optimizer's geometry, or mean tau^2, up to the checkpoint) against realized "
+            "speed-up (uniform's steps or CPU seconds to the IS run's training loss at the "
+            "checkpoint, over the IS run's).",
             "",
             table_b(b),
             "",
@@ -201,10 +256,10 @@ def write_report(results: dict[str, Any], path: Path) -> None:
         out += [
             f"## C. Stability ({c['workload']}, IS scheme {c['scheme']}, {cfg['c_steps']} steps)",
             "",
-            f"Largest stable learning rate on the grid base x {c['grid_factors']} (bisection; unstable = a "
-            f"non-finite loss or one above {cfg['divergence_factor']} x the initial loss). `is-clip`: weights "
-            f"clipped at {c['max_weight']}; `is-mean`: weights divided by their batch mean. `>=`: the grid's "
-            "largest value was stable.",
+            f"Largest stable learning rate on the grid base x {c['grid_factors']} (bisection; "
+            f"unstable = a non-finite loss or one above {cfg['divergence_factor']} x the initial "
+            f"loss). `is-clip`: weights clipped at {c['max_weight']}; `is-mean`: weights divided "
+            "by their batch mean. `>=`: the grid's largest value was stable.",
             "",
             table_c(c),
             "",
@@ -233,10 +288,16 @@ def write_plots(results: dict[str, Any], out: Path) -> list[str]:
         cols = min(4, n)
         rows = math.ceil(n / cols)
         fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
-        for ax, (opt, c) in zip(axes.flat, curves.items()):
+        for ax, (opt, c) in zip(axes.flat, curves.items(), strict=False):
             for key, style in (("control", "C7--"), ("coupled", "C1-"), ("is", "C0-"), ("is_scaled", "C2:")):
                 if key in c:
-                    ax.plot([p["step"] for p in c[key]], [p["train_loss"] for p in c[key]], style, label=key, lw=1.2)
+                    ax.plot(
+                        [p["step"] for p in c[key]],
+                        [p["train_loss"] for p in c[key]],
+                        style,
+                        label=key,
+                        lw=1.2,
+                    )
             ax.set_yscale("log")
             ax.set_title(f"{opt}: {results['A']['verdicts'][opt]['verdict']}", fontsize=8)
             ax.tick_params(labelsize=7)
@@ -253,12 +314,25 @@ def write_plots(results: dict[str, Any], out: Path) -> list[str]:
         pts = results["B"]["points"]
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
         families = sorted({p["family"] for p in pts})
-        for ax, target in zip(axes, ("realized_steps", "realized_cpu")):
+        for ax, target in zip(axes, ("realized_steps", "realized_cpu"), strict=True):
             for k, fam in enumerate(families):
-                mine = [p for p in pts if p["family"] == fam and math.isfinite(p["kappa"]) and p["kappa"] > 0
-                        and math.isfinite(p[target]) and p[target] > 0]
-                ax.scatter([p["kappa"] for p in mine], [p[target] for p in mine], s=10, color=f"C{k}", label=fam,
-                           alpha=0.7)
+                mine = [
+                    p
+                    for p in pts
+                    if p["family"] == fam
+                    and math.isfinite(p["kappa"])
+                    and p["kappa"] > 0
+                    and math.isfinite(p[target])
+                    and p[target] > 0
+                ]
+                ax.scatter(
+                    [p["kappa"] for p in mine],
+                    [p[target] for p in mine],
+                    s=10,
+                    color=f"C{k}",
+                    label=fam,
+                    alpha=0.7,
+                )
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.axhline(1, color="0.6", lw=0.8)

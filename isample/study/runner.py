@@ -54,8 +54,22 @@ DEFAULT_LRS: dict[str, float] = {
     "badam": 3e-3,
 }
 
-_GRID = ("sgd", "sgd-momentum", "nesterov", "rmsprop", "adam", "adam-b1-0", "adam-b1-0.99", "adam-b1=b2",
-         "adamw", "brmsprop", "badam")
+_GRID = (
+    "sgd",
+    "sgd-momentum",
+    "nesterov",
+    "rmsprop",
+    "adam",
+    "adam-b1-0",
+    "adam-b1-0.99",
+    "adam-b1=b2",
+    "adamw",
+    "brmsprop",
+    "badam",
+)
+
+#: Experiment B's default optimizers: two per family where the family has two.
+_B_GRID = ("sgd", "sgd-momentum", "rmsprop", "adam", "adamw", "brmsprop", "badam")
 
 
 def default_study_optimizers() -> tuple[str, ...]:
@@ -73,7 +87,8 @@ class StudyConfig:
         a_workload: the workload of Experiment A (None = the last of ``workloads``).
         c_workload: the workload of Experiment C (None = the last of ``workloads``).
         optimizers: names from :data:`isample.bench.harness.OPTIMIZERS`.
-        b_optimizers: optimizers of Experiment B (None = all ``optimizers``).
+        b_optimizers: optimizers of Experiment B (None = all ``optimizers``; names not among
+            ``optimizers`` are dropped).
         seeds: seeds of A and B (C uses the first).
         steps: optimizer steps per run of A and B (constant learning rate).
         batch_size: b.
@@ -108,8 +123,9 @@ class StudyConfig:
     a_workload: str | None = None
     c_workload: str | None = None
     optimizers: tuple[str, ...] = field(default_factory=default_study_optimizers)
-    b_optimizers: tuple[str, ...] | None = ("sgd", "sgd-momentum", "rmsprop", "adam", "adamw", "brmsprop",
-                                            "badam")
+    b_optimizers: tuple[str, ...] | None = field(
+        default_factory=lambda: tuple(o for o in _B_GRID if o in OPTIMIZERS)
+    )
     seeds: tuple[int, ...] = (0, 1)
     steps: int = 160
     batch_size: int = 64
@@ -200,11 +216,14 @@ def validate_study_config(config: StudyConfig, registry: Any = None) -> StudyCon
         if not sep or not dataset or not model:
             raise ValueError(f"A workload must be 'dataset/model' (e.g. mnist1d/cnn1d). Got {w!r}.")
         if dataset not in available_datasets():
-            raise ValueError(f"Unknown dataset {dataset!r} in workload {w!r}. Valid datasets: "
-                             f"{', '.join(available_datasets())}.")
+            raise ValueError(
+                f"Unknown dataset {dataset!r} in workload {w!r}. Valid datasets: "
+                f"{', '.join(available_datasets())}."
+            )
         if model not in MODELS:
-            raise ValueError(f"Unknown model {model!r} in workload {w!r}. Valid models: "
-                             f"{', '.join(available_models())}.")
+            raise ValueError(
+                f"Unknown model {model!r} in workload {w!r}. Valid models: {', '.join(available_models())}."
+            )
     config.a_workload = config.a_workload or config.workloads[-1]
     config.c_workload = config.c_workload or config.workloads[-1]
     if not config.optimizers:
@@ -212,11 +231,15 @@ def validate_study_config(config: StudyConfig, registry: Any = None) -> StudyCon
     for o in tuple(config.optimizers) + tuple(config.b_optimizers or ()):
         if o not in OPTIMIZERS:
             hint = " (brmsprop / badam need isample.optim)" if o in ("brmsprop", "badam") else ""
-            raise ValueError(f"Unknown optimizer {o!r}{hint}. Valid optimizers: {', '.join(available_optimizers())}.")
+            raise ValueError(
+                f"Unknown optimizer {o!r}{hint}. Valid optimizers: {', '.join(available_optimizers())}."
+            )
     for o in config.optimizers:
         lr = config.lrs.get(o)
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
-            raise ValueError(f"No valid learning rate for optimizer {o!r} in 'lrs' (a float > 0). Got {lr!r}.")
+            raise ValueError(
+                f"No valid learning rate for optimizer {o!r} in 'lrs' (a float > 0). Got {lr!r}."
+            )
     if config.b_optimizers is not None:
         config.b_optimizers = tuple(o for o in config.b_optimizers if o in config.optimizers) or None
     if not config.seeds:
@@ -224,12 +247,22 @@ def validate_study_config(config: StudyConfig, registry: Any = None) -> StudyCon
     if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in config.seeds):
         raise ValueError(f"The 'seeds' must be ints >= 0. Got {list(config.seeds)!r}.")
     config.seeds = tuple(dict.fromkeys(int(s) for s in config.seeds))
-    for name, minimum in (("steps", 2), ("batch_size", 1), ("eval_every", 1), ("quality_every", 1),
-                          ("probe_size", 2), ("n_boot", 1), ("c_steps", 1), ("b_uniform_factor", 1)):
+    for name, minimum in (
+        ("steps", 2),
+        ("batch_size", 1),
+        ("eval_every", 1),
+        ("quality_every", 1),
+        ("probe_size", 2),
+        ("n_boot", 1),
+        ("c_steps", 1),
+        ("b_uniform_factor", 1),
+    ):
         _check_int(getattr(config, name), name, minimum)
     if config.quality_every % config.eval_every:
-        raise ValueError(f"The 'quality_every' setting ({config.quality_every}) must be a multiple of "
-                         f"'eval_every' ({config.eval_every}): B reads the training loss at every probe.")
+        raise ValueError(
+            f"The 'quality_every' setting ({config.quality_every}) must be a multiple of "
+            f"'eval_every' ({config.eval_every}): B reads the training loss at every probe."
+        )
     if config.train_eval_size is not None:
         _check_int(config.train_eval_size, "train_eval_size", 1)
     for label in (config.a_scheme, config.c_scheme, *config.b_schemes):
@@ -238,10 +271,18 @@ def validate_study_config(config: StudyConfig, registry: Any = None) -> StudyCon
         raise ValueError("The 'b_schemes' list is empty.")
     for v in config.c_variants:
         if v not in ("uniform", "is", "is-clip", "is-mean"):
-            raise ValueError(f"Unknown stability variant {v!r}. Valid variants: uniform, is, is-clip, is-mean.")
+            raise ValueError(
+                f"Unknown stability variant {v!r}. Valid variants: uniform, is, is-clip, is-mean."
+            )
     factors = tuple(float(f) for f in config.c_lr_factors)
-    if not factors or any(not f > 0 or not math.isfinite(f) for f in factors) or len(set(factors)) != len(factors):
-        raise ValueError(f"The 'c_lr_factors' must be distinct finite floats > 0. Got {list(config.c_lr_factors)!r}.")
+    if (
+        not factors
+        or any(not f > 0 or not math.isfinite(f) for f in factors)
+        or len(set(factors)) != len(factors)
+    ):
+        raise ValueError(
+            f"The 'c_lr_factors' must be distinct finite floats > 0. Got {list(config.c_lr_factors)!r}."
+        )
     for name in ("match_threshold", "c_max_weight"):
         v = getattr(config, name)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
@@ -335,10 +376,14 @@ def run_study(
         for w in dict.fromkeys((*config.workloads, config.a_workload, config.c_workload)):
             datasets[w] = load_dataset(w.partition("/")[0], config.data_seed)
             if config.batch_size > int(datasets[w].x_train.shape[0]):
-                raise ValueError(f"The 'batch_size' ({config.batch_size}) is larger than the training set of {w!r}.")
+                raise ValueError(
+                    f"The 'batch_size' ({config.batch_size}) is larger than the training set of {w!r}."
+                )
         main = {w: _bench_config(config, w, config.steps, config.quality_every) for w in datasets}
-        long = {w: _bench_config(config, w, config.steps * config.b_uniform_factor, config.quality_every)
-                for w in datasets}
+        long = {
+            w: _bench_config(config, w, config.steps * config.b_uniform_factor, config.quality_every)
+            for w in datasets
+        }
         phase: dict[str, float] = {}
         if "A" in config.experiments:
             t0 = time.perf_counter()
