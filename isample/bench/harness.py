@@ -515,7 +515,9 @@ class ProbeQuality:
         loss_fn: Callable,
         candidate: Callable,
         optimizer: torch.optim.Optimizer | None,
+        pool: tuple[int, int] | None = None,
     ) -> None:
+        self.pool = pool
         self.inputs = inputs
         self.targets = targets
         self.loss_fn = loss_fn
@@ -523,8 +525,13 @@ class ProbeQuality:
         self.optimizer = optimizer
 
     def measure(self, model: nn.Module, step: int) -> list[dict[str, Any]]:
-        """Rows ``{step, geometry, kappa, kappa_opt, q_lin, q_log, corr_grad_norm}``."""
-        from ..metrics import flat_preconditioner, per_example_gradients, quality_from_norms
+        """Rows ``{step, geometry, kappa, kappa_opt, q_lin, q_log, corr_grad_norm}``.
+
+        With ``pool = (B, b)`` (a pool loader: b drawn from a uniform pool of B) the rows also
+        carry ``kappa_pool``, :func:`isample.metrics.two_stage_kappa` of the probe's gradients
+        and probabilities: the pool scheme's effective batch multiplier, at most B / b.
+        """
+        from ..metrics import flat_preconditioner, per_example_gradients, quality_from_norms, two_stage_kappa
         from ..preconditioner import NoOptimizerStateError, is_identity_geometry
 
         params = [p for p in model.parameters() if p.requires_grad]
@@ -557,6 +564,8 @@ class ProbeQuality:
                     "corr_grad_norm": float(x @ y) / den if den > 0 else math.nan,
                 }
             )
+            if self.pool is not None:
+                rows[-1]["kappa_pool"] = two_stage_kappa(grads, p, self.pool[0], self.pool[1])
         return rows
 
 
@@ -623,7 +632,8 @@ def train_run(
             batch's importance weights by their mean or max before the loss (see
             :mod:`isample.weighting`; for schemes without a ``normalize`` option).
         record_tau: return the pool loader's per-step ``tau`` as ``tau_history``
-            (``[{"step", "tau"}]``; empty for loaders without one).
+            (``[{"step", "tau"}]``; empty for loaders without one), and add ``kappa_pool``
+            (two-stage kappa, see :class:`ProbeQuality`) to the quality rows of pool loaders.
 
     Returns:
         dict with ``scheme``, ``optimizer``, ``seed``, ``lr``, ``diverged``, ``steps``,
@@ -694,6 +704,11 @@ def train_run(
         probe_gen = torch.Generator().manual_seed(derive_seed(config.data_seed, 2))
         probe_idx = torch.randperm(n, generator=probe_gen)[: min(config.probe_size, n)]
         candidate = quality_candidates(loader, probe_idx)
+        pool = None
+        if record_tau:
+            pool_size = getattr(getattr(loader, "pool", loader), "pool_size", None)
+            if isinstance(pool_size, int) and pool_size > config.batch_size:
+                pool = (pool_size, config.batch_size)
         if candidate is not None:
             tracker = ProbeQuality(
                 data.x_train[probe_idx].to(device),
@@ -701,6 +716,7 @@ def train_run(
                 loss_fn,
                 candidate,
                 opt,
+                pool,
             )
 
     curve: list[dict[str, Any]] = []

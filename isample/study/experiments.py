@@ -106,13 +106,15 @@ def run_kappa(quality: Sequence[dict[str, Any]], up_to: float = math.inf, key: s
     no finite value exists.
     """
     rows = _geometry_rows(quality)
-    values = [float(q[key]) for q in rows if 0 < q["step"] <= up_to and math.isfinite(float(q[key]))]
+    values = [float(q.get(key, math.nan)) for q in rows if 0 < q["step"] <= up_to]
+    values = [v for v in values if math.isfinite(v)]
     return float(np.median(values)) if values else math.nan
 
 
 def _running_mean(quality: Sequence[dict[str, Any]], up_to: float, key: str) -> float:
     rows = _geometry_rows(quality)
-    values = [float(q[key]) for q in rows if 0 < q["step"] <= up_to and math.isfinite(float(q[key]))]
+    values = [float(q.get(key, math.nan)) for q in rows if 0 < q["step"] <= up_to]
+    values = [v for v in values if math.isfinite(v)]
     return float(np.mean(values)) if values else math.nan
 
 
@@ -166,8 +168,9 @@ def checkpoint_points(
 
     For every probe step t > 0 of ``is_run`` with a recorded training loss L_t:
 
-    * ``kappa`` / ``q_log``: mean over the run's probes at ``0 < step <= t`` in the
-      optimizer's geometry; ``tau2``: mean of ``tau**2`` over the steps ``<= t`` (pool
+    * ``kappa`` / ``kappa_pool`` / ``q_log``: mean over the run's probes at ``0 < step <= t``
+      in the optimizer's geometry (``kappa_pool``: the two-stage kappa of pool schemes, NaN
+      for others); ``tau2``: mean of ``tau**2`` over the steps ``<= t`` (pool
       schemes; NaN otherwise);
     * ``realized_steps`` = (steps uniform needs to reach L_t) / t and ``realized_cpu`` =
       (uniform's CPU seconds to L_t) / (the IS run's CPU seconds at t). When uniform never
@@ -180,7 +183,7 @@ def checkpoint_points(
         tau2: ``(step, tau**2)`` pairs of the IS run.
 
     Returns:
-        One dict per checkpoint: ``step``, ``train_loss``, ``kappa``, ``q_log``, ``tau2``,
+        One dict per checkpoint: ``step``, ``train_loss``, ``kappa``, ``kappa_pool``, ``q_log``, ``tau2``,
         ``realized_steps``, ``realized_cpu``, ``censored``.
     """
     loss_at = {int(p["step"]): p for p in is_run["curve"]}
@@ -209,6 +212,7 @@ def checkpoint_points(
                 "step": t,
                 "train_loss": level,
                 "kappa": _running_mean(is_run["quality"], t, "kappa"),
+                "kappa_pool": _running_mean(is_run["quality"], t, "kappa_pool"),
                 "q_log": _running_mean(is_run["quality"], t, "q_log"),
                 "tau2": float(tau_vals[mask].mean()) if mask.any() else math.nan,
                 "realized_steps": t_steps / t,
@@ -221,7 +225,7 @@ def checkpoint_points(
 
 def family_spearman(
     points: Sequence[dict[str, Any]],
-    predictors: Sequence[str] = ("kappa", "q_log", "tau2"),
+    predictors: Sequence[str] = ("kappa", "kappa_pool", "q_log", "tau2"),
     targets: Sequence[str] = ("realized_steps", "realized_cpu"),
     n_boot: int = 1000,
     seed: int = 0,
@@ -309,13 +313,17 @@ def experiment_a(
     scheme, options = resolve_scheme(study.a_scheme, registry)
     rows: list[dict[str, Any]] = []
     curves: dict[str, dict[str, list[dict[str, float]]]] = {}
+    is_runs: dict[str, list[dict[str, Any]]] = {}
     start = float(bench.eval_every)
     for opt in study.optimizers:
         lr = float(study.lrs[opt])
         for seed in study.seeds:
             log(f"A {opt} seed {seed}")
-            is_run = train(data, bench, scheme, opt, lr, seed, scheme_options=options)
-            kappa = run_kappa(is_run["quality"])
+            is_run = train(data, bench, scheme, opt, lr, seed, scheme_options=options, record_tau=True)
+            kappa_probe = run_kappa(is_run["quality"])
+            kappa_pool = run_kappa(is_run["quality"], key="kappa_pool")
+            # a pool scheme's effective multiplier is the two-stage kappa (<= B / b)
+            kappa = kappa_pool if math.isfinite(kappa_pool) else kappa_probe
             row: dict[str, Any] = {
                 "workload": workload,
                 "optimizer": opt,
@@ -324,6 +332,8 @@ def experiment_a(
                 "scheme": study.a_scheme,
                 "lr": lr,
                 "kappa": kappa,
+                "kappa_probe": kappa_probe,
+                "kappa_pool": kappa_pool,
                 "batch_size": bench.batch_size,
                 "coupled_batch_size": None,
                 "coupled_lr": math.nan,
@@ -358,7 +368,8 @@ def experiment_a(
                 coupled = train(
                     data, replace(bench, batch_size=big), "uniform", opt, lr, seed, optimizer_hook=hook
                 )
-                row["rule"] = applied.get("rule", "none: " + applied.get("error", "?"))
+                row["rule"] = applied.get("rule", "none")
+                row["rule_error"] = applied.get("error", "")
                 row["coupled_lr"] = coupled["lr"]
                 if "error" not in applied:
                     row["d_rule"] = _distance(is_run, coupled, start)
@@ -372,6 +383,7 @@ def experiment_a(
                     row["d_matched_control"] = _distance(is_scaled, small_scaled, start)
                     extra = {"is_scaled": _curve(is_scaled), "uniform_scaled": _curve(small_scaled)}
             rows.append(row)
+            is_runs.setdefault(opt, []).append(is_run)
             if seed == study.seeds[0]:
                 curves[opt] = {"is": _curve(is_run), "control": _curve(control)}
                 if coupled is not None:
@@ -380,6 +392,9 @@ def experiment_a(
     verdicts = {}
     for opt in study.optimizers:
         mine = [r for r in rows if r["optimizer"] == opt]
+        # the seed-to-seed distance of the IS runs: the noise floor of every d above
+        pair = is_runs.get(opt, [])
+        d_seed = _distance(pair[0], pair[1], start) if len(pair) > 1 else math.nan
         d_rule = _nanmedian([r["d_rule"] for r in mine])
         d_control = _nanmedian([r["d_control"] for r in mine])
         ratios = [r["coupled_batch_size"] / r["batch_size"] for r in mine if r["coupled_batch_size"]]
@@ -390,7 +405,9 @@ def experiment_a(
             "family": optimizer_family(opt),
             "rule": next((r["rule"] for r in mine if r["rule"]), ""),
             "kappa": _nanmedian([r["kappa"] for r in mine]),
+            "kappa_probe": _nanmedian([r["kappa_probe"] for r in mine]),
             "batch_ratio": ratio,
+            "d_seed": d_seed,
             "d_rule": d_rule,
             "d_control": d_control,
             "verdict": effective_batch_verdict(d_rule, d_control, ratio, study.match_threshold),

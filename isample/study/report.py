@@ -42,6 +42,8 @@ CSV_COLUMNS = (
     "coupled_lr",
     "rule",
     "kappa",
+    "kappa_probe",
+    "kappa_pool",
     "q_log",
     "tau2",
     "d_rule",
@@ -142,15 +144,16 @@ def _f(v: Any, digits: int = 3) -> str:
 def table_a(a: dict[str, Any]) -> str:
     """Markdown table of Experiment A's verdicts."""
     lines = [
-        "| optimizer | rule | kappa | batch ratio | d(IS, coupled) | d(IS, control) | verdict | "
-        "d(IS', coupled) | d(IS', control') | verdict, matched |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| optimizer | rule | kappa (probe) | batch ratio | d(IS, coupled) | d(IS, control) | verdict | "
+        "d(IS', coupled) | d(IS', control') | verdict, matched | d(seed 0, seed 1) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for opt, v in a["verdicts"].items():
         lines.append(
-            f"| {opt} | {v['rule'] or '-'} | {_f(v['kappa'])} | {_f(v['batch_ratio'])} | "
+            f"| {opt} | {v['rule'] or '-'} | {_f(v['kappa'])} ({_f(v['kappa_probe'])}) | "
+            f"{_f(v['batch_ratio'])} | "
             f"{_f(v['d_rule'])} | {_f(v['d_control'])} | {v['verdict']} | {_f(v['d_matched'])} | "
-            f"{_f(v['d_matched_control'])} | {v['verdict_matched']} |"
+            f"{_f(v['d_matched_control'])} | {v['verdict_matched']} | {_f(v.get('d_seed'))} |"
         )
     return "\n".join(lines)
 
@@ -160,6 +163,8 @@ def table_b(b: dict[str, Any]) -> str:
     keys = [
         "kappa~realized_steps",
         "kappa~realized_cpu",
+        "kappa_pool~realized_steps",
+        "kappa_pool~realized_cpu",
         "q_log~realized_steps",
         "tau2~realized_steps",
         "tau2~realized_cpu",
@@ -229,7 +234,9 @@ def write_report(results: dict[str, Any], path: Path) -> None:
             "control' = uniform at b with them. "
             f"Verdict: *holds* when d(IS, coupled) <= {cfg['match_threshold']} and <= d(IS, control); "
             "*closer than control* when only the second; *fails* otherwise; *untestable* when "
-            "round(kappa b) is within 10 % of b.",
+            "round(kappa b) is within 10 % of b. kappa: the two-stage (pool) kappa for pool "
+            "schemes, the probe kappa in brackets. d(seed 0, seed 1): the IS runs of two seeds, "
+            "the noise floor.",
             "",
             table_a(a),
             "",
