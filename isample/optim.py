@@ -35,14 +35,19 @@ initialised from the first ``v_hat``: ``s^2_0 = 1 / (1 / sigma^2 + sqrt(v_hat_1)
 the Adam-like scale, instead of the prior's large variance. The predict step's ``a mu`` is a
 decoupled weight decay of ``eta^2 / (2 sigma^2)`` per step (AdamW-like).
 
-Limits. With ``v_hat >> eta^2 / sigma^4`` the steady-state variance is ``s^2 ~ eta / sqrt(v_hat)``
-and the update is RMSprop's / Adam's with learning rate ``eta`` (and ``eps = 0``); with
-``v_hat -> 0``, ``s^2 -> sigma^2`` and the update is SGD (BRMSprop) or SGD with an EMA momentum
-(BAdam) with learning rate ``sigma^2``. The initialisation
-``eta / (sqrt(v_hat) + eta / sigma^2)`` is Adam's step size with ``eps = eta / sigma^2``; it
-has both limits right, but the exact steady state of the recursion (the positive root of
-``v_hat a^2 s^4 + (1 - a^2 + v_hat eta^2) s^2 - eta^2 = 0``) differs from it in between, by up
-to a factor ``(sqrt(5) - 1) / (2 * 0.5) ~ 1.24`` at ``sqrt(v_hat) = eta / sigma^2`` for small ``eta``.
+Limits. With ``eta^2 / sigma^4 << v_hat << 1 / eta^2`` the steady-state variance is
+``s^2 ~ eta / sqrt(v_hat)`` and the update is RMSprop's / Adam's with learning rate ``eta``
+(and ``eps = 0``); with ``v_hat -> 0``, ``s^2 -> sigma^2`` and the update is SGD (BRMSprop) or
+SGD with an EMA momentum (BAdam) with learning rate ``sigma^2``. The upper bound matters:
+when ``eta sqrt(v_hat)`` is not small, one step's observation dominates the prior drift
+``eta^2`` and ``s^2`` approaches ``1 / v_hat`` (from below), under Adam's step size. The
+initialisation ``eta / (sqrt(v_hat) + eta / sigma^2)`` is Adam's step size with
+``eps = eta / sigma^2``; it has both limits right, but the exact steady state of the
+recursion under a constant gradient (the positive root of
+``v_hat a^2 s^4 + (1 - a^2 + v_hat eta^2) s^2 - eta^2 = 0``) differs from it in between:
+to first order by the factor ``1 + (eta / sigma^2) / (2 sqrt(v_hat)) - eta sqrt(v_hat) / 2``
+in the Adam regime and ``1 + sqrt(v_hat) sigma^2 / eta`` in the SGD regime, and by
+``sqrt(5) - 1 ~ 1.236`` at the crossover ``sqrt(v_hat) = eta / sigma^2`` (small ``eta``).
 
 ``eps`` floors the precision (step 3). The precision is at least ``1 / s^2_prior`` and, by
 induction, ``s^2_prior <= 2 sigma^2 / (1 + a) < 2 sigma^2``, so the floor never binds unless
