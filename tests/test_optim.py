@@ -372,5 +372,5 @@ def test_a_tiny_model_trains(make) -> None:
         loss = ((model(x).squeeze(1) - y) ** 2).mean()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < 0.1 * losses[0]
