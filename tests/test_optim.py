@@ -16,13 +16,11 @@ from torch import nn
 
 from isample.optim import BAdam, BRMSprop
 
-torch.set_num_threads(1)
-
 
 # ------------------------------------------------------------------ plain-float reference
 
 
-def _reference(grads: list[float], w0: float, lr: float, beta1: float, beta2: float, sigma2: float):
+def _reference(grads: list[float], w0: float, lr: float, beta1: float | None, beta2: float, sigma2: float):
     """One scalar weight through the filter; returns the weights and s^2 after each step.
 
     ``beta1 = None`` is BRMSprop (the mean moves along g), otherwise BAdam.
