@@ -16,7 +16,6 @@ from torch import nn
 
 from isample.optim import BAdam, BRMSprop
 
-
 # ------------------------------------------------------------------ plain-float reference
 
 
