@@ -40,6 +40,8 @@ class NoOptimizerStateError(ValueError):
 _ADAM_LIKE = (torch.optim.Adam, torch.optim.AdamW)
 _BAYESIAN = (BRMSprop, BAdam)
 _SUPPORTED = (*_ADAM_LIKE, torch.optim.RMSprop, torch.optim.Adagrad, *_BAYESIAN)
+#: The adaptive optimizers whose diagonal preconditioner is known (SGD is the identity).
+SUPPORTED_OPTIMIZERS = _SUPPORTED
 
 
 def is_identity_geometry(optimizer: torch.optim.Optimizer | None) -> bool:
