@@ -64,13 +64,14 @@ def check_layers_arg(layers: Any, owner: str) -> list[nn.Module | str] | None:
 
 
 def check_optimizer_arg(optimizer: Any, owner: str) -> torch.optim.Optimizer | None:
-    """Validate the ``optimizer`` argument: None, SGD (identity), or one ``preconditioner_diagonal`` supports."""
+    """Validate the ``optimizer`` argument: None, SGD (identity) or one with a known preconditioner."""
     if optimizer is None or isinstance(optimizer, _SUPPORTED_OPTIMIZERS):
         return optimizer
     raise param_error(
         "optimizer",
         owner,
-        "None or a torch.optim SGD, Adam, AdamW, RMSprop or Adagrad, or an isample.optim BRMSprop or BAdam optimizer",
+        "None or a torch.optim SGD, Adam, AdamW, RMSprop or Adagrad, "
+        "or an isample.optim BRMSprop or BAdam optimizer",
         type(optimizer).__name__ if isinstance(optimizer, torch.optim.Optimizer) else optimizer,
         TypeError,
     )
