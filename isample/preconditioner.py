@@ -6,7 +6,11 @@ Adam, AdamW and RMSprop step along ``D g`` rather than ``g``, with
 
     D = \\operatorname{diag}\\big(1 / (\\sqrt{\\hat v} + \\epsilon)\\big),
 
-so the gradient noise that matters for them is the noise of ``D g``. This module reads
+so the gradient noise that matters for them is the noise of ``D g``. The Bayesian filtering
+optimizers of :mod:`isample.optim` (BRMSprop, BAdam) step along ``s^2 g``, with ``s^2``
+their posterior variance; with Adam's convention (``D`` excludes the learning rate, the
+update is ``lr D g``) their ``D`` is ``s^2 / lr``, which tends to Adam's
+``1 / sqrt(v_hat)`` in their Adam limit. This module reads
 ``D`` from the optimizer's state exactly as the optimizer's own step computes it (bias
 correction included). Metrics and optimizer-aware scorers share this one function.
 
@@ -24,6 +28,8 @@ from collections.abc import Iterable
 
 import torch
 
+from .optim import BAdam, BRMSprop
+
 __all__ = ["NoOptimizerStateError", "preconditioner_diagonal", "is_identity_geometry"]
 
 
@@ -32,7 +38,10 @@ class NoOptimizerStateError(ValueError):
 
 
 _ADAM_LIKE = (torch.optim.Adam, torch.optim.AdamW)
-_SUPPORTED = (*_ADAM_LIKE, torch.optim.RMSprop, torch.optim.Adagrad)
+_BAYESIAN = (BRMSprop, BAdam)
+_SUPPORTED = (*_ADAM_LIKE, torch.optim.RMSprop, torch.optim.Adagrad, *_BAYESIAN)
+#: The adaptive optimizers whose diagonal preconditioner is known (SGD is the identity).
+SUPPORTED_OPTIMIZERS = _SUPPORTED
 
 
 def is_identity_geometry(optimizer: torch.optim.Optimizer | None) -> bool:
@@ -120,6 +129,17 @@ def _adagrad_inverse(group: dict, states: list[dict]) -> list[torch.Tensor]:
     return list(out)
 
 
+def _bayesian_inverse(group: dict, states: list[dict]) -> list[torch.Tensor]:
+    """``s^2 / lr`` for one BRMSprop / BAdam param group (the last step moved by ``lr D g``).
+
+    ``s^2`` (``posterior_variance``) is the variance the last step used; dividing by the
+    group's learning rate follows Adam's convention, in which ``D`` excludes ``lr``.
+    """
+    out = [_at_least_float32(st["posterior_variance"]).clone() for st in states]
+    torch._foreach_div_(out, float(group["lr"]))
+    return out
+
+
 def preconditioner_diagonal(
     optimizer: torch.optim.Optimizer | None,
     params: Iterable[torch.nn.Parameter],
@@ -128,13 +148,15 @@ def preconditioner_diagonal(
 
     Supported: ``None`` and SGD (identity: tensors of ones), Adam, AdamW (``exp_avg_sq``,
     or ``max_exp_avg_sq`` with amsgrad, bias-corrected), RMSprop (``square_avg``, centred
-    variant included), Adagrad (``sum``).
+    variant included), Adagrad (``sum``), and :class:`isample.optim.BRMSprop` /
+    :class:`isample.optim.BAdam` (``posterior_variance / lr``).
 
     .. math::
 
         \\text{Adam: } D = \\frac{1}{\\sqrt{v_t} / \\sqrt{1 - \\beta_2^t} + \\epsilon}; \\quad
         \\text{RMSprop: } D = \\frac{1}{\\sqrt{v_t - [\\text{centred}]\\, m_t^2} + \\epsilon}; \\quad
-        \\text{Adagrad: } D = \\frac{1}{\\sqrt{s_t} + \\epsilon}
+        \\text{Adagrad: } D = \\frac{1}{\\sqrt{s_t} + \\epsilon}; \\quad
+        \\text{BRMSprop, BAdam: } D = s^2_t / \\eta
 
     The returned tensors are new (never views of the optimizer's state), on the state's
     device, in the state's dtype (float32 for half / bfloat16 state); the list follows the
@@ -156,7 +178,7 @@ def preconditioner_diagonal(
     if not isinstance(optimizer, _SUPPORTED):
         raise TypeError(
             f"isample does not know the preconditioner of {type(optimizer).__name__}; "
-            "supported: SGD, Adam, AdamW, RMSprop, Adagrad."
+            "supported: SGD, Adam, AdamW, RMSprop, Adagrad, BRMSprop, BAdam."
         )
     # id() keys: hashing a Tensor goes through Python-level torch function checks
     group_index: dict[int, int] = {}
@@ -187,6 +209,8 @@ def preconditioner_diagonal(
         inverse = _adam_inverse
     elif isinstance(optimizer, torch.optim.RMSprop):
         inverse = _rmsprop_inverse
+    elif isinstance(optimizer, _BAYESIAN):
+        inverse = _bayesian_inverse
     else:
         inverse = _adagrad_inverse
     out: list[torch.Tensor | None] = [None] * len(params)

@@ -23,17 +23,16 @@ from torch import nn
 
 from ._linear_norms import DEFAULT_MAX_ELEMENTS, concat_calls, linear_sq_grad_norms
 from ._validation import check_choice, check_int, param_error
-from .preconditioner import NoOptimizerStateError, is_identity_geometry, preconditioner_diagonal
+from .preconditioner import (
+    SUPPORTED_OPTIMIZERS,
+    NoOptimizerStateError,
+    is_identity_geometry,
+    preconditioner_diagonal,
+)
 
 __all__ = ["GradNormRecorder"]
 
-_SUPPORTED_OPTIMIZERS = (
-    torch.optim.SGD,
-    torch.optim.Adam,
-    torch.optim.AdamW,
-    torch.optim.RMSprop,
-    torch.optim.Adagrad,
-)
+_SUPPORTED_OPTIMIZERS = (torch.optim.SGD, *SUPPORTED_OPTIMIZERS)
 _REDUCTIONS = ("mean", "sum")
 
 LayerSpec = Sequence[nn.Module | str] | nn.Linear | str | None
@@ -65,13 +64,14 @@ def check_layers_arg(layers: Any, owner: str) -> list[nn.Module | str] | None:
 
 
 def check_optimizer_arg(optimizer: Any, owner: str) -> torch.optim.Optimizer | None:
-    """Validate the ``optimizer`` argument: None, SGD (identity), Adam, AdamW, RMSprop or Adagrad."""
+    """Validate the ``optimizer`` argument: None, SGD (identity) or one with a known preconditioner."""
     if optimizer is None or isinstance(optimizer, _SUPPORTED_OPTIMIZERS):
         return optimizer
     raise param_error(
         "optimizer",
         owner,
-        "None or a torch.optim SGD, Adam, AdamW, RMSprop or Adagrad optimizer",
+        "None or a torch.optim SGD, Adam, AdamW, RMSprop or Adagrad, "
+        "or an isample.optim BRMSprop or BAdam optimizer",
         type(optimizer).__name__ if isinstance(optimizer, torch.optim.Optimizer) else optimizer,
         TypeError,
     )

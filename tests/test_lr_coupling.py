@@ -84,3 +84,44 @@ def test_tau_squared_feeds_the_rule() -> None:
     assert group["lr"] == pytest.approx(1e-2 * math.sqrt(kappa), rel=1e-12)
     assert group["alpha"] == pytest.approx(1 - kappa * 0.1, rel=1e-12)
     assert previous == [{"lr": 1e-2, "alpha": 0.9, "eps": 1e-8}]
+
+
+def test_bayesian_filters_scale_lr_betas_and_prior_variance() -> None:
+    """lr and betas by the square-root rule, prior_variance (the SGD-limit lr) by the linear one.
+
+    The implied Adam eps = lr / prior_variance then scales as eps / sqrt(kappa), and the prior
+    decay a = 1 - lr^2 / (2 prior_variance) is unchanged; eps (a precision floor) is not proposed.
+    """
+    from isample.optim import BAdam, BRMSprop
+
+    kappa = 2.5
+    brms = BRMSprop(_w(), lr=4e-3, beta2=0.99, prior_variance=0.5, eps=1e-12)
+    (new,) = M.scaled_hyperparameters(brms, kappa)
+    assert set(new) == {"lr", "beta2", "prior_variance"}
+    assert new["lr"] == pytest.approx(4e-3 * math.sqrt(kappa), rel=1e-14)
+    assert new["beta2"] == pytest.approx(1 - kappa * 0.01, rel=1e-14)
+    assert new["prior_variance"] == pytest.approx(0.5 * kappa, rel=1e-14)
+    assert new["lr"] / new["prior_variance"] == pytest.approx(4e-3 / 0.5 / math.sqrt(kappa), rel=1e-14)
+    assert new["lr"] ** 2 / new["prior_variance"] == pytest.approx(4e-3**2 / 0.5, rel=1e-13)
+    badam = BAdam(
+        [{"params": _w()}, {"params": _w(), "lr": 1e-2, "prior_variance": 2.0}], lr=1e-3, betas=(0.8, 0.99)
+    )
+    previous = M.apply_scaled_hyperparameters(badam, kappa)
+    assert previous == [
+        {"lr": 1e-3, "betas": (0.8, 0.99), "prior_variance": 1.0},
+        {"lr": 1e-2, "betas": (0.8, 0.99), "prior_variance": 2.0},
+    ]
+    group = badam.param_groups[1]
+    assert group["lr"] == pytest.approx(1e-2 * math.sqrt(kappa), rel=1e-14)
+    assert group["betas"][0] == pytest.approx(1 - kappa * 0.2, rel=1e-14)
+    assert group["betas"][1] == pytest.approx(1 - kappa * 0.01, rel=1e-14)
+    assert group["prior_variance"] == pytest.approx(2.0 * kappa, rel=1e-14)
+    for p in badam.param_groups[0]["params"] + group["params"]:
+        p.grad = torch.ones_like(p)
+    badam.step()  # the scaled groups are valid
+    with pytest.raises(ValueError, match=r"1 / \(1 - beta1\) = 5 "):
+        M.scaled_hyperparameters(BAdam(_w(), betas=(0.8, 0.999)), 5.0)
+    with pytest.raises(ValueError, match="beta2"):
+        M.scaled_hyperparameters(BRMSprop(_w(), beta2=0.9), 10.0)
+    (same,) = M.scaled_hyperparameters(BRMSprop(_w()), 1.0)
+    assert same == {"lr": pytest.approx(1e-3), "beta2": pytest.approx(0.999), "prior_variance": 1.0}

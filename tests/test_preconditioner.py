@@ -273,3 +273,88 @@ def test_unmanaged_and_unsupported() -> None:
     _run(adamax, params, _grads(1, 0))
     with pytest.raises(TypeError, match="supported: SGD, Adam, AdamW, RMSprop, Adagrad"):
         preconditioner_diagonal(adamax, params)
+
+
+# ------------------------------------------------------------------ Bayesian filtering optimizers
+
+
+def _bayesian(kind: str, params, lr: float = 0.05, sigma2: float = 0.8):
+    from isample.optim import BAdam, BRMSprop
+
+    if kind == "brmsprop":
+        return BRMSprop(params, lr=lr, beta2=0.9, prior_variance=sigma2)
+    return BAdam(params, lr=lr, betas=(0.7, 0.9), prior_variance=sigma2)
+
+
+def _posterior_variance(grads: list[np.ndarray], lr: float, beta2: float, sigma2: float) -> np.ndarray:
+    """s^2 after the last step, from the filter's equations in NumPy float64."""
+    a = 1.0 - lr**2 / (2.0 * sigma2)
+    v = np.zeros_like(grads[0])
+    s2 = None
+    for t, g in enumerate(grads, start=1):
+        v = beta2 * v + (1 - beta2) * g**2
+        v_hat = v / (1 - beta2**t)
+        if s2 is None:
+            s2 = 1.0 / (1.0 / sigma2 + np.sqrt(v_hat) / lr)
+        s2 = 1.0 / (1.0 / (a * a * s2 + lr * lr) + v_hat)
+    return s2
+
+
+@pytest.mark.parametrize("kind", ["brmsprop", "badam"])
+def test_bayesian_d_is_posterior_variance_over_lr_and_the_one_the_last_step_used(kind: str) -> None:
+    """Adam's convention (D excludes lr): the last update was ``lr D direction`` after the decay a."""
+    params = _params()
+    lr, sigma2 = 0.05, 0.8
+    opt = _bayesian(kind, params, lr, sigma2)
+    assert not is_identity_geometry(opt)
+    grads = _grads(4, 9)
+    _run(opt, params, grads[:-1])
+    before = [p.detach().clone() for p in params]
+    _run(opt, params, grads[-1:])
+    d = preconditioner_diagonal(opt, params)
+    _assert_close(d, [_posterior_variance(_column(grads, k), lr, 0.9, sigma2) / lr for k in range(3)])
+    a = 1.0 - lr**2 / (2.0 * sigma2)
+    for k, (p, old) in enumerate(zip(params, before, strict=True)):
+        update = (a * old - p.detach()).numpy()
+        if kind == "badam":
+            direction = opt.state[p]["exp_avg"].numpy() / (1 - 0.7**4)
+        else:
+            direction = grads[-1][k]
+        np.testing.assert_allclose(update, lr * direction * d[k].numpy(), rtol=1e-10, atol=1e-15)
+    state = opt.state[params[0]]["posterior_variance"].clone()
+    d[0].add_(1.0)
+    assert torch.equal(opt.state[params[0]]["posterior_variance"], state)  # a new tensor, not a view
+
+
+def test_bayesian_d_uses_each_groups_lr_and_needs_a_step() -> None:
+    from isample.optim import BRMSprop
+
+    params = _params(torch.float32)
+    opt = BRMSprop([{"params": params[:1]}, {"params": params[1:], "lr": 0.01}], lr=0.1)
+    with pytest.raises(NoOptimizerStateError):
+        preconditioner_diagonal(opt, params)
+    _run(opt, params, _grads(2, 4))
+    d = preconditioner_diagonal(opt, params)
+    for k, (p, lr) in enumerate(zip(params, (0.1, 0.01, 0.01), strict=True)):
+        assert d[k].dtype == torch.float32
+        torch.testing.assert_close(d[k], opt.state[p]["posterior_variance"] / lr, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["brmsprop", "badam"])
+def test_bayesian_d_matches_adams_in_the_adam_limit(kind: str) -> None:
+    """With |g| fixed per coordinate (random signs) v_hat = g^2 at every step; in the Adam regime
+    c = lr / sigma^2 << |g| << 1 / lr the filter's D = s^2 / lr is Adam's 1 / sqrt(v_hat) up to a
+    relative c / |g| + lr |g| <= 2e-3 + 2e-3 here (test_optim derives it): the same geometry."""
+    params = _params()
+    lr = 1e-3
+    opt = _bayesian(kind, params, lr=lr, sigma2=1.0)
+    adam_params = [nn.Parameter(p.detach().clone()) for p in params]
+    adam = torch.optim.Adam(adam_params, lr=lr, betas=(0.7, 0.9), eps=0.0)
+    rng = np.random.default_rng(5)
+    size = [rng.uniform(0.5, 2.0, s) for s in SHAPES]
+    grads = [[m * rng.choice([-1.0, 1.0], m.shape) for m in size] for _ in range(30)]
+    _run(opt, params, grads)
+    _run(adam, adam_params, grads)
+    mine_all, theirs_all = preconditioner_diagonal(opt, params), preconditioner_diagonal(adam, adam_params)
+    for mine, theirs in zip(mine_all, theirs_all, strict=True):
+        np.testing.assert_allclose(mine.numpy(), theirs.numpy(), rtol=5e-3, atol=0)

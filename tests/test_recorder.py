@@ -272,3 +272,31 @@ def test_no_forward_in_record_mentions_torch_compile():
     with pytest.raises(ValueError, match=r"the model is compiled with torch\.compile"):
         with recorder.record():
             pass
+
+
+def test_recorder_accepts_the_bayesian_optimizers():
+    """history-gradnorm's recorder works in BRMSprop / BAdam geometry (D = s^2 / lr)."""
+    import isample
+    from isample.optim import BAdam, BRMSprop
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    for make in (lambda p: BRMSprop(p, lr=1e-2), lambda p: BAdam(p, lr=1e-2)):
+        model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+        opt = make(model.parameters())
+        loader = isample.DataLoader(
+            torch.utils.data.TensorDataset(x, y), batch_size=16, scheme="history-gradnorm",
+            model=model, loss_fn=nn.CrossEntropyLoss(reduction="none"), optimizer=opt, seed=0,
+        )
+        with pytest.warns(UserWarning, match="no state yet"):  # the first step has no geometry yet
+            for xb, yb, w in loader:
+                out = model(xb)
+                losses = nn.functional.cross_entropy(out, yb, reduction="none")
+                (w * losses).mean().backward()
+                opt.step()
+                opt.zero_grad()
+                loader.update(losses.detach())
+        scores = torch.as_tensor(loader.loader.sampler.scores())
+        scores = scores[~torch.isnan(scores)]  # NaN marks an example not scored yet
+        assert scores.numel() > 8 and bool(torch.isfinite(scores).all()) and bool((scores >= 0).all())
+        assert float(scores.max()) > float(scores.min())  # the gradient-norm scores reached the table

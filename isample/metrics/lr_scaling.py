@@ -8,6 +8,13 @@ change the hyperparameters for a batch ``kappa`` times larger:
 * Adam, AdamW, RMSprop (square-root scaling rule): ``lr -> sqrt(kappa) lr``,
   ``1 - beta -> kappa (1 - beta)`` for each beta (RMSprop's ``alpha``),
   ``eps -> eps / sqrt(kappa)``. This needs ``kappa < 1 / (1 - beta)``.
+* BRMSprop, BAdam (:mod:`isample.optim`): the square-root rule for ``lr`` and the betas, and
+  ``prior_variance -> kappa prior_variance``. Their SGD-limit learning rate is
+  ``prior_variance``, so it follows SGD's linear rule, while the Adam limit follows the
+  square-root rule; their implied Adam ``eps = lr / prior_variance`` then scales as
+  ``eps / sqrt(kappa)``, as Adam's does, and the prior decay
+  ``a = 1 - lr^2 / (2 prior_variance)`` is unchanged. Their ``eps`` (a precision floor, not
+  Adam's eps) is left as it is.
 
 Caveat (REFERENCES.md): in a preliminary measurement, scaling the learning rate by the
 estimated kappa (tau^2) looked like a 3-6x gain, but uniform sampling with the same larger
@@ -28,6 +35,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .._validation import check_choice, check_float, param_error
+from ..optim import BAdam, BRMSprop
 
 __all__ = [
     "NormalisationEffect",
@@ -62,18 +70,22 @@ def scaled_hyperparameters(optimizer: torch.optim.Optimizer, kappa: float) -> li
     """Propose the hyperparameters that turn a batch-size multiplier ``kappa`` into speed.
 
     Args:
-        optimizer: a ``torch.optim.SGD``, ``Adam``, ``AdamW`` or ``RMSprop``.
+        optimizer: a ``torch.optim.SGD``, ``Adam``, ``AdamW`` or ``RMSprop``, or an
+            :class:`isample.optim.BRMSprop` / :class:`isample.optim.BAdam`.
         kappa: effective batch multiplier (> 0, finite), e.g. from :func:`quality` or ``tau**2``.
 
     Returns:
         One dict per param group with the changed keys only: ``{"lr"}`` for SGD;
-        ``{"lr", "betas", "eps"}`` for Adam/AdamW; ``{"lr", "alpha", "eps"}`` for RMSprop.
+        ``{"lr", "betas", "eps"}`` for Adam/AdamW; ``{"lr", "alpha", "eps"}`` for RMSprop;
+        ``{"lr", "beta2", "prior_variance"}`` for BRMSprop; ``{"lr", "betas",
+        "prior_variance"}`` for BAdam.
 
     .. math::
 
         \\text{SGD: } \\eta \\to \\kappa\\eta; \\qquad
         \\text{Adam/RMSprop: } \\eta \\to \\sqrt{\\kappa}\\,\\eta,\\;
-        1-\\beta \\to \\kappa(1-\\beta),\\; \\epsilon \\to \\epsilon/\\sqrt{\\kappa}
+        1-\\beta \\to \\kappa(1-\\beta),\\; \\epsilon \\to \\epsilon/\\sqrt{\\kappa}; \\qquad
+        \\text{BRMSprop/BAdam: as Adam, and } \\sigma^2 \\to \\kappa\\sigma^2
 
     Momentum of SGD / RMSprop and weight decay are left unchanged.
 
@@ -110,11 +122,29 @@ def scaled_hyperparameters(optimizer: torch.optim.Optimizer, kappa: float) -> li
                     "eps": group["eps"] / root,
                 }
             )
+        elif isinstance(optimizer, BAdam):
+            beta1, beta2 = group["betas"]
+            out.append(
+                {
+                    "lr": group["lr"] * root,
+                    "betas": (_scaled_beta(beta1, k, "beta1", index), _scaled_beta(beta2, k, "beta2", index)),
+                    "prior_variance": group["prior_variance"] * k,
+                }
+            )
+        elif isinstance(optimizer, BRMSprop):
+            out.append(
+                {
+                    "lr": group["lr"] * root,
+                    "beta2": _scaled_beta(group["beta2"], k, "beta2", index),
+                    "prior_variance": group["prior_variance"] * k,
+                }
+            )
         elif isinstance(optimizer, torch.optim.SGD):
             out.append({"lr": group["lr"] * k})
         else:
             raise TypeError(
-                f"scaled_hyperparameters knows the scaling rule of SGD, Adam, AdamW and RMSprop; "
+                f"scaled_hyperparameters knows the scaling rule of SGD, Adam, AdamW, RMSprop, BRMSprop "
+                f"and BAdam; "
                 f"got {type(optimizer).__name__}."
             )
     return out
