@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .analysis import curve_match, largest_stable_lr, spearman, time_to_reach
+from .analysis import curve_match, is_stable, largest_stable_lr, spearman, time_to_reach
 
 __all__ = [
     "FAMILIES",
@@ -363,7 +363,14 @@ def experiment_a(
                         return
                     for group, new in zip(optimizer.param_groups, groups, strict=True):
                         group.update(new)
-                    applied["rule"] = "linear" if set(groups[0]) == {"lr"} else "square-root"
+                    keys = set(groups[0])
+                    applied["rule"] = (
+                        "linear"
+                        if keys == {"lr"}
+                        else "square-root, prior x kappa"
+                        if "prior_variance" in keys
+                        else "square-root"
+                    )
 
                 coupled = train(
                     data, replace(bench, batch_size=big), "uniform", opt, lr, seed, optimizer_hook=hook
@@ -472,7 +479,9 @@ def experiment_b(
                         for h in run.get("tau_history") or []
                         if math.isfinite(h["tau"])
                     ]
-                    for p in checkpoint_points(run, base, tau2):
+                    found = checkpoint_points(run, base, tau2)
+                    last = max((p["step"] for p in found), default=None)
+                    for p in found:
                         points.append(
                             {
                                 "workload": workload,
@@ -481,6 +490,7 @@ def experiment_b(
                                 "scheme": label,
                                 "seed": seed,
                                 "is_on_share": run["is_on_share"],
+                                "final": p["step"] == last,
                                 **p,
                             }
                         )
@@ -488,6 +498,8 @@ def experiment_b(
         "points": points,
         "runs": runs,
         "spearman": family_spearman(points, n_boot=study.n_boot, seed=0),
+        # between runs only: the last checkpoint of every run (no within-run time trend)
+        "spearman_final": family_spearman([p for p in points if p["final"]], n_boot=study.n_boot, seed=0),
         "optimizers": optimizers,
     }
 
@@ -511,7 +523,6 @@ def experiment_c(
     }
     variants = {k: v for k, v in variants.items() if k in study.c_variants}
     table: dict[str, dict[str, Any]] = {}
-    seed = study.seeds[0]
     for opt in study.optimizers:
         base = float(study.lrs[opt])
         grid = [base * f for f in study.c_lr_factors]
@@ -522,18 +533,28 @@ def experiment_c(
             def run(
                 lr: float, name: str = name, opts: dict = opts, normalize: str = normalize, o: str = opt
             ) -> list[float]:
-                with warnings.catch_warnings():  # diverging runs warn about non-finite scores
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    result = train(
-                        data, bench, name, o, lr, seed, scheme_options=opts, weight_normalize=normalize
-                    )
-                return [float(p["train_loss"]) for p in result["curve"]]
+                # stable only when every seed is: the curve of the first unstable seed, else seed 0's
+                curves = []
+                for seed in study.seeds:
+                    with warnings.catch_warnings():  # diverging runs warn about non-finite scores
+                        warnings.simplefilter("ignore", RuntimeWarning)
+                        result = train(
+                            data, bench, name, o, lr, seed, scheme_options=opts, weight_normalize=normalize
+                        )
+                    losses = [float(p["train_loss"]) for p in result["curve"]]
+                    if not is_stable(losses, study.divergence_factor):
+                        return losses
+                    curves.append(losses)
+                return curves[0]
 
-            found = largest_stable_lr(run, grid, divergence_factor=study.divergence_factor, search="bisect")
+            found = largest_stable_lr(
+                run, grid, divergence_factor=study.divergence_factor, search=study.c_search
+            )
             table[opt][variant] = {
                 "lr": found.lr,
                 "factor": None if found.lr is None else found.lr / base,
                 "at_edge": found.at_edge,
+                "monotone": found.monotone,
                 "tested": {repr(k): v for k, v in found.tested.items()},
             }
     return {

@@ -158,8 +158,9 @@ def table_a(a: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def table_b(b: dict[str, Any]) -> str:
-    """Markdown table of Experiment B's rank correlations per family."""
+def table_b(b: dict[str, Any], which: str = "spearman") -> str:
+    """Markdown table of Experiment B's rank correlations per family (``which``: ``spearman``
+    over all checkpoints or ``spearman_final`` over the last checkpoint of every run)."""
     keys = [
         "kappa~realized_steps",
         "kappa~realized_cpu",
@@ -171,7 +172,7 @@ def table_b(b: dict[str, Any]) -> str:
     ]
     head = "| family | " + " | ".join(k.replace("~", " vs ") for k in keys) + " |"
     lines = [head, "| --- |" + " --- |" * len(keys)]
-    for family, entries in b["spearman"].items():
+    for family, entries in b[which].items():
         cells = []
         for k in keys:
             e = entries.get(k, {})
@@ -194,7 +195,10 @@ def table_c(c: dict[str, Any]) -> str:
             if e["lr"] is None:
                 cells.append("none stable")
             else:
-                cells.append(f"{e['lr']:.3g} (x{e['factor']:.3g}){' >=' if e['at_edge'] else ''}")
+                mark = (" >=" if e["at_edge"] else "") + (
+                    "" if e.get("monotone", True) else " (non-monotone)"
+                )
+                cells.append(f"{e['lr']:.3g} (x{e['factor']:.3g}){mark}")
         lines.append(f"| {opt} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -257,13 +261,18 @@ def write_report(results: dict[str, Any], path: Path) -> None:
             "",
             table_b(b),
             "",
+            "Between runs only (the last checkpoint of every run; no within-run time trend):",
+            "",
+            table_b(b, "spearman_final"),
+            "",
         ]
     if "C" in results:
         c = results["C"]
         out += [
             f"## C. Stability ({c['workload']}, IS scheme {c['scheme']}, {cfg['c_steps']} steps)",
             "",
-            f"Largest stable learning rate on the grid base x {c['grid_factors']} (bisection; "
+            f"Largest stable learning rate (stable for every seed) on the grid base x "
+            f"{c['grid_factors']} ({cfg['c_search']} search; "
             f"unstable = a non-finite loss or one above {cfg['divergence_factor']} x the initial "
             f"loss). `is-clip`: weights clipped at {c['max_weight']}; `is-mean`: weights divided "
             "by their batch mean. `>=`: the grid's largest value was stable.",

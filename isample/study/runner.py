@@ -107,6 +107,8 @@ class StudyConfig:
         c_variants: subset of ``uniform``, ``is``, ``is-clip``, ``is-mean``.
         c_steps: steps per stability run.
         c_lr_factors: the stability grid, multiples of the optimizer's base learning rate.
+        c_search: ``"grid"`` (every grid value; reports whether stability was monotone in
+            lr) or ``"bisect"`` (assumes it).
         c_max_weight: weight clip of the ``is-clip`` variant.
         divergence_factor: a run is unstable when a loss is non-finite or above this
             multiple of its initial loss.
@@ -142,7 +144,8 @@ class StudyConfig:
     c_scheme: str = "kf-always"
     c_variants: tuple[str, ...] = ("uniform", "is", "is-clip", "is-mean")
     c_steps: int = 100
-    c_lr_factors: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0, 100.0)
+    c_lr_factors: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
+    c_search: str = "grid"
     c_max_weight: float = 3.0
     divergence_factor: float = 3.0
     data_seed: int = 0
@@ -177,6 +180,7 @@ def quick_study_config(**overrides: Any) -> StudyConfig:
         seeds=(0,),
         c_steps=40,
         c_lr_factors=(1.0, 10.0, 100.0),
+        c_search="bisect",
         quick=True,
     )
     for key, value in overrides.items():
@@ -269,6 +273,8 @@ def validate_study_config(config: StudyConfig, registry: Any = None) -> StudyCon
         resolve_scheme(label, registry)
     if "B" in config.experiments and not config.b_schemes:
         raise ValueError("The 'b_schemes' list is empty.")
+    if config.c_search not in ("grid", "bisect"):
+        raise ValueError(f"The 'c_search' setting must be 'grid' or 'bisect'. Got {config.c_search!r}.")
     for v in config.c_variants:
         if v not in ("uniform", "is", "is-clip", "is-mean"):
             raise ValueError(
