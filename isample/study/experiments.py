@@ -529,18 +529,35 @@ def experiment_c(
         table[opt] = {}
         for variant, (name, opts, normalize) in variants.items():
             log(f"C {opt} {variant}")
+            refused: dict[float, str] = {}
 
             def run(
-                lr: float, name: str = name, opts: dict = opts, normalize: str = normalize, o: str = opt
+                lr: float,
+                name: str = name,
+                opts: dict = opts,
+                normalize: str = normalize,
+                o: str = opt,
+                refusals: dict = refused,
             ) -> list[float]:
                 # stable only when every seed is: the curve of the first unstable seed, else seed 0's
                 curves = []
                 for seed in study.seeds:
                     with warnings.catch_warnings():  # diverging runs warn about non-finite scores
                         warnings.simplefilter("ignore", RuntimeWarning)
-                        result = train(
-                            data, bench, name, o, lr, seed, scheme_options=opts, weight_normalize=normalize
-                        )
+                        try:
+                            result = train(
+                                data,
+                                bench,
+                                name,
+                                o,
+                                lr,
+                                seed,
+                                scheme_options=opts,
+                                weight_normalize=normalize,
+                            )
+                        except ValueError as exc:  # the optimizer refuses this lr (BAdam: lr**2 < 2 sigma^2)
+                            refusals[lr] = str(exc)
+                            return [1.0, math.nan]
                     losses = [float(p["train_loss"]) for p in result["curve"]]
                     if not is_stable(losses, study.divergence_factor):
                         return losses
@@ -555,6 +572,7 @@ def experiment_c(
                 "factor": None if found.lr is None else found.lr / base,
                 "at_edge": found.at_edge,
                 "monotone": found.monotone,
+                "refused": {repr(k): v for k, v in refused.items()},
                 "tested": {repr(k): v for k, v in found.tested.items()},
             }
     return {
