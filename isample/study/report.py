@@ -198,6 +198,8 @@ def table_c(c: dict[str, Any]) -> str:
                 mark = (" >=" if e["at_edge"] else "") + (
                     "" if e.get("monotone", True) else " (non-monotone)"
                 )
+                if e.get("refused"):
+                    mark += f" (lr >= {min(float(k) for k in e['refused']):.3g} refused)"
                 cells.append(f"{e['lr']:.3g} (x{e['factor']:.3g}){mark}")
         lines.append(f"| {opt} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
