@@ -46,6 +46,8 @@ from .models import build_model
 __all__ = [
     "BenchConfig",
     "OPTIMIZERS",
+    "STUDY_OPTIMIZERS",
+    "available_study_optimizers",
     "DEFAULT_LR_GRIDS",
     "available_optimizers",
     "make_optimizer",
@@ -67,7 +69,12 @@ OPTIMIZERS: dict[str, Callable[[Any, float], torch.optim.Optimizer]] = {
     "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr),
     "rmsprop": lambda params, lr: torch.optim.RMSprop(params, lr=lr),
     "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
-    # the optimizer grid of ``isample study`` (docs/study.md); no default lr grid for bench
+}
+
+#: The further optimizers of ``isample study``'s grid (docs/study.md), by name; ``isample bench``
+#: does not offer them (its optimizers and results stay as they are), :func:`make_optimizer`
+#: builds them. ``brmsprop`` / ``badam`` are added when :mod:`isample.optim` imports.
+STUDY_OPTIMIZERS: dict[str, Callable[[Any, float], torch.optim.Optimizer]] = {
     "sgd-momentum": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9),
     "nesterov": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True),
     "adam-b1-0": lambda params, lr: torch.optim.Adam(params, lr=lr, betas=(0.0, 0.999)),
@@ -84,9 +91,9 @@ def _register_bayesian() -> None:
     except ImportError:
         return
     if hasattr(_optim, "BRMSprop"):
-        OPTIMIZERS["brmsprop"] = lambda params, lr: _optim.BRMSprop(params, lr=lr)
+        STUDY_OPTIMIZERS["brmsprop"] = lambda params, lr: _optim.BRMSprop(params, lr=lr)
     if hasattr(_optim, "BAdam"):
-        OPTIMIZERS["badam"] = lambda params, lr: _optim.BAdam(params, lr=lr)
+        STUDY_OPTIMIZERS["badam"] = lambda params, lr: _optim.BAdam(params, lr=lr)
 
 
 _register_bayesian()
@@ -123,17 +130,23 @@ def available_optimizers() -> list[str]:
     return sorted(OPTIMIZERS)
 
 
+def available_study_optimizers() -> list[str]:
+    """Names of every optimizer :func:`make_optimizer` builds (the bench's and the study's)."""
+    return sorted({**OPTIMIZERS, **STUDY_OPTIMIZERS})
+
+
 def make_optimizer(name: str, params: Any, lr: float) -> torch.optim.Optimizer:
-    """Build optimizer ``name`` (see :data:`OPTIMIZERS`) with learning rate ``lr``.
+    """Build optimizer ``name`` (:data:`OPTIMIZERS` or :data:`STUDY_OPTIMIZERS`) with learning rate ``lr``.
 
     Raises:
         ValueError: unknown name (the message lists the valid ones).
     """
-    if name not in OPTIMIZERS:
+    factory = OPTIMIZERS.get(name) or STUDY_OPTIMIZERS.get(name)
+    if factory is None:
         raise ValueError(
-            f"Unknown optimizer {name!r}. Valid optimizers: {', '.join(available_optimizers())}."
+            f"Unknown optimizer {name!r}. Valid optimizers: {', '.join(available_study_optimizers())}."
         )
-    return OPTIMIZERS[name](params, float(lr))
+    return factory(params, float(lr))
 
 
 _BUDGET = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(s|sec|secs|seconds|steps?)?\s*$", re.IGNORECASE)

@@ -317,7 +317,8 @@ def write_plots(results: dict[str, Any], out: Path) -> list[str]:
                         lw=1.2,
                     )
             ax.set_yscale("log")
-            ax.set_title(f"{opt}: {results['A']['verdicts'][opt]['verdict']}", fontsize=8)
+            v = results["A"]["verdicts"][opt]
+            ax.set_title(f"{opt}: {v['verdict']}; matched: {v['verdict_matched']}", fontsize=7)
             ax.tick_params(labelsize=7)
         for ax in list(axes.flat)[n:]:
             ax.axis("off")

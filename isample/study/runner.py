@@ -20,7 +20,13 @@ import torch
 
 from .. import __version__
 from ..bench.datasets import available_datasets, load_dataset
-from ..bench.harness import OPTIMIZERS, BenchConfig, _registry, available_optimizers, machine_info, train_run
+from ..bench.harness import (
+    BenchConfig,
+    _registry,
+    available_study_optimizers,
+    machine_info,
+    train_run,
+)
 from ..bench.models import MODELS, available_models
 from .experiments import experiment_a, experiment_b, experiment_c, resolve_scheme
 
@@ -74,7 +80,7 @@ _B_GRID = ("sgd", "sgd-momentum", "rmsprop", "adam", "adamw", "brmsprop", "badam
 
 def default_study_optimizers() -> tuple[str, ...]:
     """The optimizer grid; ``brmsprop`` / ``badam`` only when :mod:`isample.optim` provides them."""
-    return tuple(o for o in _GRID if o in OPTIMIZERS)
+    return tuple(o for o in _GRID if o in available_study_optimizers())
 
 
 @dataclass
@@ -86,7 +92,7 @@ class StudyConfig:
         workloads: ``"dataset/model"`` pairs of Experiment B.
         a_workload: the workload of Experiment A (None = the last of ``workloads``).
         c_workload: the workload of Experiment C (None = the last of ``workloads``).
-        optimizers: names from :data:`isample.bench.harness.OPTIMIZERS`.
+        optimizers: names from :func:`isample.bench.harness.available_study_optimizers`.
         b_optimizers: optimizers of Experiment B (None = all ``optimizers``; names not among
             ``optimizers`` are dropped).
         seeds: seeds of A and B (C uses the first).
@@ -126,7 +132,7 @@ class StudyConfig:
     c_workload: str | None = None
     optimizers: tuple[str, ...] = field(default_factory=default_study_optimizers)
     b_optimizers: tuple[str, ...] | None = field(
-        default_factory=lambda: tuple(o for o in _B_GRID if o in OPTIMIZERS)
+        default_factory=lambda: tuple(o for o in _B_GRID if o in available_study_optimizers())
     )
     seeds: tuple[int, ...] = (0, 1)
     steps: int = 160
@@ -233,10 +239,10 @@ def validate_study_config(config: StudyConfig, registry: Any = None) -> StudyCon
     if not config.optimizers:
         raise ValueError("The 'optimizers' list is empty.")
     for o in tuple(config.optimizers) + tuple(config.b_optimizers or ()):
-        if o not in OPTIMIZERS:
+        if o not in available_study_optimizers():
             hint = " (brmsprop / badam need isample.optim)" if o in ("brmsprop", "badam") else ""
             raise ValueError(
-                f"Unknown optimizer {o!r}{hint}. Valid optimizers: {', '.join(available_optimizers())}."
+                f"Unknown optimizer {o!r}{hint}. Valid optimizers: {', '.join(available_study_optimizers())}."
             )
     for o in config.optimizers:
         lr = config.lrs.get(o)
