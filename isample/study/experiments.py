@@ -521,6 +521,9 @@ def experiment_c(
         "is-clip": (scheme, {**options, "max_weight": study.c_max_weight}, "none"),
         "is-mean": (scheme, dict(options), "mean"),
     }
+    table_name, table_options = resolve_scheme(study.c_table_scheme, registry)
+    variants["table"] = (table_name, dict(table_options), "none")
+    variants["table-clip"] = (table_name, {**table_options, "max_weight": study.c_max_weight}, "none")
     variants = {k: v for k, v in variants.items() if k in study.c_variants}
     table: dict[str, dict[str, Any]] = {}
     for opt in study.optimizers:
@@ -578,6 +581,7 @@ def experiment_c(
     return {
         "workload": workload,
         "scheme": study.c_scheme,
+        "table_scheme": study.c_table_scheme,
         "max_weight": study.c_max_weight,
         "grid_factors": list(study.c_lr_factors),
         "table": table,

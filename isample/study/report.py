@@ -277,7 +277,8 @@ def write_report(results: dict[str, Any], path: Path) -> None:
             f"{c['grid_factors']} ({cfg['c_search']} search; "
             f"unstable = a non-finite loss or one above {cfg['divergence_factor']} x the initial "
             f"loss). `is-clip`: weights clipped at {c['max_weight']}; `is-mean`: weights divided "
-            "by their batch mean. `>=`: the grid's largest value was stable.",
+            f"by their batch mean; `table`: {c.get('table_scheme')} (weights up to 1 / (N p_min)); "
+            "`table-clip`: the same clipped. `>=`: the grid's largest value was stable.",
             "",
             table_c(c),
             "",

@@ -110,7 +110,10 @@ class StudyConfig:
             the losses the IS runs reach; a level uniform never reaches is censored).
         n_boot: bootstrap resamples of the Spearman intervals.
         c_scheme: the importance-sampling scheme of Experiment C.
-        c_variants: subset of ``uniform``, ``is``, ``is-clip``, ``is-mean``.
+        c_table_scheme: the table scheme of Experiment C's ``table`` variants (weights up to
+            1 / (N p_min), where a pool scheme's are bounded by its pool).
+        c_variants: subset of ``uniform``, ``is``, ``is-clip``, ``is-mean`` (``c_scheme``
+            with raw, clipped and mean-normalised weights), ``table``, ``table-clip``.
         c_steps: steps per stability run.
         c_lr_factors: the stability grid, multiples of the optimizer's base learning rate.
         c_search: ``"grid"`` (every grid value; reports whether stability was monotone in
@@ -148,7 +151,8 @@ class StudyConfig:
     b_uniform_factor: int = 2
     n_boot: int = 1000
     c_scheme: str = "kf-always"
-    c_variants: tuple[str, ...] = ("uniform", "is", "is-clip", "is-mean")
+    c_table_scheme: str = "history-is"
+    c_variants: tuple[str, ...] = ("uniform", "is", "is-clip", "is-mean", "table", "table-clip")
     c_steps: int = 100
     c_lr_factors: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
     c_search: str = "grid"
@@ -182,7 +186,7 @@ def quick_study_config(**overrides: Any) -> StudyConfig:
         train_eval_size=500,
         b_schemes=("kf-always", "history-is"),
         n_boot=200,
-        c_variants=("uniform", "is", "is-clip"),
+        c_variants=("uniform", "is", "is-clip", "table"),
         seeds=(0,),
         c_steps=40,
         c_lr_factors=(1.0, 10.0, 100.0),
@@ -275,16 +279,17 @@ def validate_study_config(config: StudyConfig, registry: Any = None) -> StudyCon
         )
     if config.train_eval_size is not None:
         _check_int(config.train_eval_size, "train_eval_size", 1)
-    for label in (config.a_scheme, config.c_scheme, *config.b_schemes):
+    for label in (config.a_scheme, config.c_scheme, config.c_table_scheme, *config.b_schemes):
         resolve_scheme(label, registry)
     if "B" in config.experiments and not config.b_schemes:
         raise ValueError("The 'b_schemes' list is empty.")
     if config.c_search not in ("grid", "bisect"):
         raise ValueError(f"The 'c_search' setting must be 'grid' or 'bisect'. Got {config.c_search!r}.")
     for v in config.c_variants:
-        if v not in ("uniform", "is", "is-clip", "is-mean"):
+        if v not in ("uniform", "is", "is-clip", "is-mean", "table", "table-clip"):
             raise ValueError(
-                f"Unknown stability variant {v!r}. Valid variants: uniform, is, is-clip, is-mean."
+                f"Unknown stability variant {v!r}. Valid variants: uniform, is, is-clip, is-mean, table, "
+                "table-clip."
             )
     factors = tuple(float(f) for f in config.c_lr_factors)
     if (
