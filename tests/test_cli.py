@@ -229,3 +229,19 @@ def test_fair_comparison_options():
     assert cfg.train_eval_size is None and cfg.noise_dataset is None and cfg.tune_fraction == 0.5
     with pytest.raises(SystemExit):
         _config("--schedule", "step")
+
+
+def test_study_subcommand_help_and_usage_errors(capsys, tmp_path):
+    """``isample study`` is a sub-command with its own options; argparse errors exit with 2."""
+    with pytest.raises(SystemExit) as info:
+        main(["study", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    options = ("--quick", "--out", "--experiments", "--seeds", "--workloads", "--optimizers", "--no-plots")
+    for option in options:
+        assert option in out
+    with pytest.raises(SystemExit) as info:
+        main(["study", "--seeds", "0"])
+    assert info.value.code == 2
+    assert main(["study", "--quick", "--experiments", "Q", "--out", str(tmp_path / "x")]) == 2
+    assert "Unknown experiment 'Q'" in capsys.readouterr().err
