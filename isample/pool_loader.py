@@ -138,13 +138,7 @@ def scores_from_outputs(
     if callable(hook):
         return hook(outputs, targets)
     if isinstance(scorer, UpperBoundScorer):
-        z = model_call_of(scorer).read(outputs).detach()  # detached: no graph is recorded below
-        scores = None
-        if scorer.closed_form and isinstance(targets, torch.Tensor):
-            scores = upper_bound_closed_form(scorer.loss_fn, z, targets)
-        if scores is None:
-            scores = output_gradient_norms(scorer.loss_fn, z, targets, "PoolLoader.feedback")
-        return scores
+        return _upper_bound_from_logits(scorer, model_call_of(scorer).read(outputs), targets)
     if isinstance(scorer, LossScorer):
         if losses is not None:
             return losses.detach()
@@ -153,6 +147,17 @@ def scores_from_outputs(
                 scorer.loss_fn, model_call_of(scorer).read(outputs).detach(), targets, "PoolLoader"
             )
     return None
+
+
+def _upper_bound_from_logits(scorer: UpperBoundScorer, z: torch.Tensor, targets: Any) -> torch.Tensor:
+    """The upper bound of :func:`scores_from_outputs` from logits already read from the outputs."""
+    z = z.detach()  # detached: no graph is recorded below
+    scores = None
+    if scorer.closed_form and isinstance(targets, torch.Tensor):
+        scores = upper_bound_closed_form(scorer.loss_fn, z, targets)
+    if scores is None:
+        scores = output_gradient_norms(scorer.loss_fn, z, targets, "PoolLoader.feedback")
+    return scores
 
 
 def _scores_from_outputs_supported(scorer: Any) -> bool:
@@ -333,6 +338,7 @@ class PoolLoader:
         check_loss_fn: bool = True,
         num_replicas: int | None = None,
         rank: int | None = None,
+        tau_every: int = 1,
     ) -> None:
         owner = "PoolLoader"
         if not isinstance(model, nn.Module):
@@ -391,6 +397,9 @@ class PoolLoader:
         )
         self.drop_last = bool(drop_last)
         self.num_replicas, self.rank = _dist.resolve_world(num_replicas, rank, owner)
+        tau_every = check_int(tau_every, "tau_every", owner, minimum=1)
+        #: Algorithm 1: steps between decisions while off (1 = every step; replicas always decide every step)
+        self.tau_every = tau_every if self.num_replicas == 1 else 1
         step_size = self.batch_size * self.num_replicas
         default_batches = (
             (self.num_samples // step_size) if self.drop_last else math.ceil(self.num_samples / step_size)
@@ -424,7 +433,7 @@ class PoolLoader:
         self._generation = 0
         self._live = 0  # live iterators that own the resume point
         #: per-step switch inputs and decision, most recent ``HISTORY_LIMIT`` steps (list-like)
-        self.tau_history = History(maxlen=self.HISTORY_LIMIT)
+        self._tau_history = History(maxlen=self.HISTORY_LIMIT)
         self._on_steps = 0
         self._scored_off_steps = 0
         self._warned_off = False
@@ -434,7 +443,14 @@ class PoolLoader:
         self._window: deque[tuple[float, float, float]] = deque(maxlen=self.chunks_per_pool)
         self._window_source = "none"
         self._awaiting: deque[torch.Tensor] = deque(maxlen=self.FEEDBACK_QUEUE)
-        self._fed: list[torch.Tensor] = []
+        # events not yet replayed, in order: ("scores", outputs, targets, losses, n) from feedback,
+        # ("moments", count, s1, s2, source) from pools and probes, ("step", timing, step, served)
+        self._events: list[tuple[Any, ...]] = []
+        self._decision = self.switch.on if hasattr(self.switch, "on") else False
+        # feedback reads the logits once (the scorer's logits= hook) and keeps them for the bound
+        self._reads_logits = isinstance(scorer, UpperBoundScorer) and not callable(
+            getattr(scorer, "scores_from_outputs", None)
+        )
         self._feedbacks = 0
         self._off_yielded = 0
         self._warned_feedback = False
@@ -474,6 +490,22 @@ class PoolLoader:
             persistent_workers=persistent,
             **self._loader_options,  # type: ignore[arg-type]
         )
+
+    @property
+    def tau_history(self) -> History:
+        """Per-step switch inputs and decision, most recent ``HISTORY_LIMIT`` steps (list-like).
+
+        Each entry: ``step``, ``tau`` (over the last B scores), ``ema``, ``on`` (the decision
+        the step was served with), the step's timings and, in Algorithm 1 mode, ``source``.
+        With ``tau_every > 1`` the steps since the last decision are replayed first.
+        """
+        if self._events:
+            self._flush()
+        return self._tau_history
+
+    @tau_history.setter
+    def tau_history(self, value: History) -> None:
+        self._tau_history = value
 
     # ------------------------------------------------------------------ protocol
     def __len__(self) -> int:
@@ -556,7 +588,7 @@ class PoolLoader:
         entry = {"step": self.steps, "tau": tau_value, "ema": ema, "on": on, **timing, **extra}
         if self.num_replicas > 1:
             entry["tau_global"] = observed
-        self.tau_history.append(entry)
+        self._tau_history.append(entry)
         self._on_steps += int(bool(on))
 
     def _observe(self, tau_value: float, timing: dict[str, Any]) -> tuple[float, bool]:
@@ -650,8 +682,13 @@ class PoolLoader:
 
     # ------------------------------------------------------------------ Algorithm 1
     def _lazy_step(self, chunks: Iterator[Any], epoch: int, step: int) -> tuple[WeightedBatch, int]:
-        """A step of Algorithm 1: decide from the last B scores, then read b (off) or a pool of B (on)."""
-        self._drain_feedback()
+        """A step of Algorithm 1: decide from the last B scores, then read b (off) or a pool of B (on).
+
+        The decision is re-evaluated at every step while on, and while off every
+        ``tau_every`` steps: the scores handed back since the last decision are then computed
+        in one batched pass and the switch replays every step in order (see :meth:`_flush`),
+        so its state is the one an every-step evaluation reaches.
+        """
         timing = {
             "score_seconds": self._score_seconds,
             "step_seconds": self._last_step_seconds,
@@ -661,12 +698,15 @@ class PoolLoader:
             "batch_size": self.batch_size,
         }
         self._score_seconds = None
-        tau_value = self._window_tau()
-        observed, on = self._observe(tau_value, timing)
-        self._record(tau_value, observed, on, timing, source=self._window_source)
+        if self._decision or self.tau_every == 1 or self.steps % self.tau_every == 0:
+            self._events.append(("step", timing, self.steps, None))
+            on = self._decision = self._flush()
+        else:
+            on = self._decision
+            self._events.append(("step", timing, self.steps, on))
         k = self.chunks_per_pool if on else 1
         started = time.perf_counter()
-        parts = [next(chunks) for _ in range(k)]
+        parts = [next(chunks) for _ in range(k)] if on else [next(chunks)]
         self._fetch_seconds, self._fetch_chunks = time.perf_counter() - started, k
         # the first parameter object survives model.to(...) (its data moves), so its device is current
         device = self._first_param.device if self._first_param is not None else model_device(self.model)
@@ -683,13 +723,14 @@ class PoolLoader:
             self._score_seconds = time.perf_counter() - started
             return batch, k
         indices, data = parts[0]
-        data = move_to(data, device, non_blocking=True)
-        inputs, targets = split_batch(data)
+        if device.type != "cpu":
+            data = move_to(data, device, non_blocking=True)
         weights = torch.ones(len(indices), dtype=torch.float32)
         batch = WeightedBatch.from_collated(
             data, indices, weights if device.type == "cpu" else weights.to(device)
         )
         if getattr(self.switch, "wants_score_timing", False) and self.steps > 0:
+            inputs, targets = split_batch(data)
             started = time.perf_counter()  # a timed probe: what scoring costs, scaled to a pool of B
             scores = self._score(inputs, targets).to(torch.float64).cpu()
             self._score_seconds = (time.perf_counter() - started) * self.pool_size / max(len(indices), 1)
@@ -718,7 +759,7 @@ class PoolLoader:
     def _push_scores(self, scores: torch.Tensor, source: str) -> None:
         """Enter scores (a pool's B, or a probe's b; CPU float64, finite, >= 0) into the tau window."""
         s1, s2 = float(scores.sum()), float(torch.dot(scores, scores))
-        self._push_moments(int(scores.shape[0]), s1, s2, source)
+        self._events.append(("moments", int(scores.shape[0]), s1, s2, source))
 
     def _push_moments(self, count: int, s1: float, s2: float, source: str) -> None:
         """The window holds the moments ``(count, sum s, sum s^2)`` of the last B / b batches.
@@ -751,24 +792,121 @@ class PoolLoader:
             return float("nan")
         return math.sqrt(n * s2) / s1
 
-    def _drain_feedback(self) -> None:
-        if not self._fed:
-            return
-        fed, self._fed = self._fed, []
-        for scores in fed:
-            values = scores.tolist()  # one device synchronisation per batch; b floats
-            if not values:
+    def _flush(self) -> bool:
+        """Replay the events since the last decision, in order; return the switch's last decision.
+
+        Scores handed back by :meth:`feedback` enter the tau window as their moments
+        ``(count, sum s, sum s^2)``, computed for all pending batches at once
+        (:meth:`_feedback_moments`: one closed-form pass over the concatenated outputs and
+        one device synchronisation); pools and probes enter as they were measured; each
+        step computes tau over the window, feeds the switch with that step's timings and
+        is recorded in ``tau_history`` with the decision it was served with. The result
+        does not depend on how many steps are replayed at once.
+        """
+        events, self._events = self._events, []
+        moments = iter(self._feedback_moments([e for e in events if e[0] == "scores"]))
+        on = bool(getattr(self.switch, "on", False))
+        for event in events:
+            kind = event[0]
+            if kind == "scores":
+                entry = next(moments)
+                if entry is not None:
+                    self._push_moments(*entry, "batch")
+            elif kind == "moments":
+                self._push_moments(*event[1:])
+            else:
+                _, timing, step, served = event
+                tau_value = self._window_tau()
+                observed, on = self._observe(tau_value, timing)
+                self._record(
+                    tau_value,
+                    observed,
+                    on if served is None else served,
+                    timing,
+                    source=self._window_source,
+                    step=step,
+                )
+        return on
+
+    def _scores_of(self, z: Any, targets: Any, losses: Any) -> torch.Tensor | None:
+        """Scores of one fed batch (or several concatenated): logits already read for the bound."""
+        if self._reads_logits:
+            return _upper_bound_from_logits(self.scorer, z, targets)
+        return scores_from_outputs(self.scorer, z, targets, losses)
+
+    def _feedback_moments(self, events: list[tuple[Any, ...]]) -> list[tuple[int, float, float] | None]:
+        """``(count, sum s, sum s^2)`` of each fed batch's scores (None: no finite score).
+
+        The outputs of batches of one shape are concatenated and scored in one call of
+        :func:`scores_from_outputs` (its scores are per-example, so this equals scoring
+        each batch alone); the per-batch sums are read with one synchronisation.
+        NaN / inf scores are dropped; a negative score is a ValueError.
+        """
+        if not events:
+            return []
+        scores: list[torch.Tensor] = []
+        first_z = events[0][1]
+        batchable = (
+            len(events) > 1
+            and isinstance(self.scorer, (UpperBoundScorer, LossScorer))  # per-example scores only
+            and not callable(getattr(self.scorer, "scores_from_outputs", None))
+            and all(isinstance(e[1], torch.Tensor) and isinstance(e[2], torch.Tensor) for e in events)
+            and len({(e[1].shape[1:], e[1].device, e[2].shape[1:]) for e in events}) == 1
+            and isinstance(first_z, torch.Tensor)
+        )
+        if batchable:
+            z = torch.cat([e[1] for e in events])
+            y = torch.cat([e[2] for e in events])
+            losses = [e[3] for e in events]
+            loss = torch.cat(losses) if all(isinstance(v, torch.Tensor) for v in losses) else None
+            flat = self._scores_of(z, y, loss)
+            if flat is None or flat.shape[0] != z.shape[0]:  # pragma: no cover - checked at construction
+                batchable = False
+            else:
+                scores = list(torch.split(flat.detach().reshape(-1), [int(e[4]) for e in events]))
+        if not batchable:
+            scores = []
+            for _, z, y, loss, n in events:
+                s = self._scores_of(z, y, loss)
+                if s is None:  # pragma: no cover - checked at construction
+                    s = torch.full((n,), float("nan"))
+                s = s.detach().reshape(-1)
+                if s.shape[0] != n:
+                    raise ValueError(
+                        f"PoolLoader.feedback got {s.shape[0]} scores for a batch of {n} examples."
+                    )
+                scores.append(s)
+        sizes = [int(s.shape[0]) for s in scores]
+        flat = torch.cat(scores) if len(scores) > 1 else scores[0]
+        flat = flat.to(torch.float64)
+        if len(set(sizes)) == 1 and sizes[0] > 0:
+            rows = flat.view(len(sizes), sizes[0])
+            stats = torch.stack((rows.sum(1), rows.square().sum(1), rows.amin(1))).tolist()
+        else:
+            parts = torch.split(flat, sizes)
+            stats = [
+                [float(p.sum()) for p in parts],
+                [float(p.square().sum()) for p in parts],
+                [float(p.amin()) if p.numel() else 0.0 for p in parts],
+            ]
+        out: list[tuple[int, float, float] | None] = []
+        for i, n in enumerate(sizes):
+            s1, s2, low = stats[0][i], stats[1][i], stats[2][i]
+            if n and math.isfinite(s1) and math.isfinite(s2):
+                if low < 0:
+                    raise ValueError(f"PoolLoader.feedback got negative scores (min {low:.4g}).")
+                out.append((n, s1, s2))
                 continue
-            s1 = sum(values)
-            if not math.isfinite(s1):  # drop NaN / inf scores
-                values = [v for v in values if math.isfinite(v)]
-                if not values:
-                    continue
-                s1 = sum(values)
+            part = flat[sum(sizes[:i]) : sum(sizes[: i + 1])]
+            values = [v for v in part.tolist() if math.isfinite(v)]  # drop NaN / inf scores
+            if not values:
+                out.append(None)
+                continue
             low = min(values)
             if low < 0:
                 raise ValueError(f"PoolLoader.feedback got negative scores (min {low:.4g}).")
-            self._push_moments(len(values), s1, sum(map(operator.mul, values, values)), "batch")
+            out.append((len(values), sum(values), sum(map(operator.mul, values, values))))
+        return out
 
     def feedback(self, batch: WeightedBatch, outputs: Any, losses: torch.Tensor | None = None) -> None:
         """Hand the training step's outputs back (Algorithm 1 mode); called after the forward pass.
@@ -793,15 +931,22 @@ class PoolLoader:
             raise param_error("batch", "PoolLoader.feedback", "a WeightedBatch", batch, TypeError)
         if not self._take_awaiting(idx):
             return  # not an off batch still awaited: nothing to learn from it
-        scores = scores_from_outputs(self.scorer, outputs, batch.targets, losses)
-        if scores is None:  # pragma: no cover - checked at construction
-            return
-        if scores.shape[0] != idx.shape[0]:
-            raise ValueError(
-                f"PoolLoader.feedback got {scores.shape[0]} scores for a batch of {idx.shape[0]} examples."
-            )
+        z = outputs
+        if self._reads_logits:
+            z = model_call_of(self.scorer).read(outputs)
+            if not isinstance(z, torch.Tensor):
+                raise param_error(
+                    "outputs", "PoolLoader.feedback", "logits the scorer can read", outputs, TypeError
+                )
+            z = z.detach()
+            if z.shape[0] != idx.shape[0]:
+                raise ValueError(
+                    f"PoolLoader.feedback got {z.shape[0]} scores for a batch of {idx.shape[0]} examples."
+                )
         self._feedbacks += 1
-        self._fed.append(scores.detach().reshape(-1))  # read at the next request: no sync here
+        # scored at the next decision, batched with the other pending batches (no sync here)
+        loss = losses.detach() if isinstance(losses, torch.Tensor) else losses
+        self._events.append(("scores", z, batch.targets, loss, int(idx.shape[0])))
 
     def _take_awaiting(self, idx: torch.Tensor) -> bool:
         """Remove the off batch with these indices from the queue awaiting feedback; False if absent."""
@@ -903,7 +1048,8 @@ class PoolLoader:
         if self.lazy and isinstance(self.scorer, LossScorer) and isinstance(indices, torch.Tensor):
             if self._awaiting and self._take_awaiting(indices):
                 self._feedbacks += 1
-                self._fed.append(torch.as_tensor(scores).detach().reshape(-1))
+                values = torch.as_tensor(scores).detach().reshape(-1)
+                self._events.append(("scores", None, None, values, int(values.shape[0])))
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue bit-identically.
@@ -918,7 +1064,8 @@ class PoolLoader:
             workers) is redrawn identically after loading. Feedback still awaited for a
             batch yielded before saving is not saved.
         """
-        self._drain_feedback()
+        if self._events:
+            self._flush()
         return {
             "version": self.STATE_VERSION,
             "num_samples": self.num_samples,
@@ -939,6 +1086,7 @@ class PoolLoader:
             "tau_history": list(self.tau_history),
             "window": [list(m) for m in self._window],
             "window_source": self._window_source,
+            "decision": bool(self._decision),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -1000,7 +1148,8 @@ class PoolLoader:
         self._window = deque(window, maxlen=self.chunks_per_pool)
         self._window_source = str(state.get("window_source", "none"))
         self._awaiting.clear()
-        self._fed = []
+        self._events = []
+        self._decision = bool(state.get("decision", getattr(self.switch, "on", False)))
 
 
 def _state_window(window: Any, parts: int) -> list[tuple[float, float, float]]:

@@ -74,6 +74,11 @@ class Auto(PoolScheme):
         tau_momentum: EMA momentum of tau and of the measured times (0.9).
         probe_every: steps between timed scoring probes while off (500).
         closed_form: closed-form upper bound for cross-entropy / MSE (default True).
+        tau_every: while off, decide every this many steps (8; 1 = every step). The
+            scores fed back since the last decision are computed in one batched pass and
+            the switch replays every step in order, so its state is exactly that of an
+            every-step evaluation; only the step at which a decision takes effect can be up
+            to ``tau_every - 1`` steps later (:class:`isample.PoolLoader`).
         scoring_batch_size, num_batches, drop_last, **loader_options:
             :class:`isample.PoolLoader` options.
 
@@ -101,6 +106,7 @@ class Auto(PoolScheme):
         tau_momentum: float = 0.9,
         probe_every: int = 500,
         closed_form: bool = True,
+        tau_every: int = 8,
         scoring_batch_size: int | None = None,
         num_batches: int | None = None,
         drop_last: bool = False,
@@ -124,6 +130,7 @@ class Auto(PoolScheme):
             switch=switch,
             score_when_off=False,
             warn_off_epochs=None,
+            tau_every=tau_every,
             scoring_batch_size=scoring_batch_size,
             num_batches=num_batches,
             drop_last=drop_last,

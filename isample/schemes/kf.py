@@ -53,6 +53,11 @@ class KatharopoulosFleuret(PoolScheme):
             pool at every step, also while the switch is off (tau from the pool itself).
         power, additive, relative, mixing: score smoothing (:class:`isample.policies.ScorePolicy`).
         closed_form: closed-form upper bound for cross-entropy / MSE (default True).
+        tau_every: while off, decide every this many steps (8; 1 = every step). The
+            scores fed back since the last decision are computed in one batched pass and
+            the switch replays every step in order, so its state is exactly that of an
+            every-step evaluation; only the step at which a decision takes effect can be up
+            to ``tau_every - 1`` steps later (:class:`isample.PoolLoader`).
         scoring_batch_size, num_batches, drop_last, max_weight, replacement:
             :class:`isample.PoolLoader` options.
         **loader_options: torch DataLoader options (see :class:`isample.DataLoader`).
@@ -85,6 +90,7 @@ class KatharopoulosFleuret(PoolScheme):
         relative: float = 0.0,
         mixing: float = 0.0,
         closed_form: bool = True,
+        tau_every: int = 8,
         scoring_batch_size: int | None = None,
         num_batches: int | None = None,
         drop_last: bool = False,
@@ -106,6 +112,7 @@ class KatharopoulosFleuret(PoolScheme):
             additive=additive,
             relative=relative,
             mixing=mixing,
+            tau_every=tau_every,
             scoring_batch_size=scoring_batch_size,
             num_batches=num_batches,
             drop_last=drop_last,
