@@ -76,7 +76,11 @@ class _ChunkStream(Sampler[torch.Tensor]):
     of rank r is global chunk ``j * num_replicas + r``. A step reads one chunk (a pool of
     B, or in Algorithm 1 mode a batch of b while importance sampling is off) or
     ``B / b`` chunks (a pool, in Algorithm 1 mode while it is on); the sequence of chunks
-    does not depend on those decisions, so workers can prefetch it.
+    does not depend on those decisions, so workers can prefetch it. In Algorithm 1 mode
+    (``aligned``) each permutation is cut on its own into ``ceil(N / b)`` chunks, the last
+    one short, as the uniform scheme cuts its epoch: a switch that stays off reads exactly
+    uniform's batches whatever N mod b (a pool that reaches the end of a permutation is
+    then shorter than B).
     The range to read is captured when ``iter()`` is called (two iterators do not share it).
     """
 
@@ -88,8 +92,11 @@ class _ChunkStream(Sampler[torch.Tensor]):
         num_replicas: int = 1,
         rank: int = 0,
         stream: int = 1,
+        aligned: bool = False,
     ) -> None:
         self.stream = stream  # permutation stream id (UNIFORM_STREAM in Algorithm 1 mode)
+        #: chunks never straddle two permutations (Algorithm 1: uniform's batches, short last one)
+        self.aligned = aligned
         self.num_samples = num_samples
         self.chunk_size = chunk_size
         self.seed = seed
@@ -109,6 +116,14 @@ class _ChunkStream(Sampler[torch.Tensor]):
         """LongTensor chunks of dataset indices (no per-index Python objects)."""
         n, size, replicas, rank = self.num_samples, self.chunk_size, self.num_replicas, self.rank
         cached_block, perm = -1, torch.empty(0, dtype=torch.long)
+        if self.aligned:  # each permutation cut into ceil(n / size) chunks, the last one short
+            per_block = -(-n // size)
+            for j in range(start, stop):
+                block, part = divmod(j * replicas + rank, per_block)
+                if block != cached_block:
+                    perm, cached_block = permutation(n, seed, epoch, block, self.stream), block
+                yield perm[part * size : min((part + 1) * size, n)]
+            return
         for j in range(start, stop):
             lo = (j * replicas + rank) * size
             hi = lo + size
@@ -466,6 +481,7 @@ class PoolLoader:
             # Algorithm 1 reads uniform's batches while off: a switch that never turns on
             # reproduces the uniform scheme exactly (same seed, same batches)
             UNIFORM_STREAM if self.lazy else 1,
+            aligned=self.lazy,
         )
         self._loader_options = dict(
             num_workers=options["num_workers"],
@@ -543,6 +559,7 @@ class PoolLoader:
                 self.num_replicas,
                 self.rank,
                 self._stream.stream,
+                self._stream.aligned,
             )
         )
         stream.seed = self.seed
