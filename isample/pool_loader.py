@@ -462,6 +462,9 @@ class PoolLoader:
         # ("moments", count, s1, s2, source) from pools and probes, ("step", timing, step, served)
         self._events: list[tuple[Any, ...]] = []
         self._decision = self.switch.on if hasattr(self.switch, "on") else False
+        self._prev_served = bool(self._decision)  # the decision the last replayed step was served with
+        #: hand the switch the weighted training loss of each batch (``timing["train_loss"]``)
+        self._wants_losses = self.lazy and bool(getattr(self.switch, "wants_losses", False))
         # feedback reads the logits once (the scorer's logits= hook) and keeps them for the bound
         self._reads_logits = isinstance(scorer, UpperBoundScorer) and not callable(
             getattr(scorer, "scores_from_outputs", None)
@@ -822,10 +825,14 @@ class PoolLoader:
         """
         events, self._events = self._events, []
         moments = iter(self._feedback_moments([e for e in events if e[0] == "scores"]))
+        losses = iter(_weighted_means([e for e in events if e[0] == "loss"]))
         on = bool(getattr(self.switch, "on", False))
+        loss: float | None = None
         for event in events:
             kind = event[0]
-            if kind == "scores":
+            if kind == "loss":
+                loss = next(losses)
+            elif kind == "scores":
                 entry = next(moments)
                 if entry is not None:
                     self._push_moments(*entry, "batch")
@@ -833,8 +840,12 @@ class PoolLoader:
                 self._push_moments(*event[1:])
             else:
                 _, timing, step, served = event
+                if self._wants_losses:  # the previous batch: its weighted loss and its regime
+                    timing = {**timing, "train_loss": loss, "was_on": self._prev_served}
+                    loss = None
                 tau_value = self._window_tau()
                 observed, on = self._observe(tau_value, timing)
+                self._prev_served = bool(on if served is None else served)
                 self._record(
                     tau_value,
                     observed,
@@ -941,6 +952,9 @@ class PoolLoader:
                 dict or object holding them); detached inside.
             losses: the per-example losses (used by :class:`LossScorer`), optional.
         """
+        if self._wants_losses and isinstance(losses, torch.Tensor):
+            weights = getattr(batch, "weights", None)
+            self._events.append(("loss", losses.detach(), weights))  # reduced at the next decision
         if not self.lazy or not self._awaiting:
             return
         idx = getattr(batch, "indices", None)
@@ -1104,6 +1118,7 @@ class PoolLoader:
             "window": [list(m) for m in self._window],
             "window_source": self._window_source,
             "decision": bool(self._decision),
+            "prev_served": bool(self._prev_served),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -1167,6 +1182,39 @@ class PoolLoader:
         self._awaiting.clear()
         self._events = []
         self._decision = bool(state.get("decision", getattr(self.switch, "on", False)))
+        self._prev_served = bool(state.get("prev_served", self._decision))
+
+
+def _weighted_means(events: list[tuple[Any, ...]]) -> list[float | None]:
+    """``mean(w * l)`` of each ``("loss", losses, weights)`` event, read with one synchronisation.
+
+    The weighted mean is the batch's unbiased estimate of the mean training loss in both
+    regimes (weights 1 for a uniform batch, ``1 / (B p_i)`` for a pool draw). None for an
+    event whose losses are not one per example or not finite.
+    """
+    if not events:
+        return []
+    shapes = {(e[1].shape, e[1].device, e[1].dtype) for e in events}
+    if len(shapes) == 1 and events[0][1].dim() == 1:
+        if all(isinstance(e[2], torch.Tensor) and e[2].shape == e[1].shape for e in events):
+            lw = torch.stack([e[1] for e in events]).float()
+            w = torch.stack([e[2] for e in events]).to(device=lw.device, dtype=lw.dtype)
+            out = lw.mul_(w).mean(1).tolist()  # one synchronisation for all pending batches
+            return [v if math.isfinite(v) else None for v in out]
+    values: list[torch.Tensor] = []
+    for _, losses, weights in events:
+        flat = losses.reshape(-1) if losses.dim() else losses.reshape(1)
+        if isinstance(weights, torch.Tensor) and weights.numel() == flat.numel():
+            flat = flat * weights.reshape(-1).to(device=flat.device, dtype=flat.dtype)
+        values.append(flat.float().mean())
+    if not values:
+        return []
+    devices = {v.device for v in values}
+    if len(devices) == 1:
+        out = torch.stack(values).tolist()
+    else:
+        out = [float(v) for v in values]
+    return [v if math.isfinite(v) else None for v in out]
 
 
 def _state_window(window: Any, parts: int) -> list[tuple[float, float, float]]:

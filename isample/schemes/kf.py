@@ -53,11 +53,6 @@ class KatharopoulosFleuret(PoolScheme):
             pool at every step, also while the switch is off (tau from the pool itself).
         power, additive, relative, mixing: score smoothing (:class:`isample.policies.ScorePolicy`).
         closed_form: closed-form upper bound for cross-entropy / MSE (default True).
-        tau_every: while off, decide every this many steps (8; 1 = every step). The
-            scores fed back since the last decision are computed in one batched pass and
-            the switch replays every step in order, so its state is exactly that of an
-            every-step evaluation; only the step at which a decision takes effect can be up
-            to ``tau_every - 1`` steps later (:class:`isample.PoolLoader`).
         scoring_batch_size, num_batches, drop_last, max_weight, replacement:
             :class:`isample.PoolLoader` options.
         **loader_options: torch DataLoader options (see :class:`isample.DataLoader`).
@@ -69,6 +64,11 @@ class KatharopoulosFleuret(PoolScheme):
 
     name = "kf"
     unbiased = True
+    #: while off, decide every this many steps: the scores fed back since the last decision
+    #: are computed in one batched pass and the switch replays every step in order, so its
+    #: state is that of an every-step evaluation; a decision takes effect up to 7 steps later
+    #: (``tau_every`` of :class:`isample.PoolLoader`)
+    TAU_EVERY = 8
 
     def __init__(
         self,
@@ -90,7 +90,6 @@ class KatharopoulosFleuret(PoolScheme):
         relative: float = 0.0,
         mixing: float = 0.0,
         closed_form: bool = True,
-        tau_every: int = 8,
         scoring_batch_size: int | None = None,
         num_batches: int | None = None,
         drop_last: bool = False,
@@ -112,7 +111,7 @@ class KatharopoulosFleuret(PoolScheme):
             additive=additive,
             relative=relative,
             mixing=mixing,
-            tau_every=tau_every,
+            tau_every=self.TAU_EVERY,
             scoring_batch_size=scoring_batch_size,
             num_batches=num_batches,
             drop_last=drop_last,
