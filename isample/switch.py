@@ -442,7 +442,7 @@ class AutoSwitch:
         probe_every: while off, re-time a scoring probe every this many steps (int >= 1, 500).
         always: on from the first step (the rule then only reports).
         efficiency: initial alpha in [0, 1] (1.0 here: the undiscounted prediction; the
-            ``auto`` scheme passes 0.25).
+            ``auto`` scheme passes 0.1).
         window: steps in each realized-progress fit (int >= 3, 30).
         settle: on-steps ignored after a switch before fitting (int >= 0, 10).
         cooldown: steps off after the first failed check, doubled after each (int >= 1, 200).
