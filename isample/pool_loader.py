@@ -287,6 +287,18 @@ class PoolLoader:
         rank: this process's rank (default: from ``torch.distributed``, else 0).
         check_loss_fn: check on two examples at construction that the scorer returns
             one finite score per example (catches a reduced loss before training).
+        tau_every: Algorithm 1 only: while off, decide every this many steps (default 1:
+            every step). The outputs handed to :meth:`feedback` are kept, and at a decision
+            the scores of all batches since the last one are computed in one batched pass
+            (one closed-form call over the concatenated outputs, one synchronisation);
+            the switch then observes every step in order with that step's tau and
+            timings, so its state (tau EMA, costs) is exactly the one an every-step
+            evaluation reaches, and ``tau_history`` has one entry per step. Only the step
+            at which a switch-on takes effect can come up to ``tau_every - 1`` steps
+            later. While on, every step decides. ``tau_history``, :meth:`describe` and
+            :meth:`state_dict` replay the pending steps first (the served decisions do
+            not change). Forced to 1 with several replicas (every rank must gather tau
+            at the same steps).
 
     Yields:
         :class:`WeightedBatch` with inputs and targets on the model's device, indices

@@ -388,12 +388,15 @@ def realized_speedup(rate_on: float, rate_off: float) -> float:
 class AutoSwitch:
     """Pool importance sampling only while it pays in measured time (the ``auto`` scheme's rule).
 
-    **Costs.** It follows EMAs (momentum ``momentum``) of tau and of three measured times fed
+    **Costs.** It follows an EMA (momentum ``momentum``) of tau and three measured times fed
     by a :class:`isample.PoolLoader` in Algorithm 1 mode: the training step
-    (``step_seconds``), reading one batch (``fetch_seconds / chunks``), scoring a pool of B
-    and drawing from it (``score_seconds``, from real pools while on and from timed scoring
-    probes of a batch, scaled by B / b, while off). The first measurement of each time is
-    discarded (warm-up). They give the cost ratio R of a pool step to a uniform step.
+    (``step_seconds``) and reading one batch (``fetch_seconds / chunks``), each the median
+    of the last ``MEDIAN_OF = 25`` measurements (a loop that pauses to evaluate, log or
+    checkpoint inflates a few step times; an EMA would carry those pauses into R), and
+    scoring a pool of B and drawing from it (``score_seconds``, an EMA, from real pools
+    while on and from timed scoring probes of a batch, scaled by B / b, while off). The
+    first measurement of each time is discarded (warm-up). They give the cost ratio R of a
+    pool step to a uniform step.
 
     **Predicted gain.** ``tau**2`` estimates the variance multiplier kappa of drawing b from
     the pool of B. A step with kappa times less gradient noise is worth about kappa uniform
@@ -452,6 +455,9 @@ class AutoSwitch:
     _COSTS = ("train_seconds", "fetch_seconds", "score_seconds")
     #: a :class:`isample.PoolLoader` hands it the weighted loss of each batch (``train_loss``)
     wants_losses = True
+    #: the step and read times are the median of this many recent measurements
+    MEDIAN_OF = 25
+    _MEDIAN_COSTS = ("train_seconds", "fetch_seconds")
     #: switch events kept in ``history``
     HISTORY_LIMIT = 100
 
@@ -484,6 +490,7 @@ class AutoSwitch:
         self.observations = 0
         self.costs: dict[str, float | None] = dict.fromkeys(self._COSTS)
         self.seen: dict[str, int] = dict.fromkeys(self._COSTS, 0)
+        self._recent: dict[str, deque[float]] = {}
         self.since_score = 0
         self.chunks_per_pool: float | None = None
         # realized progress
@@ -512,6 +519,13 @@ class AutoSwitch:
             return
         self.seen[key] += 1
         if self.seen[key] == 1:  # warm-up: the first measurement includes one-off costs
+            return
+        if key in self._MEDIAN_COSTS:  # per-step times: a median, robust to pauses of the loop
+            recent = self._recent.setdefault(key, deque(maxlen=self.MEDIAN_OF))
+            recent.append(float(value))
+            ordered = sorted(recent)
+            mid = len(ordered) // 2
+            self.costs[key] = ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
             return
         old = self.costs[key]
         self.costs[key] = value if old is None else self.momentum * old + (1 - self.momentum) * value
@@ -680,6 +694,7 @@ class AutoSwitch:
             "off_points": [list(p) for p in self._off_points],
             "on_points": [list(p) for p in self._on_points],
             "gains": list(self._gains),
+            "recent": {k: list(v) for k, v in self._recent.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -710,6 +725,10 @@ class AutoSwitch:
         )
         self._on_points = [tuple(p) for p in state.get("on_points", [])]  # type: ignore[misc]
         self._gains = [float(g) for g in state.get("gains", [])]
+        self._recent = {
+            k: deque((float(v) for v in values), maxlen=self.MEDIAN_OF)
+            for k, values in state.get("recent", {}).items()
+        }
 
     def describe(self) -> dict[str, Any]:
         """The decision, the rule and its inputs.

@@ -236,3 +236,16 @@ def test_tau_every_k_steps_reaches_the_same_switch_states_and_delays_only_the_ef
     assert lazy.tau_every == 5 and eager.tau_every == 1
     with pytest.raises(ValueError, match="'tau_every' parameter of PoolLoader"):
         _lazy_run(0)
+
+
+def test_step_time_is_a_median_robust_to_pauses_of_the_loop():
+    s = AutoSwitch(momentum=0.9)
+    for i in range(40):
+        t = timing()
+        t["step_seconds"] = 0.5 if i % 10 == 9 else 0.010  # an evaluation every 10 steps
+        s.observe(1.0, t)
+    assert s.costs["train_seconds"] == pytest.approx(0.010)
+    copy = AutoSwitch(momentum=0.9)
+    copy.load_state_dict(s.state_dict())
+    t = timing()
+    assert copy.observe(1.0, t) == s.observe(1.0, t) and copy.describe() == s.describe()
