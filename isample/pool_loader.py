@@ -965,15 +965,25 @@ class PoolLoader:
             losses: the per-example losses (used by :class:`LossScorer`), optional.
         """
         if self._wants_losses and isinstance(losses, torch.Tensor):
-            weights = getattr(batch, "weights", None)
-            self._events.append(("loss", losses.detach(), weights))  # reduced at the next decision
-        if not self.lazy or not self._awaiting:
-            return
-        idx = getattr(batch, "indices", None)
-        if not isinstance(idx, torch.Tensor):
-            raise param_error("batch", "PoolLoader.feedback", "a WeightedBatch", batch, TypeError)
-        if not self._take_awaiting(idx):
-            return  # not an off batch still awaited: nothing to learn from it
+            off = False
+            if self._awaiting:
+                idx = getattr(batch, "indices", None)
+                if not isinstance(idx, torch.Tensor):
+                    raise param_error("batch", "PoolLoader.feedback", "a WeightedBatch", batch, TypeError)
+                off = self._take_awaiting(idx)
+            # reduced at the next decision; an off batch's weights are all 1
+            weights = None if off else getattr(batch, "weights", None)
+            self._events.append(("loss", losses.detach(), weights))
+            if not off:
+                return
+        else:
+            if not self.lazy or not self._awaiting:
+                return
+            idx = getattr(batch, "indices", None)
+            if not isinstance(idx, torch.Tensor):
+                raise param_error("batch", "PoolLoader.feedback", "a WeightedBatch", batch, TypeError)
+            if not self._take_awaiting(idx):
+                return  # not an off batch still awaited: nothing to learn from it
         z = outputs
         if self._reads_logits:
             z = model_call_of(self.scorer).read(outputs)
@@ -1208,6 +1218,9 @@ def _weighted_means(events: list[tuple[Any, ...]]) -> list[float | None]:
         return []
     shapes = {(e[1].shape, e[1].device, e[1].dtype) for e in events}
     if len(shapes) == 1 and events[0][1].dim() == 1:
+        if all(e[2] is None for e in events):  # uniform batches: plain means
+            out = torch.stack([e[1] for e in events]).float().mean(1).tolist()
+            return [v if math.isfinite(v) else None for v in out]
         if all(isinstance(e[2], torch.Tensor) and e[2].shape == e[1].shape for e in events):
             lw = torch.stack([e[1] for e in events]).float()
             w = torch.stack([e[2] for e in events]).to(device=lw.device, dtype=lw.dtype)

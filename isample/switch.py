@@ -17,6 +17,7 @@ References:
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from collections import deque
@@ -491,6 +492,7 @@ class AutoSwitch:
         self.costs: dict[str, float | None] = dict.fromkeys(self._COSTS)
         self.seen: dict[str, int] = dict.fromkeys(self._COSTS, 0)
         self._recent: dict[str, deque[float]] = {}
+        self._sorted: dict[str, list[float]] = {}  # the same values, sorted
         self.since_score = 0
         self.chunks_per_pool: float | None = None
         # realized progress
@@ -521,9 +523,15 @@ class AutoSwitch:
         if self.seen[key] == 1:  # warm-up: the first measurement includes one-off costs
             return
         if key in self._MEDIAN_COSTS:  # per-step times: a median, robust to pauses of the loop
-            recent = self._recent.setdefault(key, deque(maxlen=self.MEDIAN_OF))
+            recent = self._recent.get(key)
+            if recent is None:
+                recent = self._recent[key] = deque()
+                self._sorted[key] = []
+            ordered = self._sorted[key]
+            if len(recent) >= self.MEDIAN_OF:
+                del ordered[bisect.bisect_left(ordered, recent.popleft())]
             recent.append(float(value))
-            ordered = sorted(recent)
+            bisect.insort(ordered, float(value))
             mid = len(ordered) // 2
             self.costs[key] = ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
             return
@@ -726,9 +734,10 @@ class AutoSwitch:
         self._on_points = [tuple(p) for p in state.get("on_points", [])]  # type: ignore[misc]
         self._gains = [float(g) for g in state.get("gains", [])]
         self._recent = {
-            k: deque((float(v) for v in values), maxlen=self.MEDIAN_OF)
+            k: deque(float(v) for v in list(values)[-self.MEDIAN_OF :])
             for k, values in state.get("recent", {}).items()
         }
+        self._sorted = {k: sorted(v) for k, v in self._recent.items()}
 
     def describe(self) -> dict[str, Any]:
         """The decision, the rule and its inputs.
