@@ -475,6 +475,7 @@ class PoolLoader:
         self._events: list[tuple[Any, ...]] = []
         self._decision = self.switch.on if hasattr(self.switch, "on") else False
         self._prev_served = bool(self._decision)  # the decision the last replayed step was served with
+        self._probe_pending = False  # a timed probe whose timing the switch has not observed yet
         #: hand the switch the weighted training loss of each batch (``timing["train_loss"]``)
         self._wants_losses = self.lazy and bool(getattr(self.switch, "wants_losses", False))
         # feedback reads the logits once (the scorer's logits= hook) and keeps them for the bound
@@ -761,7 +762,8 @@ class PoolLoader:
         batch = WeightedBatch.from_collated(
             data, indices, weights if device.type == "cpu" else weights.to(device)
         )
-        if getattr(self.switch, "wants_score_timing", False) and self.steps > 0:
+        if getattr(self.switch, "wants_score_timing", False) and self.steps > 0 and not self._probe_pending:
+            self._probe_pending = True  # until the switch has seen its timing (tau_every > 1: at replay)
             inputs, targets = split_batch(data)
             started = time.perf_counter()  # a timed probe: what scoring costs, scaled to a pool of B
             scores = self._score(inputs, targets).to(torch.float64).cpu()
@@ -852,6 +854,8 @@ class PoolLoader:
                 self._push_moments(*event[1:])
             else:
                 _, timing, step, served = event
+                if timing.get("score_seconds") is not None:
+                    self._probe_pending = False
                 if self._wants_losses:  # the previous batch: its weighted loss and its regime
                     timing = {**timing, "train_loss": loss, "was_on": self._prev_served}
                     loss = None
@@ -1203,6 +1207,7 @@ class PoolLoader:
         self._window_source = str(state.get("window_source", "none"))
         self._awaiting.clear()
         self._events = []
+        self._probe_pending = False
         self._decision = bool(state.get("decision", getattr(self.switch, "on", False)))
         self._prev_served = bool(state.get("prev_served", self._decision))
 

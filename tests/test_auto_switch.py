@@ -249,3 +249,21 @@ def test_step_time_is_a_median_robust_to_pauses_of_the_loop():
     copy.load_state_dict(s.state_dict())
     t = timing()
     assert copy.observe(1.0, t) == s.observe(1.0, t) and copy.describe() == s.describe()
+
+
+def test_timed_probes_are_not_repeated_while_their_timing_awaits_the_next_decision(classification):
+    import isample.schemes as schemes
+
+    ce = nn.CrossEntropyLoss(reduction="none")
+    model = make_mlp()
+    loader = schemes.build("auto", classification, model, ce, 8, probe_every=20)
+    steps = 0
+    for _ in range(3):
+        for batch in loader:
+            out = model(batch.inputs)
+            loader.feedback(batch, out.detach(), ce(out, batch.targets).detach())
+            steps += 1
+    probes = sum(1 for h in loader.pool.tau_history if h.get("source") == "probe" and h["score_seconds"])
+    scored_batches = loader.cost()["scored_examples"] // 8
+    # two at the start (the first is a discarded warm-up), then one per probe_every steps
+    assert scored_batches <= 2 + steps // 20 + 1 and probes >= 1
