@@ -857,7 +857,7 @@ class PoolLoader:
                 if timing.get("score_seconds") is not None:
                     self._probe_pending = False
                 if self._wants_losses:  # the previous batch: its weighted loss and its regime
-                    timing = {**timing, "train_loss": loss, "was_on": self._prev_served}
+                    timing["train_loss"], timing["was_on"] = loss, self._prev_served  # our own dict
                     loss = None
                 tau_value = self._window_tau()
                 observed, on = self._observe(tau_value, timing)
@@ -889,6 +889,8 @@ class PoolLoader:
         if not events:
             return []
         scores: list[torch.Tensor] = []
+        sizes: list[int] = []
+        flat = torch.empty(0)
         first_z = events[0][1]
         batchable = (
             len(events) > 1
@@ -907,7 +909,8 @@ class PoolLoader:
             if flat is None or flat.shape[0] != z.shape[0]:  # pragma: no cover - checked at construction
                 batchable = False
             else:
-                scores = list(torch.split(flat.detach().reshape(-1), [int(e[4]) for e in events]))
+                sizes = [int(e[4]) for e in events]
+                flat = flat.detach().reshape(-1)
         if not batchable:
             scores = []
             for _, z, y, loss, n in events:
@@ -920,12 +923,15 @@ class PoolLoader:
                         f"PoolLoader.feedback got {s.shape[0]} scores for a batch of {n} examples."
                     )
                 scores.append(s)
-        sizes = [int(s.shape[0]) for s in scores]
-        flat = torch.cat(scores) if len(scores) > 1 else scores[0]
+            sizes = [int(s.shape[0]) for s in scores]
+            flat = torch.cat(scores) if len(scores) > 1 else scores[0]
         flat = flat.to(torch.float64)
+        # a norm is >= 0 by construction: the upper bound needs no sign check
+        signed = not self._reads_logits
         if len(set(sizes)) == 1 and sizes[0] > 0:
             rows = flat.view(len(sizes), sizes[0])
-            stats = torch.stack((rows.sum(1), rows.square().sum(1), rows.amin(1))).tolist()
+            parts_ = (rows.sum(1), (rows * rows).sum(1)) + ((rows.amin(1),) if signed else ())
+            stats = torch.stack(parts_).tolist()
         else:
             parts = torch.split(flat, sizes)
             stats = [
@@ -933,6 +939,8 @@ class PoolLoader:
                 [float(p.square().sum()) for p in parts],
                 [float(p.amin()) if p.numel() else 0.0 for p in parts],
             ]
+        if len(stats) == 2:
+            stats.append([0.0] * len(sizes))
         out: list[tuple[int, float, float] | None] = []
         for i, n in enumerate(sizes):
             s1, s2, low = stats[0][i], stats[1][i], stats[2][i]
