@@ -23,6 +23,10 @@ variant's mean step time over the uniform mean of the same round (means, not med
 scoring of those steps lands on one of them); the table shows the median ratio over
 rounds with [min, max] and the load average.
 
+A second table times the loader and its feedback alone (fixed outputs and losses, no
+model work; ``auto`` held off with ``efficiency=0``): the scheme's own CPU microseconds per
+step over uniform's, the overhead a step of any size pays.
+
 Run ``python benchmarks/bench_switch_off.py`` (``--quick`` for a smoke run). Writes
 ``benchmarks/results/switch_off.json`` (or ``--out``) and prints a Markdown table.
 """
@@ -127,6 +131,50 @@ def time_steps(
     return times, cpu
 
 
+def loader_overhead(
+    loaders: dict[str, Any], model: nn.Module, ds: TensorDataset, steps: int, rounds: int
+) -> dict:
+    """CPU microseconds per step of the loader and its feedback alone (no training), interleaved.
+
+    Each variant iterates its loader and hands back fixed outputs and losses (what the
+    protocol loop does around the model); the extra over uniform is the scheme's own
+    per-step cost, which a step of any size pays. Median over ``rounds`` with [min, max].
+    """
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    with torch.no_grad():
+        out = model(ds.tensors[0][:512])
+    labels = ds.tensors[1][:512]
+    losses = loss_fn(out, labels)
+    per: dict[str, list[float]] = {v: [] for v in loaders}
+    for r in range(rounds):
+        order = list(loaders)[r % len(loaders) :] + list(loaders)[: r % len(loaders)]
+        for v in order:
+            loader, it, k = loaders[v], iter(loaders[v]), 0
+            c0 = time.process_time()
+            while k < steps:
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    it = iter(loader)
+                    continue
+                n = len(batch)
+                with loader.step_context(batch):
+                    pass
+                loader.feedback(batch, out[:n], losses[:n])
+                k += 1
+            per[v].append(1e6 * (time.process_time() - c0) / steps)
+    extra = {v: [a - b for a, b in zip(per[v], per["uniform"], strict=True)] for v in per}
+    return {
+        v: {
+            "us": statistics.median(per[v]),
+            "extra_us": statistics.median(extra[v]),
+            "extra_min": min(extra[v]),
+            "extra_max": max(extra[v]),
+        }
+        for v in per
+    }
+
+
 def run_workload(workload: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     ds = make_digits() if workload == "mlp" else make_data(args.n)
     loaders: dict[str, Any] = {}
@@ -151,6 +199,22 @@ def run_workload(workload: str, args: argparse.Namespace) -> list[dict[str, Any]
             ratios[v].append(means[v][-1] / means["uniform"][-1])
             cpu_ratios[v].append(cpu_means[v][-1] / cpu_means["uniform"][-1])
         loads.append(os.getloadavg()[0])
+    # the loader's own cost, on fresh loaders (auto with efficiency 0: held off)
+    fresh = {
+        "uniform": build("uniform", ds, models["uniform"], opts["uniform"], args.batch_size),
+        "kf (switch off)": build("kf (switch off)", ds, models["uniform"], opts["uniform"], args.batch_size),
+        "auto": schemes.build(
+            "auto",
+            ds,
+            models["uniform"],
+            nn.CrossEntropyLoss(reduction="none"),
+            args.batch_size,
+            seed=0,
+            optimizer=opts["uniform"],
+            efficiency=0.0,
+        ),
+    }
+    overhead = loader_overhead(fresh, models["uniform"], ds, args.overhead_steps, args.repeats)
     rows = []
     for v in VARIANTS:
         pool = getattr(loaders[v], "pool", None)
@@ -170,6 +234,12 @@ def run_workload(workload: str, args: argparse.Namespace) -> list[dict[str, Any]
                 "on_share": on_share,
                 "scored_examples": loaders[v].cost()["scored_examples"],
                 "load_1min": [min(loads), max(loads)],
+                "loader_us": overhead.get(v, {}).get("us"),
+                "loader_extra_us": overhead.get(v, {}).get("extra_us"),
+                "loader_extra_range": [
+                    overhead.get(v, {}).get("extra_min"),
+                    overhead.get(v, {}).get("extra_max"),
+                ],
             }
         )
     return rows
@@ -183,11 +253,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--workloads", default="cnn1d,mlp", help="comma list of cnn1d, mlp")
+    parser.add_argument("--overhead-steps", type=int, default=1000, help="steps per loader-only round")
     parser.add_argument("--quick", action="store_true", help="a smoke run (tiny sizes)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "switch_off.json")
     args = parser.parse_args(argv)
     if args.quick:
-        args.n, args.steps, args.warmup, args.repeats = 2_000, 24, 8, 2
+        args.n, args.steps, args.warmup, args.repeats, args.overhead_steps = 2_000, 24, 8, 2, 50
     torch.set_num_threads(1)
     rows = []
     for workload in args.workloads.split(","):
@@ -217,6 +288,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"| {row['ratio_median']:.3f} [{row['ratio_min']:.3f}, {row['ratio_max']:.3f}] "
             f"| {100 * row['on_share']:.0f}% | {row['scored_examples']:,} "
             f"| {row['load_1min'][0]:.1f}-{row['load_1min'][1]:.1f} |"
+        )
+    print()
+    print(
+        "| workload | variant | loader + feedback CPU us/step (no model) "
+        "| extra over uniform, median [min, max] |"
+    )
+    print("| --- | --- | ---: | ---: |")
+    for row in rows:
+        if row["loader_us"] is None:
+            continue
+        lo, hi = row["loader_extra_range"]
+        print(
+            f"| {row['workload']} | {row['variant']} | {row['loader_us']:.1f} "
+            f"| {row['loader_extra_us']:.1f} [{lo:.1f}, {hi:.1f}] |"
         )
     return result
 
