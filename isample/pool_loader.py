@@ -758,7 +758,7 @@ class PoolLoader:
         indices, data = parts[0]
         if device.type != "cpu":
             data = move_to(data, device, non_blocking=True)
-        weights = torch.ones(len(indices), dtype=torch.float32)
+        weights = torch.ones(indices.shape[0], dtype=torch.float32)
         batch = WeightedBatch.from_collated(
             data, indices, weights if device.type == "cpu" else weights.to(device)
         )

@@ -594,10 +594,9 @@ class AutoSwitch:
             }
         )
 
-    def _progress(self, timing: dict[str, Any]) -> None:
-        """Enter the previous step's (cost, loss) point into the window of its regime."""
+    def _progress(self, timing: dict[str, Any], ratio: float) -> None:
+        """Enter the previous step's (cost, loss) point into the window of its regime (R = ``ratio``)."""
         was_on = bool(timing.get("was_on", self.on))
-        ratio = self.cost_ratio()
         self.cost_so_far += (ratio if ratio == ratio else 1.0) if was_on else 1.0
         loss = timing.get("train_loss")
         if loss is None or not math.isfinite(loss):
@@ -642,8 +641,9 @@ class AutoSwitch:
             if timing.get("score_seconds") is not None:
                 self.since_score = 0
                 self._feed("score_seconds", float(timing["score_seconds"]))
+        ratio = self.cost_ratio()
         if self.steps > 0:
-            self._progress(timing)
+            self._progress(timing, ratio)
         self.steps += 1
         if tau_value == tau_value:
             self.ema = (
@@ -653,7 +653,7 @@ class AutoSwitch:
         if self.always:
             self.on = True
             return True
-        predicted = auto_decision(self.effective_gain(), self.cost_ratio(), self.on, self.hysteresis)
+        predicted = auto_decision(self.effective_gain(), ratio, self.on, self.hysteresis)
         if self.on:
             if self.gain() == self.gain():
                 self._gains.append(self.gain())
