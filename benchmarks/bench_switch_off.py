@@ -203,17 +203,30 @@ def run_workload(workload: str, args: argparse.Namespace) -> list[dict[str, Any]
     fresh = {
         "uniform": build("uniform", ds, models["uniform"], opts["uniform"], args.batch_size),
         "kf (switch off)": build("kf (switch off)", ds, models["uniform"], opts["uniform"], args.batch_size),
-        "auto": schemes.build(
+    }
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    try:
+        fresh["auto"] = schemes.build(
             "auto",
             ds,
             models["uniform"],
-            nn.CrossEntropyLoss(reduction="none"),
+            loss_fn,
             args.batch_size,
             seed=0,
             optimizer=opts["uniform"],
             efficiency=0.0,
-        ),
-    }
+        )
+    except TypeError:  # an older auto without the discount: a hysteresis no gain can pass
+        fresh["auto"] = schemes.build(
+            "auto",
+            ds,
+            models["uniform"],
+            loss_fn,
+            args.batch_size,
+            seed=0,
+            optimizer=opts["uniform"],
+            hysteresis=10.0,
+        )
     overhead = loader_overhead(fresh, models["uniform"], ds, args.overhead_steps, args.repeats)
     rows = []
     for v in VARIANTS:
