@@ -262,8 +262,9 @@ class PoolLoader:
             ``load_state_dict`` and ``describe`` replacing the tau switch. ``timing`` is a
             dict with ``score_seconds`` (scoring a pool: this pool, or in Algorithm 1 mode
             the previous step's pool or a timed probe scaled to B; None when not measured),
-            ``step_seconds`` (wall time the training loop spent between the previous batch
-            and this request, None at the first step), ``fetch_seconds`` and ``chunks``
+            ``step_seconds`` (time the training loop spent between the previous batch
+            and this request, None at the first step; all times are process CPU seconds
+            when the model is on the CPU, wall seconds on an accelerator), ``fetch_seconds`` and ``chunks``
             (Algorithm 1 mode: time spent reading the previous step's ``chunks`` batches of
             b), ``pool_size`` and ``batch_size``. A switch whose ``wants_score_timing`` is
             true gets a timed scoring probe of the current batch while off.
@@ -488,6 +489,7 @@ class PoolLoader:
         self._score_seconds: float | None = None
         self._fetch_seconds: float | None = None
         self._fetch_chunks = 0
+        self._clock: Callable[[], float] = time.process_time
         self._stream = _ChunkStream(
             self.num_samples,
             self.batch_size if self.lazy else self.pool_size,
@@ -514,6 +516,17 @@ class PoolLoader:
         self._shared_busy = False
         if check_loss_fn:
             self._check_scorer()
+
+    def _set_clock(self) -> None:
+        """Time steps and scoring in process CPU seconds on the CPU, wall seconds on an accelerator.
+
+        On the CPU the work of other processes then does not enter the measured costs (a
+        shared machine's load would otherwise inflate one of two timed sections and tilt
+        the switch); on an accelerator the CPU is mostly waiting, so wall time is the cost.
+        """
+        param = self._first_param
+        on_cpu = param is None or param.device.type == "cpu"
+        self._clock = time.process_time if on_cpu else time.perf_counter
 
     def _make_loader(self, stream: _ChunkStream, persistent: bool) -> DataLoader:
         return DataLoader(
@@ -564,6 +577,7 @@ class PoolLoader:
 
     def _iterate(self, epoch: int, step: int, chunk: int, generation: int) -> Iterator[WeightedBatch]:
         _dist.check_configuration(self, "PoolLoader")  # every rank: same N, b, presample, ... (DDP)
+        self._set_clock()
         use_shared = not (self._persistent and self._shared_busy)
         stream = (
             self._stream
@@ -590,7 +604,7 @@ class PoolLoader:
             chunks = iter(loader)
             self._yielded_at = None
             while step < self.num_batches:
-                now = time.perf_counter()
+                now = self._clock()
                 # time the loop spent on the previous batch (training step + loading wait)
                 self._last_step_seconds = None if self._yielded_at is None else now - self._yielded_at
                 if self.lazy:
@@ -606,7 +620,7 @@ class PoolLoader:
                         self.epoch, self.position, self.chunk = epoch + 1, 0, 0
                     else:
                         self.epoch, self.position, self.chunk = epoch, step, chunk
-                self._yielded_at = time.perf_counter()
+                self._yielded_at = self._clock()
                 yield batch
         finally:
             self._live -= int(owner)
@@ -635,9 +649,9 @@ class PoolLoader:
         device = model_device(self.model)
         data = move_to(data, device, non_blocking=True)
         inputs, targets = split_batch(data)
-        started = time.perf_counter()
+        started = self._clock()
         scores = self._score(inputs, targets).to(torch.float64).cpu()  # .cpu() synchronises the device
-        score_seconds = time.perf_counter() - started
+        score_seconds = self._clock() - started
         m = scores.shape[0]
         b = min(self.batch_size, m)
         finite = self._check_scores(scores)
@@ -738,22 +752,22 @@ class PoolLoader:
             on = self._decision
             self._events.append(("step", timing, self.steps, on))
         k = self.chunks_per_pool if on else 1
-        started = time.perf_counter()
+        started = self._clock()
         parts = [next(chunks) for _ in range(k)] if on else [next(chunks)]
-        self._fetch_seconds, self._fetch_chunks = time.perf_counter() - started, k
+        self._fetch_seconds, self._fetch_chunks = self._clock() - started, k
         # the first parameter object survives model.to(...) (its data moves), so its device is current
         device = self._first_param.device if self._first_param is not None else model_device(self.model)
         if on:
             indices = torch.cat([i for i, _ in parts])
             data = move_to(_cat_rows([d for _, d in parts]), device, non_blocking=True)
             inputs, targets = split_batch(data)
-            started = time.perf_counter()
+            started = self._clock()
             scores = self._score(inputs, targets).to(torch.float64).cpu()
             finite = self._check_scores(scores)
             if finite:
                 self._push_scores(scores, "pool")
             batch = self._draw(indices, data, scores, finite, True, epoch, step, device)
-            self._score_seconds = time.perf_counter() - started
+            self._score_seconds = self._clock() - started
             return batch, k
         indices, data = parts[0]
         if device.type != "cpu":
@@ -765,9 +779,9 @@ class PoolLoader:
         if getattr(self.switch, "wants_score_timing", False) and self.steps > 0 and not self._probe_pending:
             self._probe_pending = True  # until the switch has seen its timing (tau_every > 1: at replay)
             inputs, targets = split_batch(data)
-            started = time.perf_counter()  # a timed probe: what scoring costs, scaled to a pool of B
+            started = self._clock()  # a timed probe: what scoring costs, scaled to a pool of B
             scores = self._score(inputs, targets).to(torch.float64).cpu()
-            self._score_seconds = (time.perf_counter() - started) * self.pool_size / max(len(indices), 1)
+            self._score_seconds = (self._clock() - started) * self.pool_size / max(len(indices), 1)
             if self._check_scores(scores):
                 self._push_scores(scores, "probe")
         else:

@@ -397,7 +397,9 @@ class AutoSwitch:
     scoring a pool of B and drawing from it (``score_seconds``, an EMA, from real pools
     while on and from timed scoring probes of a batch, scaled by B / b, while off). The
     first measurement of each time is discarded (warm-up). They give the cost ratio R of a
-    pool step to a uniform step.
+    pool step to a uniform step. The loader times in process CPU seconds when the model is
+    on the CPU (other processes on a shared machine do not tilt R) and in wall seconds on
+    an accelerator.
 
     **Predicted gain.** ``tau**2`` estimates the variance multiplier kappa of drawing b from
     the pool of B. A step with kappa times less gradient noise is worth about kappa uniform
