@@ -211,11 +211,19 @@ def test_kf_scheme_runs_algorithm1_and_scores_nothing_while_off():
     assert legacy.cost()["scored_examples"] == 3 * B * len(legacy)
 
 
-def test_algorithm1_resume_continues_bit_identically():
+@pytest.mark.parametrize("tau_every", [1, 3])  # 3: the save at step 8 falls between two decisions
+def test_algorithm1_resume_continues_bit_identically(tau_every):
     model = make_mlp()
 
     def build(seed=0):
-        return lazy(model=model, scorer=RecordingLoss(), tau_momentum=0.5, seed=seed, check_loss_fn=False)
+        return lazy(
+            model=model,
+            scorer=RecordingLoss(),
+            tau_momentum=0.5,
+            seed=seed,
+            check_loss_fn=False,
+            tau_every=tau_every,
+        )
 
     def run(loader, count, log, it=None):
         it = iter(loader) if it is None else it
