@@ -297,3 +297,4 @@ def _loader_level(cls: type[SchemeLoader], **given: Any) -> dict[str, Any]:
         elif key != "drop_last":  # schemes without drop_last always yield full batches
             raise TypeError(f"The scheme {cls.name!r} does not take the '{key}' option of {_OWNER}.")
     return out
+

@@ -180,15 +180,13 @@ def spearman(
     xs = _as_1d(x, "x", owner)
     ys = _as_1d(y, "y", owner)
     if xs.size != ys.size:
-        raise ValueError(
-            f"The 'x' and 'y' parameters of spearman must have the same length. Got {xs.size} and {ys.size}."
-        )
+        raise ValueError(f"The 'x' and 'y' parameters of spearman must have the same length. "
+                         f"Got {xs.size} and {ys.size}.")
     if xs.size < 3:
         raise param_error("x", owner, "a sequence of at least 3 pairs", x)
     n_boot = check_int(n_boot, "n_boot", owner, minimum=1)
-    confidence = check_float(
-        confidence, "confidence", owner, minimum=0.0, maximum=1.0, min_inclusive=False, max_inclusive=False
-    )
+    confidence = check_float(confidence, "confidence", owner, minimum=0.0, maximum=1.0,
+                             min_inclusive=False, max_inclusive=False)
     gen = _rng(rng, owner)
     n = xs.size
     rho = float(_pearson_rows(rankdata(xs)[None], rankdata(ys)[None])[0])
@@ -396,7 +394,9 @@ def curve_match(
     if end is not None:
         hi = min(hi, check_float(end, "end", owner))
     if not lo <= hi:
-        raise ValueError(f"The curves given to curve_match share no x range: [{lo!r}, {hi!r}] is empty.")
+        raise ValueError(
+            f"The curves given to curve_match share no x range: [{lo!r}, {hi!r}] is empty."
+        )
     grid = np.union1d(xa, xb)
     grid = grid[(grid >= lo) & (grid <= hi)]
     if grid.size == 0:  # the range falls between recorded points
