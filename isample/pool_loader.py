@@ -76,7 +76,11 @@ class _ChunkStream(Sampler[torch.Tensor]):
     of rank r is global chunk ``j * num_replicas + r``. A step reads one chunk (a pool of
     B, or in Algorithm 1 mode a batch of b while importance sampling is off) or
     ``B / b`` chunks (a pool, in Algorithm 1 mode while it is on); the sequence of chunks
-    does not depend on those decisions, so workers can prefetch it.
+    does not depend on those decisions, so workers can prefetch it. In Algorithm 1 mode
+    (``aligned``) each permutation is cut on its own into ``ceil(N / b)`` chunks, the last
+    one short, as the uniform scheme cuts its epoch: a switch that stays off reads exactly
+    uniform's batches whatever N mod b (a pool that reaches the end of a permutation is
+    then shorter than B).
     The range to read is captured when ``iter()`` is called (two iterators do not share it).
     """
 
@@ -88,8 +92,11 @@ class _ChunkStream(Sampler[torch.Tensor]):
         num_replicas: int = 1,
         rank: int = 0,
         stream: int = 1,
+        aligned: bool = False,
     ) -> None:
         self.stream = stream  # permutation stream id (UNIFORM_STREAM in Algorithm 1 mode)
+        #: chunks never straddle two permutations (Algorithm 1: uniform's batches, short last one)
+        self.aligned = aligned
         self.num_samples = num_samples
         self.chunk_size = chunk_size
         self.seed = seed
@@ -109,6 +116,14 @@ class _ChunkStream(Sampler[torch.Tensor]):
         """LongTensor chunks of dataset indices (no per-index Python objects)."""
         n, size, replicas, rank = self.num_samples, self.chunk_size, self.num_replicas, self.rank
         cached_block, perm = -1, torch.empty(0, dtype=torch.long)
+        if self.aligned:  # each permutation cut into ceil(n / size) chunks, the last one short
+            per_block = -(-n // size)
+            for j in range(start, stop):
+                block, part = divmod(j * replicas + rank, per_block)
+                if block != cached_block:
+                    perm, cached_block = permutation(n, seed, epoch, block, self.stream), block
+                yield perm[part * size : min((part + 1) * size, n)]
+            return
         for j in range(start, stop):
             lo = (j * replicas + rank) * size
             hi = lo + size
@@ -138,13 +153,7 @@ def scores_from_outputs(
     if callable(hook):
         return hook(outputs, targets)
     if isinstance(scorer, UpperBoundScorer):
-        z = model_call_of(scorer).read(outputs).detach()  # detached: no graph is recorded below
-        scores = None
-        if scorer.closed_form and isinstance(targets, torch.Tensor):
-            scores = upper_bound_closed_form(scorer.loss_fn, z, targets)
-        if scores is None:
-            scores = output_gradient_norms(scorer.loss_fn, z, targets, "PoolLoader.feedback")
-        return scores
+        return _upper_bound_from_logits(scorer, model_call_of(scorer).read(outputs), targets)
     if isinstance(scorer, LossScorer):
         if losses is not None:
             return losses.detach()
@@ -153,6 +162,17 @@ def scores_from_outputs(
                 scorer.loss_fn, model_call_of(scorer).read(outputs).detach(), targets, "PoolLoader"
             )
     return None
+
+
+def _upper_bound_from_logits(scorer: UpperBoundScorer, z: torch.Tensor, targets: Any) -> torch.Tensor:
+    """The upper bound of :func:`scores_from_outputs` from logits already read from the outputs."""
+    z = z.detach()  # detached: no graph is recorded below
+    scores = None
+    if scorer.closed_form and isinstance(targets, torch.Tensor):
+        scores = upper_bound_closed_form(scorer.loss_fn, z, targets)
+    if scores is None:
+        scores = output_gradient_norms(scorer.loss_fn, z, targets, "PoolLoader.feedback")
+    return scores
 
 
 def _scores_from_outputs_supported(scorer: Any) -> bool:
@@ -242,8 +262,9 @@ class PoolLoader:
             ``load_state_dict`` and ``describe`` replacing the tau switch. ``timing`` is a
             dict with ``score_seconds`` (scoring a pool: this pool, or in Algorithm 1 mode
             the previous step's pool or a timed probe scaled to B; None when not measured),
-            ``step_seconds`` (wall time the training loop spent between the previous batch
-            and this request, None at the first step), ``fetch_seconds`` and ``chunks``
+            ``step_seconds`` (time the training loop spent between the previous batch
+            and this request, None at the first step; all times are process CPU seconds
+            when the model is on the CPU, wall seconds on an accelerator), ``fetch_seconds`` and ``chunks``
             (Algorithm 1 mode: time spent reading the previous step's ``chunks`` batches of
             b), ``pool_size`` and ``batch_size``. A switch whose ``wants_score_timing`` is
             true gets a timed scoring probe of the current batch while off.
@@ -267,6 +288,18 @@ class PoolLoader:
         rank: this process's rank (default: from ``torch.distributed``, else 0).
         check_loss_fn: check on two examples at construction that the scorer returns
             one finite score per example (catches a reduced loss before training).
+        tau_every: Algorithm 1 only: while off, decide every this many steps (default 1:
+            every step). The outputs handed to :meth:`feedback` are kept, and at a decision
+            the scores of all batches since the last one are computed in one batched pass
+            (one closed-form call over the concatenated outputs, one synchronisation);
+            the switch then observes every step in order with that step's tau and
+            timings, so its state (tau EMA, costs) is exactly the one an every-step
+            evaluation reaches, and ``tau_history`` has one entry per step. Only the step
+            at which a switch-on takes effect can come up to ``tau_every - 1`` steps
+            later. While on, every step decides. ``tau_history``, :meth:`describe` and
+            :meth:`state_dict` replay the pending steps first (the served decisions do
+            not change). Forced to 1 with several replicas (every rank must gather tau
+            at the same steps).
 
     Yields:
         :class:`WeightedBatch` with inputs and targets on the model's device, indices
@@ -333,6 +366,7 @@ class PoolLoader:
         check_loss_fn: bool = True,
         num_replicas: int | None = None,
         rank: int | None = None,
+        tau_every: int = 1,
     ) -> None:
         owner = "PoolLoader"
         if not isinstance(model, nn.Module):
@@ -391,6 +425,9 @@ class PoolLoader:
         )
         self.drop_last = bool(drop_last)
         self.num_replicas, self.rank = _dist.resolve_world(num_replicas, rank, owner)
+        tau_every = check_int(tau_every, "tau_every", owner, minimum=1)
+        #: Algorithm 1: steps between decisions while off (1 = every step; replicas always decide every step)
+        self.tau_every = tau_every if self.num_replicas == 1 else 1
         step_size = self.batch_size * self.num_replicas
         default_batches = (
             (self.num_samples // step_size) if self.drop_last else math.ceil(self.num_samples / step_size)
@@ -424,7 +461,7 @@ class PoolLoader:
         self._generation = 0
         self._live = 0  # live iterators that own the resume point
         #: per-step switch inputs and decision, most recent ``HISTORY_LIMIT`` steps (list-like)
-        self.tau_history = History(maxlen=self.HISTORY_LIMIT)
+        self._tau_history = History(maxlen=self.HISTORY_LIMIT)
         self._on_steps = 0
         self._scored_off_steps = 0
         self._warned_off = False
@@ -434,13 +471,25 @@ class PoolLoader:
         self._window: deque[tuple[float, float, float]] = deque(maxlen=self.chunks_per_pool)
         self._window_source = "none"
         self._awaiting: deque[torch.Tensor] = deque(maxlen=self.FEEDBACK_QUEUE)
-        self._fed: list[torch.Tensor] = []
+        # events not yet replayed, in order: ("scores", outputs, targets, losses, n) from feedback,
+        # ("moments", count, s1, s2, source) from pools and probes, ("step", timing, step, served)
+        self._events: list[tuple[Any, ...]] = []
+        self._decision = self.switch.on if hasattr(self.switch, "on") else False
+        self._prev_served = bool(self._decision)  # the decision the last replayed step was served with
+        self._probe_pending = False  # a timed probe whose timing the switch has not observed yet
+        #: hand the switch the weighted training loss of each batch (``timing["train_loss"]``)
+        self._wants_losses = self.lazy and bool(getattr(self.switch, "wants_losses", False))
+        # feedback reads the logits once (the scorer's logits= hook) and keeps them for the bound
+        self._reads_logits = isinstance(scorer, UpperBoundScorer) and not callable(
+            getattr(scorer, "scores_from_outputs", None)
+        )
         self._feedbacks = 0
         self._off_yielded = 0
         self._warned_feedback = False
         self._score_seconds: float | None = None
         self._fetch_seconds: float | None = None
         self._fetch_chunks = 0
+        self._clock: Callable[[], float] = time.process_time
         self._stream = _ChunkStream(
             self.num_samples,
             self.batch_size if self.lazy else self.pool_size,
@@ -450,6 +499,7 @@ class PoolLoader:
             # Algorithm 1 reads uniform's batches while off: a switch that never turns on
             # reproduces the uniform scheme exactly (same seed, same batches)
             UNIFORM_STREAM if self.lazy else 1,
+            aligned=self.lazy,
         )
         self._loader_options = dict(
             num_workers=options["num_workers"],
@@ -467,6 +517,17 @@ class PoolLoader:
         if check_loss_fn:
             self._check_scorer()
 
+    def _set_clock(self) -> None:
+        """Time steps and scoring in process CPU seconds on the CPU, wall seconds on an accelerator.
+
+        On the CPU the work of other processes then does not enter the measured costs (a
+        shared machine's load would otherwise inflate one of two timed sections and tilt
+        the switch); on an accelerator the CPU is mostly waiting, so wall time is the cost.
+        """
+        param = self._first_param
+        on_cpu = param is None or param.device.type == "cpu"
+        self._clock = time.process_time if on_cpu else time.perf_counter
+
     def _make_loader(self, stream: _ChunkStream, persistent: bool) -> DataLoader:
         return DataLoader(
             IndexedDataset(self.dataset, gather=self._gather),
@@ -474,6 +535,22 @@ class PoolLoader:
             persistent_workers=persistent,
             **self._loader_options,  # type: ignore[arg-type]
         )
+
+    @property
+    def tau_history(self) -> History:
+        """Per-step switch inputs and decision, most recent ``HISTORY_LIMIT`` steps (list-like).
+
+        Each entry: ``step``, ``tau`` (over the last B scores), ``ema``, ``on`` (the decision
+        the step was served with), the step's timings and, in Algorithm 1 mode, ``source``.
+        With ``tau_every > 1`` the steps since the last decision are replayed first.
+        """
+        if self._events:
+            self._flush()
+        return self._tau_history
+
+    @tau_history.setter
+    def tau_history(self, value: History) -> None:
+        self._tau_history = value
 
     # ------------------------------------------------------------------ protocol
     def __len__(self) -> int:
@@ -500,6 +577,7 @@ class PoolLoader:
 
     def _iterate(self, epoch: int, step: int, chunk: int, generation: int) -> Iterator[WeightedBatch]:
         _dist.check_configuration(self, "PoolLoader")  # every rank: same N, b, presample, ... (DDP)
+        self._set_clock()
         use_shared = not (self._persistent and self._shared_busy)
         stream = (
             self._stream
@@ -511,6 +589,7 @@ class PoolLoader:
                 self.num_replicas,
                 self.rank,
                 self._stream.stream,
+                self._stream.aligned,
             )
         )
         stream.seed = self.seed
@@ -525,7 +604,7 @@ class PoolLoader:
             chunks = iter(loader)
             self._yielded_at = None
             while step < self.num_batches:
-                now = time.perf_counter()
+                now = self._clock()
                 # time the loop spent on the previous batch (training step + loading wait)
                 self._last_step_seconds = None if self._yielded_at is None else now - self._yielded_at
                 if self.lazy:
@@ -541,7 +620,7 @@ class PoolLoader:
                         self.epoch, self.position, self.chunk = epoch + 1, 0, 0
                     else:
                         self.epoch, self.position, self.chunk = epoch, step, chunk
-                self._yielded_at = time.perf_counter()
+                self._yielded_at = self._clock()
                 yield batch
         finally:
             self._live -= int(owner)
@@ -556,7 +635,7 @@ class PoolLoader:
         entry = {"step": self.steps, "tau": tau_value, "ema": ema, "on": on, **timing, **extra}
         if self.num_replicas > 1:
             entry["tau_global"] = observed
-        self.tau_history.append(entry)
+        self._tau_history.append(entry)
         self._on_steps += int(bool(on))
 
     def _observe(self, tau_value: float, timing: dict[str, Any]) -> tuple[float, bool]:
@@ -570,9 +649,9 @@ class PoolLoader:
         device = model_device(self.model)
         data = move_to(data, device, non_blocking=True)
         inputs, targets = split_batch(data)
-        started = time.perf_counter()
+        started = self._clock()
         scores = self._score(inputs, targets).to(torch.float64).cpu()  # .cpu() synchronises the device
-        score_seconds = time.perf_counter() - started
+        score_seconds = self._clock() - started
         m = scores.shape[0]
         b = min(self.batch_size, m)
         finite = self._check_scores(scores)
@@ -650,8 +729,13 @@ class PoolLoader:
 
     # ------------------------------------------------------------------ Algorithm 1
     def _lazy_step(self, chunks: Iterator[Any], epoch: int, step: int) -> tuple[WeightedBatch, int]:
-        """A step of Algorithm 1: decide from the last B scores, then read b (off) or a pool of B (on)."""
-        self._drain_feedback()
+        """A step of Algorithm 1: decide from the last B scores, then read b (off) or a pool of B (on).
+
+        The decision is re-evaluated at every step while on, and while off every
+        ``tau_every`` steps: the scores handed back since the last decision are then computed
+        in one batched pass and the switch replays every step in order (see :meth:`_flush`),
+        so its state is the one an every-step evaluation reaches.
+        """
         timing = {
             "score_seconds": self._score_seconds,
             "step_seconds": self._last_step_seconds,
@@ -661,38 +745,43 @@ class PoolLoader:
             "batch_size": self.batch_size,
         }
         self._score_seconds = None
-        tau_value = self._window_tau()
-        observed, on = self._observe(tau_value, timing)
-        self._record(tau_value, observed, on, timing, source=self._window_source)
+        if self._decision or self.tau_every == 1 or self.steps % self.tau_every == 0:
+            self._events.append(("step", timing, self.steps, None))
+            on = self._decision = self._flush()
+        else:
+            on = self._decision
+            self._events.append(("step", timing, self.steps, on))
         k = self.chunks_per_pool if on else 1
-        started = time.perf_counter()
-        parts = [next(chunks) for _ in range(k)]
-        self._fetch_seconds, self._fetch_chunks = time.perf_counter() - started, k
+        started = self._clock()
+        parts = [next(chunks) for _ in range(k)] if on else [next(chunks)]
+        self._fetch_seconds, self._fetch_chunks = self._clock() - started, k
         # the first parameter object survives model.to(...) (its data moves), so its device is current
         device = self._first_param.device if self._first_param is not None else model_device(self.model)
         if on:
             indices = torch.cat([i for i, _ in parts])
             data = move_to(_cat_rows([d for _, d in parts]), device, non_blocking=True)
             inputs, targets = split_batch(data)
-            started = time.perf_counter()
+            started = self._clock()
             scores = self._score(inputs, targets).to(torch.float64).cpu()
             finite = self._check_scores(scores)
             if finite:
                 self._push_scores(scores, "pool")
             batch = self._draw(indices, data, scores, finite, True, epoch, step, device)
-            self._score_seconds = time.perf_counter() - started
+            self._score_seconds = self._clock() - started
             return batch, k
         indices, data = parts[0]
-        data = move_to(data, device, non_blocking=True)
-        inputs, targets = split_batch(data)
-        weights = torch.ones(len(indices), dtype=torch.float32)
+        if device.type != "cpu":
+            data = move_to(data, device, non_blocking=True)
+        weights = torch.ones(indices.shape[0], dtype=torch.float32)
         batch = WeightedBatch.from_collated(
             data, indices, weights if device.type == "cpu" else weights.to(device)
         )
-        if getattr(self.switch, "wants_score_timing", False) and self.steps > 0:
-            started = time.perf_counter()  # a timed probe: what scoring costs, scaled to a pool of B
+        if getattr(self.switch, "wants_score_timing", False) and self.steps > 0 and not self._probe_pending:
+            self._probe_pending = True  # until the switch has seen its timing (tau_every > 1: at replay)
+            inputs, targets = split_batch(data)
+            started = self._clock()  # a timed probe: what scoring costs, scaled to a pool of B
             scores = self._score(inputs, targets).to(torch.float64).cpu()
-            self._score_seconds = (time.perf_counter() - started) * self.pool_size / max(len(indices), 1)
+            self._score_seconds = (self._clock() - started) * self.pool_size / max(len(indices), 1)
             if self._check_scores(scores):
                 self._push_scores(scores, "probe")
         else:
@@ -718,7 +807,7 @@ class PoolLoader:
     def _push_scores(self, scores: torch.Tensor, source: str) -> None:
         """Enter scores (a pool's B, or a probe's b; CPU float64, finite, >= 0) into the tau window."""
         s1, s2 = float(scores.sum()), float(torch.dot(scores, scores))
-        self._push_moments(int(scores.shape[0]), s1, s2, source)
+        self._events.append(("moments", int(scores.shape[0]), s1, s2, source))
 
     def _push_moments(self, count: int, s1: float, s2: float, source: str) -> None:
         """The window holds the moments ``(count, sum s, sum s^2)`` of the last B / b batches.
@@ -751,24 +840,139 @@ class PoolLoader:
             return float("nan")
         return math.sqrt(n * s2) / s1
 
-    def _drain_feedback(self) -> None:
-        if not self._fed:
-            return
-        fed, self._fed = self._fed, []
-        for scores in fed:
-            values = scores.tolist()  # one device synchronisation per batch; b floats
-            if not values:
+    def _flush(self) -> bool:
+        """Replay the events since the last decision, in order; return the switch's last decision.
+
+        Scores handed back by :meth:`feedback` enter the tau window as their moments
+        ``(count, sum s, sum s^2)``, computed for all pending batches at once
+        (:meth:`_feedback_moments`: one closed-form pass over the concatenated outputs and
+        one device synchronisation); pools and probes enter as they were measured; each
+        step computes tau over the window, feeds the switch with that step's timings and
+        is recorded in ``tau_history`` with the decision it was served with. The result
+        does not depend on how many steps are replayed at once.
+        """
+        events, self._events = self._events, []
+        moments = iter(self._feedback_moments([e for e in events if e[0] == "scores"]))
+        losses = iter(_weighted_means([e for e in events if e[0] == "loss"]))
+        on = bool(getattr(self.switch, "on", False))
+        loss: float | None = None
+        for event in events:
+            kind = event[0]
+            if kind == "loss":
+                loss = next(losses)
+            elif kind == "scores":
+                entry = next(moments)
+                if entry is not None:
+                    self._push_moments(*entry, "batch")
+            elif kind == "moments":
+                self._push_moments(*event[1:])
+            else:
+                _, timing, step, served = event
+                if timing.get("score_seconds") is not None:
+                    self._probe_pending = False
+                if self._wants_losses:  # the previous batch: its weighted loss and its regime
+                    timing["train_loss"], timing["was_on"] = loss, self._prev_served  # our own dict
+                    loss = None
+                tau_value = self._window_tau()
+                observed, on = self._observe(tau_value, timing)
+                self._prev_served = bool(on if served is None else served)
+                self._record(
+                    tau_value,
+                    observed,
+                    on if served is None else served,
+                    timing,
+                    source=self._window_source,
+                    step=step,
+                )
+        return on
+
+    def _scores_of(self, z: Any, targets: Any, losses: Any) -> torch.Tensor | None:
+        """Scores of one fed batch (or several concatenated): logits already read for the bound."""
+        if self._reads_logits:
+            return _upper_bound_from_logits(self.scorer, z, targets)
+        return scores_from_outputs(self.scorer, z, targets, losses)
+
+    def _feedback_moments(self, events: list[tuple[Any, ...]]) -> list[tuple[int, float, float] | None]:
+        """``(count, sum s, sum s^2)`` of each fed batch's scores (None: no finite score).
+
+        The outputs of batches of one shape are concatenated and scored in one call of
+        :func:`scores_from_outputs` (its scores are per-example, so this equals scoring
+        each batch alone); the per-batch sums are read with one synchronisation.
+        NaN / inf scores are dropped; a negative score is a ValueError.
+        """
+        if not events:
+            return []
+        scores: list[torch.Tensor] = []
+        sizes: list[int] = []
+        flat = torch.empty(0)
+        first_z = events[0][1]
+        batchable = (
+            len(events) > 1
+            and isinstance(self.scorer, (UpperBoundScorer, LossScorer))  # per-example scores only
+            and not callable(getattr(self.scorer, "scores_from_outputs", None))
+            and all(isinstance(e[1], torch.Tensor) and isinstance(e[2], torch.Tensor) for e in events)
+            and len({(e[1].shape[1:], e[1].device, e[2].shape[1:]) for e in events}) == 1
+            and isinstance(first_z, torch.Tensor)
+        )
+        if batchable:
+            z = torch.cat([e[1] for e in events])
+            y = torch.cat([e[2] for e in events])
+            losses = [e[3] for e in events]
+            loss = torch.cat(losses) if all(isinstance(v, torch.Tensor) for v in losses) else None
+            flat = self._scores_of(z, y, loss)
+            if flat is None or flat.shape[0] != z.shape[0]:  # pragma: no cover - checked at construction
+                batchable = False
+            else:
+                sizes = [int(e[4]) for e in events]
+                flat = flat.detach().reshape(-1)
+        if not batchable:
+            scores = []
+            for _, z, y, loss, n in events:
+                s = self._scores_of(z, y, loss)
+                if s is None:  # pragma: no cover - checked at construction
+                    s = torch.full((n,), float("nan"))
+                s = s.detach().reshape(-1)
+                if s.shape[0] != n:
+                    raise ValueError(
+                        f"PoolLoader.feedback got {s.shape[0]} scores for a batch of {n} examples."
+                    )
+                scores.append(s)
+            sizes = [int(s.shape[0]) for s in scores]
+            flat = torch.cat(scores) if len(scores) > 1 else scores[0]
+        flat = flat.to(torch.float64)
+        # a norm is >= 0 by construction: the upper bound needs no sign check
+        signed = not self._reads_logits
+        if len(set(sizes)) == 1 and sizes[0] > 0:
+            rows = flat.view(len(sizes), sizes[0])
+            parts_ = (rows.sum(1), (rows * rows).sum(1)) + ((rows.amin(1),) if signed else ())
+            stats = torch.stack(parts_).tolist()
+        else:
+            parts = torch.split(flat, sizes)
+            stats = [
+                [float(p.sum()) for p in parts],
+                [float(p.square().sum()) for p in parts],
+                [float(p.amin()) if p.numel() else 0.0 for p in parts],
+            ]
+        if len(stats) == 2:
+            stats.append([0.0] * len(sizes))
+        out: list[tuple[int, float, float] | None] = []
+        for i, n in enumerate(sizes):
+            s1, s2, low = stats[0][i], stats[1][i], stats[2][i]
+            if n and math.isfinite(s1) and math.isfinite(s2):
+                if low < 0:
+                    raise ValueError(f"PoolLoader.feedback got negative scores (min {low:.4g}).")
+                out.append((n, s1, s2))
                 continue
-            s1 = sum(values)
-            if not math.isfinite(s1):  # drop NaN / inf scores
-                values = [v for v in values if math.isfinite(v)]
-                if not values:
-                    continue
-                s1 = sum(values)
+            part = flat[sum(sizes[:i]) : sum(sizes[: i + 1])]
+            values = [v for v in part.tolist() if math.isfinite(v)]  # drop NaN / inf scores
+            if not values:
+                out.append(None)
+                continue
             low = min(values)
             if low < 0:
                 raise ValueError(f"PoolLoader.feedback got negative scores (min {low:.4g}).")
-            self._push_moments(len(values), s1, sum(map(operator.mul, values, values)), "batch")
+            out.append((len(values), sum(values), sum(map(operator.mul, values, values))))
+        return out
 
     def feedback(self, batch: WeightedBatch, outputs: Any, losses: torch.Tensor | None = None) -> None:
         """Hand the training step's outputs back (Algorithm 1 mode); called after the forward pass.
@@ -786,22 +990,42 @@ class PoolLoader:
                 dict or object holding them); detached inside.
             losses: the per-example losses (used by :class:`LossScorer`), optional.
         """
-        if not self.lazy or not self._awaiting:
-            return
-        idx = getattr(batch, "indices", None)
-        if not isinstance(idx, torch.Tensor):
-            raise param_error("batch", "PoolLoader.feedback", "a WeightedBatch", batch, TypeError)
-        if not self._take_awaiting(idx):
-            return  # not an off batch still awaited: nothing to learn from it
-        scores = scores_from_outputs(self.scorer, outputs, batch.targets, losses)
-        if scores is None:  # pragma: no cover - checked at construction
-            return
-        if scores.shape[0] != idx.shape[0]:
-            raise ValueError(
-                f"PoolLoader.feedback got {scores.shape[0]} scores for a batch of {idx.shape[0]} examples."
-            )
+        if self._wants_losses and isinstance(losses, torch.Tensor):
+            off = False
+            if self._awaiting:
+                idx = getattr(batch, "indices", None)
+                if not isinstance(idx, torch.Tensor):
+                    raise param_error("batch", "PoolLoader.feedback", "a WeightedBatch", batch, TypeError)
+                off = self._take_awaiting(idx)
+            # reduced at the next decision; an off batch's weights are all 1
+            weights = None if off else getattr(batch, "weights", None)
+            self._events.append(("loss", losses.detach(), weights))
+            if not off:
+                return
+        else:
+            if not self.lazy or not self._awaiting:
+                return
+            idx = getattr(batch, "indices", None)
+            if not isinstance(idx, torch.Tensor):
+                raise param_error("batch", "PoolLoader.feedback", "a WeightedBatch", batch, TypeError)
+            if not self._take_awaiting(idx):
+                return  # not an off batch still awaited: nothing to learn from it
+        z = outputs
+        if self._reads_logits:
+            z = model_call_of(self.scorer).read(outputs)
+            if not isinstance(z, torch.Tensor):
+                raise param_error(
+                    "outputs", "PoolLoader.feedback", "logits the scorer can read", outputs, TypeError
+                )
+            z = z.detach()
+            if z.shape[0] != idx.shape[0]:
+                raise ValueError(
+                    f"PoolLoader.feedback got {z.shape[0]} scores for a batch of {idx.shape[0]} examples."
+                )
         self._feedbacks += 1
-        self._fed.append(scores.detach().reshape(-1))  # read at the next request: no sync here
+        # scored at the next decision, batched with the other pending batches (no sync here)
+        loss = losses.detach() if isinstance(losses, torch.Tensor) else losses
+        self._events.append(("scores", z, batch.targets, loss, int(idx.shape[0])))
 
     def _take_awaiting(self, idx: torch.Tensor) -> bool:
         """Remove the off batch with these indices from the queue awaiting feedback; False if absent."""
@@ -903,7 +1127,8 @@ class PoolLoader:
         if self.lazy and isinstance(self.scorer, LossScorer) and isinstance(indices, torch.Tensor):
             if self._awaiting and self._take_awaiting(indices):
                 self._feedbacks += 1
-                self._fed.append(torch.as_tensor(scores).detach().reshape(-1))
+                values = torch.as_tensor(scores).detach().reshape(-1)
+                self._events.append(("scores", None, None, values, int(values.shape[0])))
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue bit-identically.
@@ -918,7 +1143,8 @@ class PoolLoader:
             workers) is redrawn identically after loading. Feedback still awaited for a
             batch yielded before saving is not saved.
         """
-        self._drain_feedback()
+        if self._events:
+            self._flush()
         return {
             "version": self.STATE_VERSION,
             "num_samples": self.num_samples,
@@ -939,6 +1165,8 @@ class PoolLoader:
             "tau_history": list(self.tau_history),
             "window": [list(m) for m in self._window],
             "window_source": self._window_source,
+            "decision": bool(self._decision),
+            "prev_served": bool(self._prev_served),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -1000,7 +1228,45 @@ class PoolLoader:
         self._window = deque(window, maxlen=self.chunks_per_pool)
         self._window_source = str(state.get("window_source", "none"))
         self._awaiting.clear()
-        self._fed = []
+        self._events = []
+        self._probe_pending = False
+        self._decision = bool(state.get("decision", getattr(self.switch, "on", False)))
+        self._prev_served = bool(state.get("prev_served", self._decision))
+
+
+def _weighted_means(events: list[tuple[Any, ...]]) -> list[float | None]:
+    """``mean(w * l)`` of each ``("loss", losses, weights)`` event, read with one synchronisation.
+
+    The weighted mean is the batch's unbiased estimate of the mean training loss in both
+    regimes (weights 1 for a uniform batch, ``1 / (B p_i)`` for a pool draw). None for an
+    event whose losses are not one per example or not finite.
+    """
+    if not events:
+        return []
+    shapes = {(e[1].shape, e[1].device, e[1].dtype) for e in events}
+    if len(shapes) == 1 and events[0][1].dim() == 1:
+        if all(e[2] is None for e in events):  # uniform batches: plain means
+            out = torch.stack([e[1] for e in events]).float().mean(1).tolist()
+            return [v if math.isfinite(v) else None for v in out]
+        if all(isinstance(e[2], torch.Tensor) and e[2].shape == e[1].shape for e in events):
+            lw = torch.stack([e[1] for e in events]).float()
+            w = torch.stack([e[2] for e in events]).to(device=lw.device, dtype=lw.dtype)
+            out = lw.mul_(w).mean(1).tolist()  # one synchronisation for all pending batches
+            return [v if math.isfinite(v) else None for v in out]
+    values: list[torch.Tensor] = []
+    for _, losses, weights in events:
+        flat = losses.reshape(-1) if losses.dim() else losses.reshape(1)
+        if isinstance(weights, torch.Tensor) and weights.numel() == flat.numel():
+            flat = flat * weights.reshape(-1).to(device=flat.device, dtype=flat.dtype)
+        values.append(flat.float().mean())
+    if not values:
+        return []
+    devices = {v.device for v in values}
+    if len(devices) == 1:
+        out = torch.stack(values).tolist()
+    else:
+        out = [float(v) for v in values]
+    return [v if math.isfinite(v) else None for v in out]
 
 
 def _state_window(window: Any, parts: int) -> list[tuple[float, float, float]]:

@@ -17,6 +17,7 @@ References:
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from collections import deque
@@ -36,7 +37,10 @@ __all__ = [
     "check_tau_threshold",
     "cost_threshold",
     "default_tau_threshold",
+    "discounted_gain",
     "pool_cost_ratio",
+    "realized_speedup",
+    "relative_rate",
 ]
 
 
@@ -334,26 +338,108 @@ def auto_decision(gain: float, cost_ratio: float, on: bool, hysteresis: float) -
 GAIN_RULES = ("kappa", "sqrt-kappa")
 
 
+def discounted_gain(gain: float, efficiency: float) -> float:
+    """``1 + efficiency (gain - 1)``: the share ``efficiency`` of the predicted excess speed-up.
+
+    Args:
+        gain: predicted progress per step relative to a uniform step (``tau**2`` or ``tau``).
+        efficiency: realized over predicted excess speed-up, in [0, 1] (1 = trust the prediction).
+
+    Returns:
+        float (NaN when ``gain`` is NaN).
+    """
+    return 1.0 + efficiency * (gain - 1.0)
+
+
+def relative_rate(costs: Sequence[float], losses: Sequence[float]) -> float:
+    """Relative decrease of the loss per unit cost: ``-slope(loss ~ cost) / mean(loss)`` (OLS).
+
+    A least-squares slope over the window (not the difference of two noisy end points),
+    divided by the window's mean loss so that rates measured at different loss levels
+    compare (for an exponential decay it is the decay constant; > 0 = progress).
+
+    Returns:
+        float, NaN with fewer than 3 points, no spread in cost or a mean loss <= 0.
+    """
+    n = len(costs)
+    if n < 3 or n != len(losses):
+        return math.nan
+    mc, ml = sum(costs) / n, sum(losses) / n
+    var = sum((c - mc) ** 2 for c in costs)
+    if not var > 0 or not ml > 0:
+        return math.nan
+    cov = sum((c - mc) * (v - ml) for c, v in zip(costs, losses, strict=True))
+    return -(cov / var) / ml
+
+
+def realized_speedup(rate_on: float, rate_off: float) -> float:
+    """Progress per unit cost with importance sampling over that of uniform steps.
+
+    Both rates are :func:`relative_rate` values (per unit of cost, a uniform step = 1). A
+    uniform reference without progress (``rate_off <= 0``) makes any progress of importance
+    sampling count as a win (``inf``) and none as a loss (0).
+    """
+    if rate_on != rate_on or rate_off != rate_off:
+        return math.nan
+    if rate_off <= 0:
+        return math.inf if rate_on > 0 else 0.0
+    return rate_on / rate_off
+
+
 class AutoSwitch:
     """Pool importance sampling only while it pays in measured time (the ``auto`` scheme's rule).
 
-    It follows EMAs (momentum ``momentum``) of tau and of four measured times fed by a
-    :class:`isample.PoolLoader` in Algorithm 1 mode: the training step (``step_seconds``),
-    reading one batch (``fetch_seconds / chunks``), scoring a pool of B and drawing from it
-    (``score_seconds``, from real pools while on and from timed scoring probes of a batch,
-    scaled by B / b, while off). The first measurement of each time is discarded (warm-up).
+    **Costs.** It follows an EMA (momentum ``momentum``) of tau and three measured times fed
+    by a :class:`isample.PoolLoader` in Algorithm 1 mode: the training step
+    (``step_seconds``) and reading one batch (``fetch_seconds / chunks``), each the median
+    of the last ``MEDIAN_OF = 25`` measurements (a loop that pauses to evaluate, log or
+    checkpoint inflates a few step times; an EMA would carry those pauses into R), and
+    scoring a pool of B and drawing from it (``score_seconds``, an EMA, from real pools
+    while on and from timed scoring probes of a batch, scaled by B / b, while off). The
+    first measurement of each time is discarded (warm-up). They give the cost ratio R of a
+    pool step to a uniform step. The loader times in process CPU seconds when the model is
+    on the CPU (other processes on a shared machine do not tilt R) and in wall seconds on
+    an accelerator.
+
+    **Predicted gain.** ``tau**2`` estimates the variance multiplier kappa of drawing b from
+    the pool of B. A step with kappa times less gradient noise is worth about kappa uniform
+    steps with SGD (linear scaling) and ``sqrt(kappa)`` with Adam-type optimizers
+    (square-root scaling) *when the learning rate is rescaled and the noise limits progress*.
+    At a fixed learning rate only the noise share of the progress is bought back, so the
+    realized excess speed-up is a fraction of the predicted one (measured with ``isample
+    bench`` on digits: kappa 6-7 gave 1.15x per step with Adam / RMSprop and less than 1x with
+    SGD, a fraction of 0.03-0.1). The rule therefore uses the discounted gain
 
     .. math::
 
-        G = \\tau^2 \\;(\\text{"kappa"}) \\text{ or } \\tau \\;(\\text{"sqrt-kappa"}), \\qquad
+        G = \\tau^2 \\text{ (kappa) or } \\tau \\text{ (sqrt-kappa)}, \\qquad
+        G_\\mathrm{eff} = 1 + \\alpha (G - 1), \\qquad
         R = \\frac{t_\\mathrm{tr} + k\\, t_\\mathrm{f} + t_\\mathrm{s}}{t_\\mathrm{tr} + t_\\mathrm{f}},
-        \\qquad \\text{on} \\iff G > R (1 + h) \\text{ (off) or } G \\ge R \\text{ (on)}.
 
-    ``tau**2`` estimates the variance multiplier kappa of sampling b from the pool of B; a
-    step with kappa times less gradient noise is worth about kappa uniform steps with SGD
-    (linear scaling) and about ``sqrt(kappa)`` with Adam-type optimizers (square-root
-    scaling), hence the two gain rules. Until every cost has been measured the switch stays
-    off (uniform batches, which is what a uniform step costs).
+    with the efficiency alpha starting at ``efficiency`` and re-estimated from every trial
+    (below); importance sampling turns on when ``G_eff > R (1 + h)`` and off when
+    ``G_eff < R``.
+
+    **Realized progress.** When the loop hands back its losses (``timing["train_loss"]``,
+    the weighted mean loss of the previous batch, an unbiased estimate of the mean loss in
+    both regimes), the switch also checks what importance sampling actually buys:
+
+    * while off it keeps the last ``window`` (cost, loss) points of uniform steps (a uniform
+      step costs 1, a pool step R); it turns on only once that reference is full;
+    * once on, it ignores ``settle`` steps, then fits the same window on the pool steps;
+    * the realized speed-up ``S = rate_on / rate_off`` compares the relative rates of
+      loss decrease per unit cost (:func:`relative_rate`, least squares);
+      ``S >= 1``: importance sampling pays, it stays on (and re-checks every window against
+      the same reference); ``S < 1``: it switches off and stays off for a cool-down of
+      ``cooldown * 2**(failures - 1)`` steps (doubling back-off), whatever tau says;
+    * each check re-estimates the efficiency, ``alpha <- (alpha + (S R - 1) / (G - 1)) / 2``
+      clipped to [0, 1] (``S R`` is the realized per-step speed-up), so a workload on which
+      the prediction over-promised asks for a larger tau next time.
+
+    Loss decrease slows down as training proceeds, so the later on-window is compared with
+    an earlier uniform window: the check errs towards uniform, the safe side. Without
+    losses the rule is the discounted prediction alone. Until every cost has been measured
+    the switch stays off (uniform batches, which is what a uniform step costs).
 
     Args:
         momentum: EMA momentum of tau and the times, in [0, 1) (0.9).
@@ -361,10 +447,22 @@ class AutoSwitch:
         gain: ``"kappa"`` (SGD) or ``"sqrt-kappa"`` (Adam, RMSprop, Adagrad).
         probe_every: while off, re-time a scoring probe every this many steps (int >= 1, 500).
         always: on from the first step (the rule then only reports).
+        efficiency: initial alpha in [0, 1] (1.0 here: the undiscounted prediction; the
+            ``auto`` scheme passes 0.1).
+        window: steps in each realized-progress fit (int >= 3, 30).
+        settle: on-steps ignored after a switch before fitting (int >= 0, 10).
+        cooldown: steps off after the first failed check, doubled after each (int >= 1, 200).
     """
 
     STATE_KEYS = ("ema", "on", "observations", "costs", "seen", "since_score")
     _COSTS = ("train_seconds", "fetch_seconds", "score_seconds")
+    #: a :class:`isample.PoolLoader` hands it the weighted loss of each batch (``train_loss``)
+    wants_losses = True
+    #: the step and read times are the median of this many recent measurements
+    MEDIAN_OF = 25
+    _MEDIAN_COSTS = ("train_seconds", "fetch_seconds")
+    #: switch events kept in ``history``
+    HISTORY_LIMIT = 100
 
     def __init__(
         self,
@@ -373,6 +471,10 @@ class AutoSwitch:
         gain: str = "kappa",
         probe_every: int = 500,
         always: bool = False,
+        efficiency: float = 1.0,
+        window: int = 30,
+        settle: int = 10,
+        cooldown: int = 200,
     ) -> None:
         owner = "AutoSwitch"
         self.momentum = check_float(
@@ -382,13 +484,34 @@ class AutoSwitch:
         self.gain_rule = check_choice(gain, "gain", owner, GAIN_RULES)
         self.probe_every = check_int(probe_every, "probe_every", owner, minimum=1)
         self.always = bool(always)
+        self.efficiency = check_float(efficiency, "efficiency", owner, minimum=0.0, maximum=1.0)
+        self.window = check_int(window, "window", owner, minimum=3)
+        self.settle = check_int(settle, "settle", owner, minimum=0)
+        self.cooldown = check_int(cooldown, "cooldown", owner, minimum=1)
         self.ema: float | None = None
         self.on = self.always
         self.observations = 0
         self.costs: dict[str, float | None] = dict.fromkeys(self._COSTS)
         self.seen: dict[str, int] = dict.fromkeys(self._COSTS, 0)
+        self._recent: dict[str, deque[float]] = {}
+        self._sorted: dict[str, list[float]] = {}  # the same values, sorted
         self.since_score = 0
         self.chunks_per_pool: float | None = None
+        # realized progress
+        self.alpha = self.efficiency
+        self.steps = 0
+        self.cost_so_far = 0.0
+        self.losses_seen = 0
+        self.failures = 0
+        self.off_until = 0
+        self.rate_off = math.nan
+        self.rate_on = math.nan
+        self.realized = math.nan
+        self.history: deque[dict[str, Any]] = deque(maxlen=self.HISTORY_LIMIT)
+        self._off_points: deque[tuple[float, float]] = deque(maxlen=self.window)
+        self._on_points: list[tuple[float, float]] = []
+        self._on_steps = 0
+        self._gains: list[float] = []
 
     @property
     def wants_score_timing(self) -> bool:
@@ -401,14 +524,31 @@ class AutoSwitch:
         self.seen[key] += 1
         if self.seen[key] == 1:  # warm-up: the first measurement includes one-off costs
             return
+        if key in self._MEDIAN_COSTS:  # per-step times: a median, robust to pauses of the loop
+            recent = self._recent.get(key)
+            if recent is None:
+                recent = self._recent[key] = deque()
+                self._sorted[key] = []
+            ordered = self._sorted[key]
+            if len(recent) >= self.MEDIAN_OF:
+                del ordered[bisect.bisect_left(ordered, recent.popleft())]
+            recent.append(float(value))
+            bisect.insort(ordered, float(value))
+            mid = len(ordered) // 2
+            self.costs[key] = ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+            return
         old = self.costs[key]
         self.costs[key] = value if old is None else self.momentum * old + (1 - self.momentum) * value
 
     def gain(self) -> float:
-        """The estimated gain G from the tau EMA (NaN before the first tau)."""
+        """The predicted gain G from the tau EMA (NaN before the first tau)."""
         if self.ema is None:
             return math.nan
         return self.ema**2 if self.gain_rule == "kappa" else self.ema
+
+    def effective_gain(self) -> float:
+        """The discounted gain ``1 + alpha (G - 1)`` the rule compares with R."""
+        return discounted_gain(self.gain(), self.alpha)
 
     def cost_ratio(self) -> float:
         """The measured cost ratio R (NaN until every time has been measured)."""
@@ -423,19 +563,75 @@ class AutoSwitch:
         )
 
     def threshold_value(self) -> float:
-        """The gain the switch needs now: ``R (1 + h)`` while off, ``R`` while on (NaN if unknown)."""
+        """The effective gain needed now: ``R (1 + h)`` while off, ``R`` while on (NaN if unknown)."""
         ratio = self.cost_ratio()
         return ratio if self.on else ratio * (1.0 + self.hysteresis)
 
     @property
     def threshold(self) -> float:
-        """The threshold on tau itself (what ``tau_ema`` is compared with in reports)."""
+        """The threshold on tau itself (what ``tau_ema`` is compared with in reports).
+
+        The tau at which the effective gain reaches :meth:`threshold_value` (inf when the
+        efficiency is 0: no tau suffices).
+        """
         needed = self.threshold_value()
-        return math.sqrt(needed) if self.gain_rule == "kappa" and needed == needed else needed
+        if needed != needed:
+            return needed
+        if self.alpha <= 0:
+            return math.inf
+        g = 1.0 + (needed - 1.0) / self.alpha
+        return math.sqrt(max(g, 0.0)) if self.gain_rule == "kappa" else g
+
+    def _event(self, event: str, reason: str, **extra: Any) -> None:
+        self.history.append(
+            {
+                "step": self.steps,
+                "event": event,
+                "reason": reason,
+                "gain": self.gain(),
+                "effective_gain": self.effective_gain(),
+                "cost_ratio": self.cost_ratio(),
+                "efficiency": self.alpha,
+                **extra,
+            }
+        )
+
+    def _progress(self, timing: dict[str, Any], ratio: float) -> None:
+        """Enter the previous step's (cost, loss) point into the window of its regime (R = ``ratio``)."""
+        was_on = bool(timing.get("was_on", self.on))
+        self.cost_so_far += (ratio if ratio == ratio else 1.0) if was_on else 1.0
+        loss = timing.get("train_loss")
+        if loss is None or not math.isfinite(loss):
+            return
+        self.losses_seen += 1
+        point = (self.cost_so_far, float(loss))
+        if was_on:
+            self._on_points.append(point)
+        else:
+            self._off_points.append(point)
+
+    def _check(self) -> bool | None:
+        """The realized-progress check of an on-window: False (switch off), True (stay), None (not yet)."""
+        if not self.losses_seen or len(self._on_points) < self.settle + self.window:
+            return None
+        points = self._on_points[self.settle :]
+        self.rate_on = relative_rate([c for c, _ in points], [v for _, v in points])
+        self.rate_off = relative_rate([c for c, _ in self._off_points], [v for _, v in self._off_points])
+        self.realized = realized_speedup(self.rate_on, self.rate_off)
+        gain = sum(self._gains) / len(self._gains) if self._gains else self.gain()
+        ratio = self.cost_ratio()
+        if self.realized == self.realized and ratio == ratio and gain > 1.0:
+            per_step = min(self.realized * ratio, gain)  # realized speed-up per step
+            measured = (per_step - 1.0) / (gain - 1.0)
+            self.alpha = min(max(0.5 * (self.alpha + measured), 0.0), 1.0)
+        self._on_points = self._on_points[: self.settle]  # next window, same settle skipped
+        self._gains = []
+        return not (self.realized == self.realized and self.realized < 1.0)
 
     def observe(self, tau_value: float, timing: dict[str, Any] | None = None) -> bool:
-        """Feed tau and the last step's timings; return whether importance sampling is on."""
+        """Feed tau and the last step's timings (and loss); return whether importance sampling is on."""
         self.since_score += 1
+        timing = timing or {}
         if timing:
             if timing.get("pool_size") and timing.get("batch_size"):
                 self.chunks_per_pool = float(timing["pool_size"]) / float(timing["batch_size"])
@@ -447,16 +643,46 @@ class AutoSwitch:
             if timing.get("score_seconds") is not None:
                 self.since_score = 0
                 self._feed("score_seconds", float(timing["score_seconds"]))
+        ratio = self.cost_ratio()
+        if self.steps > 0:
+            self._progress(timing, ratio)
+        self.steps += 1
         if tau_value == tau_value:
             self.ema = (
                 tau_value if self.ema is None else self.momentum * self.ema + (1 - self.momentum) * tau_value
             )
             self.observations += 1
-        self.on = self.always or auto_decision(self.gain(), self.cost_ratio(), self.on, self.hysteresis)
+        if self.always:
+            self.on = True
+            return True
+        predicted = auto_decision(self.effective_gain(), ratio, self.on, self.hysteresis)
+        if self.on:
+            if self.gain() == self.gain():
+                self._gains.append(self.gain())
+            verdict = self._check()
+            if verdict is False:
+                self.failures += 1
+                self.off_until = self.steps + self.cooldown * 2 ** (self.failures - 1)
+                self._switch(False, "realized speed-up below 1", realized=self.realized)
+            elif not predicted:
+                self._switch(False, "effective gain below the cost ratio")
+        elif predicted and self.steps >= self.off_until:
+            if self.losses_seen and len(self._off_points) < self.window:
+                pass  # the uniform reference window is not full yet
+            else:
+                self._switch(True, "effective gain above the cost ratio")
         return self.on
 
+    def _switch(self, on: bool, reason: str, **extra: Any) -> None:
+        self.on = on
+        self._event("on" if on else "off", reason, **extra)
+        if on:
+            self._on_points, self._gains = [], []
+        else:
+            self._off_points.clear()
+
     def state_dict(self) -> dict[str, Any]:
-        """tau EMA, decision, cost EMAs and counters."""
+        """tau EMA, decision, cost EMAs, counters and the realized-progress state."""
         return {
             "ema": self.ema,
             "on": self.on,
@@ -465,10 +691,24 @@ class AutoSwitch:
             "seen": dict(self.seen),
             "since_score": self.since_score,
             "chunks_per_pool": self.chunks_per_pool,
+            "alpha": self.alpha,
+            "steps": self.steps,
+            "cost_so_far": self.cost_so_far,
+            "losses_seen": self.losses_seen,
+            "failures": self.failures,
+            "off_until": self.off_until,
+            "rate_off": self.rate_off,
+            "rate_on": self.rate_on,
+            "realized": self.realized,
+            "history": [dict(h) for h in self.history],
+            "off_points": [list(p) for p in self._off_points],
+            "on_points": [list(p) for p in self._on_points],
+            "gains": list(self._gains),
+            "recent": {k: list(v) for k, v in self._recent.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
+        """Restore :meth:`state_dict` (a state without the realized-progress keys starts them afresh)."""
         missing = [k for k in self.STATE_KEYS if k not in state]
         if missing:
             raise KeyError(f"AutoSwitch state is missing {missing}.")
@@ -479,27 +719,69 @@ class AutoSwitch:
         self.seen = {k: int(state["seen"].get(k, 0)) for k in self._COSTS}
         self.since_score = int(state["since_score"])
         self.chunks_per_pool = state.get("chunks_per_pool")
+        self.alpha = float(state.get("alpha", self.efficiency))
+        self.steps = int(state.get("steps", self.observations))
+        self.cost_so_far = float(state.get("cost_so_far", 0.0))
+        self.losses_seen = int(state.get("losses_seen", 0))
+        self.failures = int(state.get("failures", 0))
+        self.off_until = int(state.get("off_until", 0))
+        self.rate_off = float(state.get("rate_off", math.nan))
+        self.rate_on = float(state.get("rate_on", math.nan))
+        self.realized = float(state.get("realized", math.nan))
+        self.history = deque((dict(h) for h in state.get("history", [])), maxlen=self.HISTORY_LIMIT)
+        self._off_points = deque(
+            (tuple(p) for p in state.get("off_points", [])),
+            maxlen=self.window,  # type: ignore[misc]
+        )
+        self._on_points = [tuple(p) for p in state.get("on_points", [])]  # type: ignore[misc]
+        self._gains = [float(g) for g in state.get("gains", [])]
+        self._recent = {
+            k: deque(float(v) for v in list(values)[-self.MEDIAN_OF :])
+            for k, values in state.get("recent", {}).items()
+        }
+        self._sorted = {k: sorted(v) for k, v in self._recent.items()}
 
     def describe(self) -> dict[str, Any]:
-        """The decision and its inputs.
+        """The decision, the rule and its inputs.
 
         Returns:
-            dict with ``rule`` ("auto"), ``decision`` ("pool-is" or "uniform"), ``on``,
-            ``ema`` (tau EMA), ``gain`` and ``gain_rule``, ``cost_ratio``, ``gain_threshold``
-            (the gain needed now), ``threshold`` (the same on the tau scale, comparable
-            with ``ema``), ``hysteresis`` and ``costs`` (seconds: ``train_seconds``
-            per step, ``fetch_seconds`` per batch read, ``score_seconds`` per pool scored).
+            dict with ``rule`` ("auto"), ``decision_rule`` (the rule in words),
+            ``decision`` ("pool-is" or "uniform"), ``on``, ``ema`` (tau EMA), ``gain``
+            (predicted G) and ``gain_rule``, ``efficiency`` (alpha), ``effective_gain``,
+            ``cost_ratio``, ``gain_threshold`` (the effective gain needed now),
+            ``threshold`` (the same on the tau scale, comparable with ``ema``),
+            ``hysteresis``, ``costs`` (seconds: ``train_seconds`` per step,
+            ``fetch_seconds`` per batch read, ``score_seconds`` per pool scored), and the
+            realized-progress check: ``rate_off`` / ``rate_on`` (relative loss decrease per
+            unit cost), ``realized_speedup``, ``failures``, ``cooldown_until`` (the step
+            before which it stays off), ``window``, ``settle``, ``reference_points`` and
+            ``history`` (the switch events: step, on / off, reason, gains, cost ratio).
         """
         return {
             "rule": "auto",
+            "decision_rule": (
+                "on when 1 + alpha (G - 1) > R (1 + h), off when below R; once on, off when the "
+                "realized speed-up per unit cost S = rate_on / rate_off < 1, then a doubling cool-down"
+            ),
             "decision": "pool-is" if self.on else "uniform",
             "on": self.on,
             "ema": self.ema,
             "gain": self.gain(),
             "gain_rule": self.gain_rule,
+            "efficiency": self.alpha,
+            "effective_gain": self.effective_gain(),
             "cost_ratio": self.cost_ratio(),
             "gain_threshold": self.threshold_value(),
             "threshold": self.threshold,
             "hysteresis": self.hysteresis,
             "costs": dict(self.costs),
+            "rate_off": self.rate_off,
+            "rate_on": self.rate_on,
+            "realized_speedup": self.realized,
+            "failures": self.failures,
+            "cooldown_until": self.off_until,
+            "window": self.window,
+            "settle": self.settle,
+            "reference_points": len(self._off_points),
+            "history": [dict(h) for h in self.history],
         }

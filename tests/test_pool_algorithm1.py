@@ -211,11 +211,19 @@ def test_kf_scheme_runs_algorithm1_and_scores_nothing_while_off():
     assert legacy.cost()["scored_examples"] == 3 * B * len(legacy)
 
 
-def test_algorithm1_resume_continues_bit_identically():
+@pytest.mark.parametrize("tau_every", [1, 3])  # 3: the save at step 8 falls between two decisions
+def test_algorithm1_resume_continues_bit_identically(tau_every):
     model = make_mlp()
 
     def build(seed=0):
-        return lazy(model=model, scorer=RecordingLoss(), tau_momentum=0.5, seed=seed, check_loss_fn=False)
+        return lazy(
+            model=model,
+            scorer=RecordingLoss(),
+            tau_momentum=0.5,
+            seed=seed,
+            check_loss_fn=False,
+            tau_every=tau_every,
+        )
 
     def run(loader, count, log, it=None):
         it = iter(loader) if it is None else it
@@ -440,14 +448,15 @@ def test_algorithm1_on_cuda():
 
 
 @pytest.mark.parametrize("scheme", ["kf", "auto"])
-def test_a_switch_that_stays_off_reproduces_the_uniform_scheme_exactly(scheme):
+@pytest.mark.parametrize("n", [320, 330])  # 330: N mod b != 0, a short last batch per epoch
+def test_a_switch_that_stays_off_reproduces_the_uniform_scheme_exactly(scheme, n):
     """Algorithm 1 reads uniform's batches while off: same seed, same batches, same parameters."""
     from torch.utils.data import TensorDataset
 
     import isample
 
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(320, 5, generator=g), torch.randint(0, 3, (320,), generator=g)
+    x, y = torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g)
     ce = torch.nn.CrossEntropyLoss(reduction="none")
     never = {"kf": isample.schemes.KatharopoulosFleuret(tau_threshold=math.inf), "auto": "auto"}
 

@@ -49,13 +49,26 @@ class Auto(PoolScheme):
       .. math::
 
           G = \\tau^2 \\text{ (SGD) or } \\tau \\text{ (Adam-type)}, \\qquad
+          G_{eff} = 1 + \\alpha (G - 1), \\qquad
           R = \\frac{t_{tr} + k t_f + t_s}{t_{tr} + t_f}, \\quad k = B / b,
 
-      importance sampling turns on when ``G > R (1 + h)`` and off again when ``G < R``
-      (hysteresis ``h``). ``tau**2`` estimates the variance multiplier kappa of drawing b
-      from a pool of B; a step with kappa times less gradient noise is worth about kappa
-      uniform steps for SGD and about ``sqrt(kappa)`` for Adam, RMSprop or Adagrad
-      (square-root scaling, Malladi et al. 2022).
+      importance sampling turns on when ``G_eff > R (1 + h)`` and off again when
+      ``G_eff < R`` (hysteresis ``h``). ``tau**2`` estimates the variance multiplier kappa of
+      drawing b from a pool of B; a step with kappa times less gradient noise is worth about
+      kappa uniform steps for SGD and about ``sqrt(kappa)`` for Adam, RMSprop or Adagrad
+      (square-root scaling, Malladi et al. 2022) only if the learning rate is rescaled and
+      the noise limits progress. At the learning rate tuned for uniform batches the realized
+      excess speed-up is a fraction alpha of the predicted one (``isample bench`` on digits:
+      kappa 6-7 bought 1.15x per step, alpha about 0.1 with Adam and below 0.05 with SGD),
+      hence the discount, starting at ``efficiency``.
+    * **Realized progress.** The loop's losses (``feedback(batch, outputs, losses)``) give
+      the weighted mean loss of every batch (unbiased in both regimes). A switch-on needs a
+      full reference window of ``window`` uniform steps; once on, after ``settle`` steps,
+      the relative rate of loss decrease per unit cost (a pool step costs R) is fitted on
+      ``window`` pool steps and compared with the uniform reference: a realized speed-up
+      ``S < 1`` switches importance sampling off for ``cooldown`` steps, doubled after each
+      failure, and every check re-estimates alpha from ``S R`` (the realized per-step
+      speed-up). See :class:`isample.switch.AutoSwitch`.
     * **On (pool IS).** A step reads a uniform pool of B, scores it and draws b with
       replacement from ``p_i = s_i / sum s``, weights ``1 / (B p_i)``: unbiased, as the
       uniform batches are.
@@ -73,6 +86,10 @@ class Auto(PoolScheme):
         gain: ``"auto"`` (from the optimizer), ``"kappa"`` or ``"sqrt-kappa"``.
         tau_momentum: EMA momentum of tau and of the measured times (0.9).
         probe_every: steps between timed scoring probes while off (500).
+        efficiency: initial alpha, the share of the predicted excess speed-up trusted (0.1).
+        window: steps per realized-progress fit (30).
+        settle: pool steps skipped after switching on before the fit (10).
+        cooldown: steps off after the first failed check, doubled after each (200).
         closed_form: closed-form upper bound for cross-entropy / MSE (default True).
         scoring_batch_size, num_batches, drop_last, **loader_options:
             :class:`isample.PoolLoader` options.
@@ -84,6 +101,11 @@ class Auto(PoolScheme):
 
     name = "auto"
     unbiased = True
+    #: while off, decide every this many steps: the scores fed back since the last decision
+    #: are computed in one batched pass and the switch replays every step in order, so its
+    #: state is that of an every-step evaluation; a decision takes effect up to 7 steps later
+    #: (``tau_every`` of :class:`isample.PoolLoader`)
+    TAU_EVERY = 8
 
     def __init__(
         self,
@@ -100,6 +122,10 @@ class Auto(PoolScheme):
         gain: str = "auto",
         tau_momentum: float = 0.9,
         probe_every: int = 500,
+        efficiency: float = 0.1,
+        window: int = 30,
+        settle: int = 10,
+        cooldown: int = 200,
         closed_form: bool = True,
         scoring_batch_size: int | None = None,
         num_batches: int | None = None,
@@ -118,12 +144,17 @@ class Auto(PoolScheme):
             hysteresis=check_float(hysteresis, "hysteresis", owner, minimum=0.0, maximum=10.0),
             gain=rule,
             probe_every=check_int(probe_every, "probe_every", owner, minimum=1),
+            efficiency=check_float(efficiency, "efficiency", owner, minimum=0.0, maximum=1.0),
+            window=check_int(window, "window", owner, minimum=3),
+            settle=check_int(settle, "settle", owner, minimum=0),
+            cooldown=check_int(cooldown, "cooldown", owner, minimum=1),
         )
         options: dict[str, Any] = dict(
             presample=presample,
             switch=switch,
             score_when_off=False,
             warn_off_epochs=None,
+            tau_every=self.TAU_EVERY,
             scoring_batch_size=scoring_batch_size,
             num_batches=num_batches,
             drop_last=drop_last,

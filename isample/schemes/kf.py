@@ -64,6 +64,11 @@ class KatharopoulosFleuret(PoolScheme):
 
     name = "kf"
     unbiased = True
+    #: while off, decide every this many steps: the scores fed back since the last decision
+    #: are computed in one batched pass and the switch replays every step in order, so its
+    #: state is that of an every-step evaluation; a decision takes effect up to 7 steps later
+    #: (``tau_every`` of :class:`isample.PoolLoader`)
+    TAU_EVERY = 8
 
     def __init__(
         self,
@@ -106,6 +111,7 @@ class KatharopoulosFleuret(PoolScheme):
             additive=additive,
             relative=relative,
             mixing=mixing,
+            tau_every=self.TAU_EVERY,
             scoring_batch_size=scoring_batch_size,
             num_batches=num_batches,
             drop_last=drop_last,

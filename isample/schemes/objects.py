@@ -431,6 +431,10 @@ class Auto(Scheme):
         gain: ``"auto"`` (from the optimizer), ``"kappa"`` or ``"sqrt-kappa"``.
         tau_momentum: EMA momentum of tau and of the measured times (0.9).
         probe_every: steps between timed scoring probes while off (500).
+        efficiency: initial share alpha of the predicted excess speed-up trusted (0.1).
+        window: steps per realized-progress fit (30).
+        settle: pool steps skipped after switching on before the fit (10).
+        cooldown: steps off after the first failed realized-progress check, doubled after each (200).
         closed_form: closed-form upper bound for cross-entropy / MSE (True).
 
     Card: ``docs/methods/auto.md``.
@@ -446,6 +450,10 @@ class Auto(Scheme):
         gain: str = "auto",
         tau_momentum: float = 0.9,
         probe_every: int = 500,
+        efficiency: float = 0.1,
+        window: int = 30,
+        settle: int = 10,
+        cooldown: int = 200,
         closed_form: bool = True,
     ) -> None:
         super().__init__(**_arguments(locals()))
