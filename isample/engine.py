@@ -727,11 +727,10 @@ class SumTree:
 
     def _write_leaves(self, idx: np.ndarray, val: np.ndarray) -> None:
         """Write leaves (last write wins for repeated indices) and update the sums."""
-        if self._kernels is not None:
-            self._kernels.write_and_propagate(
+        if self._kernels is not None:  # the total is np.add.reduce of the root, computed in the kernel
+            self._total = self._kernels.write_propagate_total(
                 self._buf, self._starts, self._lengths, self._fanout, idx, np.ascontiguousarray(val)
             )
-            self._total = _total(self._levels)
             self._count_writes(idx.shape[0])
             return
         leaves = self._levels[0]
@@ -847,6 +846,16 @@ class SumTree:
             return descend(self._levels, self._fanout, targets)
         kernel = self._kernels.descend_by_level if self._by_level else self._kernels.descend
         return kernel(self._buf, self._starts, self._lengths, self._fanout, np.ascontiguousarray(targets))
+
+    def _draw_mixture(self, u: np.ndarray, n: int, share: float, total: float) -> Any:
+        # Compiled TableSampler draw over a fully visited table (see
+        # isample._engine_kernels.draw_visited): (indices, probabilities), or None on the
+        # NumPy backend (the caller runs its vectorised code, the same arrays bit for bit).
+        if self._kernels is None:
+            return None
+        return self._kernels.draw_visited(
+            self._buf, self._starts, self._lengths, self._fanout, self._by_level, u, n, share, total
+        )
 
     def _propagate(self, idx: np.ndarray) -> None:
         if self._kernels is None:
