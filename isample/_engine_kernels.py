@@ -329,8 +329,22 @@ def _pairwise(buf, start, n):  # pragma: no cover - compiled
 
 @_jit
 def mixing_observe(
-    stale, fresh, total, n, base_share, draw_level, levels, moments, spread, momentum, decide, debias, n_eff,
-    confidence, hysteresis, current,
+    stale,
+    fresh,
+    total,
+    n,
+    base_share,
+    draw_level,
+    levels,
+    moments,
+    spread,
+    momentum,
+    decide,
+    debias,
+    n_eff,
+    confidence,
+    hysteresis,
+    current,
 ):  # pragma: no cover - compiled
     """One :meth:`isample.staleness.AdaptiveMixing.observe` (``draw_level < 0``: ``observe_full``).
 

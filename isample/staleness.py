@@ -49,6 +49,7 @@ from ._validation import check_float, check_int, param_error
 
 __all__ = ["AdaptiveMixing", "mixing_second_moments", "compiled_observe", "DEFAULT_LEVELS"]
 
+
 @functools.cache
 def compiled_observe(engine: str) -> Any:
     """The compiled update :func:`isample._engine_kernels.mixing_observe`, or None.
