@@ -52,7 +52,18 @@ B = 256
 
 
 def load_old(path: str) -> type:
-    """Import another version's ``table_sampler.py`` as a module of the installed package."""
+    """Another version's ``TableSampler``: from its ``table_sampler.py`` (imported as a module of
+    this package), or from a whole package directory (imported as ``isample_before``, e.g.
+    ``git archive OLD isample | tar -x -C /tmp/before`` then ``--old /tmp/before/isample``)."""
+    if os.path.isdir(path):
+        init = os.path.join(path, "__init__.py")
+        spec = importlib.util.spec_from_file_location(
+            "isample_before", init, submodule_search_locations=[path]
+        )
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.modules["isample_before"] = module
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        return module.TableSampler
     spec = importlib.util.spec_from_file_location("isample._bench_old_table_sampler", path)
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     sys.modules[spec.name] = module  # type: ignore[union-attr]
