@@ -117,9 +117,31 @@ class _Unvisited:
         return block * _BLOCK + offset
 
     def visit(self, new: np.ndarray) -> None:
-        """Count newly visited examples (distinct, previously unvisited) out of their blocks."""
-        blocks, counts = np.unique(new // _BLOCK, return_counts=True)
+        """Count newly visited examples (distinct, previously unvisited, sorted) out of their blocks."""
+        blocks = new // _BLOCK  # sorted: equal blocks are runs
+        starts = _run_starts(blocks)
+        counts = np.diff(np.append(starts, blocks.size))
+        blocks = blocks[starts]
         self.tree.set(blocks, self.tree.get(blocks) - counts, check=False)
+
+
+def _run_starts(ordered: np.ndarray) -> np.ndarray:
+    # Positions where a run of equal values starts in a sorted array.
+    change = np.empty(ordered.shape[0], dtype=bool)
+    if change.size:
+        change[0] = True
+        np.not_equal(ordered[1:], ordered[:-1], out=change[1:])
+    return np.flatnonzero(change)
+
+
+def _distinct_sorted(values: np.ndarray) -> np.ndarray:
+    """``np.unique(values)`` for int64 arrays: sorted distinct values, by one sort.
+
+    NumPy 2.3+ ``np.unique`` takes a hash path that is far slower than a sort on large
+    int64 arrays (16 s instead of 0.7 s for 8M indices here); same result.
+    """
+    ordered = np.sort(values)
+    return ordered[_run_starts(ordered)]
 
 
 class _EpochIterator:
@@ -689,7 +711,7 @@ class TableSampler(Sampler[WeightedIndices]):
                 init = self._initial_transformed()
                 total = self._tree.total + (n - self._num_visited) * init
                 stale = np.where(self._visited[idx], self._tree.get(idx, check=False), init)
-            full = idx.size == n and np.unique(idx).size == idx.size
+            full = idx.size == n and _distinct_sorted(idx).size == idx.size
             observe = self.mixer.observe_full if full else self.mixer.observe
             kernel = compiled_observe(self._tree.backend)  # the table engine's backend, same results
             observe(stale, val, total, n, self.policy.uniform_share(total, n), _kernel=kernel)
@@ -699,7 +721,7 @@ class TableSampler(Sampler[WeightedIndices]):
         fresh = idx[~self._visited[idx]]
         if fresh.size == 0:
             return
-        new = np.unique(fresh)
+        new = _distinct_sorted(fresh)
         self._visited[new] = True
         self._num_visited += int(new.size)
         if self._num_visited == self.num_samples:
