@@ -287,10 +287,8 @@ class AdaptiveMixing:
         updates = self.updates + 1
         decide = updates >= max(self.warmup, 1)
         current = self._current_index()
-        if self.moments.dtype != np.float64 or not self.moments.flags.c_contiguous:
-            self.moments = np.ascontiguousarray(self.moments, dtype=np.float64)
-        if self.spread.dtype != np.float64 or not self.spread.flags.c_contiguous:
-            self.spread = np.ascontiguousarray(self.spread, dtype=np.float64)
+        # moments and spread are always fresh contiguous float64 arrays (reset, _add and
+        # load_state_dict make them so): the kernel updates them in place.
         chosen = kernel(
             np.ascontiguousarray(stale, dtype=np.float64),
             np.ascontiguousarray(fresh, dtype=np.float64),
