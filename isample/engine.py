@@ -318,10 +318,10 @@ def _kernels_agree(fanout: int) -> bool:
     leaves = np.arange(size, dtype=np.int64)
     values = np.exp(rng.uniform(-30.0, 30.0, size)) * (rng.random(size) < 0.8)
     values[0] = 1.0
-    kernels.write_and_propagate(compiled, starts, bounds, fanout, leaves, values)
+    total_kernel = kernels.write_propagate_total(compiled, starts, bounds, fanout, leaves, values)
     levels[0][:size] = values
     _rebuild(levels, fanout)
-    if compiled.tobytes() != reference.tobytes():
+    if compiled.tobytes() != reference.tobytes() or total_kernel != _total(levels):
         return False
     total = float(np.add.reduce(levels[-1]))
     targets = np.concatenate([rng.random(64) * total, [0.0, total], np.cumsum(values)[:-1]])
