@@ -52,7 +52,18 @@ B = 256
 
 
 def load_old(path: str) -> type:
-    """Import another version's ``table_sampler.py`` as a module of the installed package."""
+    """Another version's ``TableSampler``: from its ``table_sampler.py`` (imported as a module of
+    this package), or from a whole package directory (imported as ``isample_before``, e.g.
+    ``git archive OLD isample | tar -x -C /tmp/before`` then ``--old /tmp/before/isample``)."""
+    if os.path.isdir(path):
+        init = os.path.join(path, "__init__.py")
+        spec = importlib.util.spec_from_file_location(
+            "isample_before", init, submodule_search_locations=[path]
+        )
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.modules["isample_before"] = module
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        return module.TableSampler
     spec = importlib.util.spec_from_file_location("isample._bench_old_table_sampler", path)
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     sys.modules[spec.name] = module  # type: ignore[union-attr]
@@ -63,7 +74,10 @@ def load_old(path: str) -> type:
 def visited_sampler(cls: type, n: int) -> Any:
     s = cls(n, B, seed=0, num_batches=10**9, power=0.5)
     g = torch.Generator().manual_seed(1)
-    s.update(torch.arange(n), torch.rand(n, generator=g, dtype=torch.float64) + 0.01)
+    chunk = n if n <= 10**7 else 1 << 23  # bounded temporaries at N = 1e8
+    for lo in range(0, n, chunk):
+        hi = min(lo + chunk, n)
+        s.update(torch.arange(lo, hi), torch.rand(hi - lo, generator=g, dtype=torch.float64) + 0.01)
     return s
 
 
@@ -83,11 +97,12 @@ def step_fn(sampler: Any) -> Any:
     return step
 
 
-def time_per_call(fn: Any, calls: int) -> float:
-    t0 = time.perf_counter()
+def time_per_call(fn: Any, calls: int) -> tuple[float, float]:
+    """Seconds per call: (wall clock, this thread's CPU time: leaves out time spent descheduled)."""
+    t0, c0 = time.perf_counter(), time.thread_time()
     for _ in range(calls):
         fn()
-    return (time.perf_counter() - t0) / calls
+    return (time.perf_counter() - t0) / calls, (time.thread_time() - c0) / calls
 
 
 def bench_step(n: int, rounds: int, calls: int, old: type | None) -> dict[str, Any]:
@@ -98,34 +113,107 @@ def bench_step(n: int, rounds: int, calls: int, old: type | None) -> dict[str, A
         BatchSampler(RandomSampler(range(n), generator=torch.Generator().manual_seed(0)), B, False)
     )
     variants["batchsampler"] = lambda: next(batch_iter)
-    p = torch.rand(n, dtype=torch.float32) + 0.01
-    variants["multinomial"] = lambda: torch.multinomial(p, B, replacement=True)
+    if n <= 1 << 24:  # torch.multinomial refuses more categories
+        p = torch.rand(n, dtype=torch.float32) + 0.01
+        variants["multinomial"] = lambda: torch.multinomial(p, B, replacement=True)
     t0 = time.perf_counter()
     torch.randperm(n)
     perm = time.perf_counter() - t0
-    times: dict[str, list[float]] = {k: [] for k in variants}
     for fn in variants.values():
         fn()  # warm-up
+    out: dict[str, Any] = {"n": n, "randperm_s": perm}
+    wall: dict[str, list[float]] = {k: [] for k in variants}
+    cpu: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(rounds):
         for name, fn in variants.items():
             k = max(calls // 50, 2) if name == "multinomial" else calls
-            times[name].append(time_per_call(fn, k))
-    out: dict[str, Any] = {"n": n, "us": {k: statistics.median(v) * 1e6 for k, v in times.items()}}
-    amortised = [t + perm / (n / B) for t in times["batchsampler"]]
-    ratios = {}
-    for name in ("new", "old"):
-        if name not in times:
-            continue
-        t = times[name]
-        ratios[f"{name} / batchsampler"] = [a / b for a, b in zip(t, times["batchsampler"], strict=True)]
-        ratios[f"{name} / batchsampler (epoch-amortised)"] = [
-            a / b for a, b in zip(t, amortised, strict=True)
-        ]
-        ratios[f"multinomial / {name}"] = [b / a for a, b in zip(t, times["multinomial"], strict=True)]
-    if "old" in times:
-        ratios["old / new"] = [a / b for a, b in zip(times["old"], times["new"], strict=True)]
-    out["ratios"] = {k: summary(v) for k, v in ratios.items()}
+            w, c = time_per_call(fn, k)
+            wall[name].append(w)
+            cpu[name].append(c)
+    out["us"] = {k: statistics.median(v) * 1e6 for k, v in wall.items()}
+    out["cpu_us"] = {k: statistics.median(v) * 1e6 for k, v in cpu.items()}
+    for clock, times in (("wall", wall), ("cpu", cpu)):
+        amortised = [t + perm / (n / B) for t in times["batchsampler"]]
+        ratios = {}
+        for name in ("new", "old"):
+            if name not in times:
+                continue
+            t = times[name]
+            ratios[f"{name} / batchsampler"] = [a / b for a, b in zip(t, times["batchsampler"], strict=True)]
+            ratios[f"{name} / batchsampler (epoch-amortised)"] = [
+                a / b for a, b in zip(t, amortised, strict=True)
+            ]
+            if "multinomial" in times:
+                ratios[f"multinomial / {name}"] = [
+                    b / a for a, b in zip(t, times["multinomial"], strict=True)
+                ]
+        if "old" in times:
+            ratios["old / new"] = [a / b for a, b in zip(times["old"], times["new"], strict=True)]
+        out["ratios" if clock == "wall" else "cpu_ratios"] = {k: summary(v) for k, v in ratios.items()}
+    out["new_us_range"] = summary([t * 1e6 for t in wall["new"]])
     return out
+
+
+def step_parts(n: int, steps: int = 2000) -> dict[str, float]:
+    """Median wall time (us) of the step's parts, timed call by call (per-call medians drop preemptions)."""
+    s = visited_sampler(TableSampler, n)
+    it = iter(s)
+    scores = torch.rand(B, generator=torch.Generator().manual_seed(2))
+    parts: dict[str, list[float]] = {"next (draw)": [], "update": [], "step": []}
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        batch = next(it)
+        t1 = time.perf_counter()
+        s.update(batch.indices, scores)
+        t2 = time.perf_counter()
+        parts["next (draw)"].append(t1 - t0)
+        parts["update"].append(t2 - t1)
+        parts["step"].append(t2 - t0)
+    bi = iter(BatchSampler(RandomSampler(range(n)), B, False))
+    bs = []
+    for _ in range(min(steps, n // B - 1)):
+        t0 = time.perf_counter()
+        next(bi)
+        bs.append(time.perf_counter() - t0)
+    out = {k: statistics.median(v[100:]) * 1e6 for k, v in parts.items()}
+    out["batchsampler next"] = statistics.median(bs[100:]) * 1e6
+    return out
+
+
+def memory_child(n: int) -> dict[str, float]:
+    """Memory of a visited TableSampler (whole sampler) and the transient of state_dict().
+
+    NumPy allocations are traced (tracemalloc): ``sampler_bytes`` is what the sampler holds
+    after the fill (its tree, visited mask, ...), ``state_dict_peak_bytes`` the peak of new
+    allocations during ``state_dict()`` (the copies it returns included). RSS growth is
+    reported beside them.
+    """
+    import gc
+    import tracemalloc
+
+    warm = TableSampler(1000, B, seed=0)  # load the compiled kernels before measuring
+    warm.update(torch.arange(1000), torch.rand(1000))
+    next(iter(warm))
+    base_rss = _status("VmRSS")
+    tracemalloc.start()
+    s = visited_sampler(TableSampler, n)
+    gc.collect()
+    held = tracemalloc.get_traced_memory()[0]
+    rss = _status("VmRSS") - base_rss
+    tracemalloc.reset_peak()
+    before = tracemalloc.get_traced_memory()[0]
+    state = s.state_dict()
+    peak = tracemalloc.get_traced_memory()[1] - before
+    tensors = sum(v.nbytes for v in state.values() if isinstance(v, torch.Tensor))
+    tracemalloc.stop()
+    return {
+        "n": n,
+        "sampler_bytes": held,
+        "sampler_rss_growth_bytes": rss,
+        "tree_bytes": s._tree.nbytes,
+        "state_dict_peak_bytes": peak,
+        "state_dict_tensor_bytes": tensors,
+    }
 
 
 def summary(values: list[float]) -> list[float]:
@@ -158,6 +246,14 @@ def _status(key: str) -> int:
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(key)
+
+
+def _child_json(extra: list[str]) -> dict[str, Any]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, __file__, *extra], capture_output=True, text=True, check=True, env=env
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def bench_unvisited(sizes: list[int], old_path: str | None) -> list[dict[str, Any]]:
@@ -236,12 +332,20 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.child:
-        print(json.dumps(unvisited_child(args.child[0], int(float(args.child[1])), args.old)))
+        if args.child[0] == "memory":
+            print(json.dumps(memory_child(int(float(args.child[1])))))
+        else:
+            print(json.dumps(unvisited_child(args.child[0], int(float(args.child[1])), args.old)))
         return
     old = load_old(args.old) if args.old else None
     sizes = [100_000] if args.quick else [1_000_000, 10_000_000]
     rounds = 3 if args.quick else args.rounds
     steps = [bench_step(n, rounds, 100 if args.quick else 300, old) for n in sizes]
+    big = 10**6 if args.quick else 10**8
+    if not args.quick:  # N = 1e8: the new sampler only (no multinomial: torch refuses N > 2**24)
+        steps.append(bench_step(big, rounds, 300, None))
+    parts = {n: step_parts(n) for n in sizes + ([] if args.quick else [big])}
+    memory = _child_json(["--child", "memory", str(big)])
     unvisited = bench_unvisited([100_000] if args.quick else [1_000_000, 4_000_000], args.old)
     ahead = bench_draw_ahead(sizes[0], rounds, 50 if args.quick else 200)
     profile = profile_step(sizes[0], 300)
@@ -254,6 +358,8 @@ def main() -> None:
         "load_average": os.getloadavg(),
         "batch_size": B,
         "step": steps,
+        "parts_us": {str(k): v for k, v in parts.items()},
+        "memory": memory,
         "unvisited": unvisited,
         "draw_ahead": ahead,
         "profile_new_step": profile,
@@ -261,10 +367,25 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"load average {os.getloadavg()}")
-    print("| N | new step (us) | ratio | median [min, max] |\n|---:|---:|---|---|")
+    print("| N | new step (us, wall / CPU) | ratio | wall: median [min, max] | CPU: median [min, max] |")
+    print("|---:|---:|---|---|---|")
     for row in steps:
         for name, (med, lo, hi) in row["ratios"].items():
-            print(f"| {row['n']:.0e} | {row['us']['new']:.0f} | {name} | {med:.2f} [{lo:.2f}, {hi:.2f}] |")
+            cm, cl, ch = row["cpu_ratios"][name]
+            print(
+                f"| {row['n']:.0e} | {row['us']['new']:.0f} / {row['cpu_us']['new']:.0f} | {name} "
+                f"| {med:.2f} [{lo:.2f}, {hi:.2f}] | {cm:.2f} [{cl:.2f}, {ch:.2f}] |"
+            )
+    print("\nper-call medians (us):")
+    for n, row in parts.items():
+        print(f"  N = {n:.0e}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()))
+    print(
+        f"\nmemory at N = {memory['n']:.0e}: sampler {memory['sampler_bytes'] / 1e6:.0f} MB traced "
+        f"(tree {memory['tree_bytes'] / 1e6:.0f} MB; RSS growth "
+        f"{memory['sampler_rss_growth_bytes'] / 1e6:.0f} MB), state_dict transient peak "
+        f"{memory['state_dict_peak_bytes'] / 1e6:.0f} MB "
+        f"(its tensors {memory['state_dict_tensor_bytes'] / 1e6:.0f} MB)"
+    )
     print("\n| N | version | draw time (s) | scratch (MB) | share on heavy |\n|---:|---|---:|---:|---:|")
     for row in unvisited:
         print(

@@ -11,6 +11,10 @@ NumPy path in :mod:`isample.engine`, so both give the same results bit for bit:
   level the sequential prefix sums ``s_{k+1} = s_k + c_k`` of the current node's children and
   the first child with ``s_{k+1} > t``; a target at or past a node's end goes to its last
   positive child with ``t = inf``.
+* :func:`mixing_observe`: one update of :class:`isample.staleness.AdaptiveMixing` (the
+  second-moment estimates of :func:`isample.staleness.mixing_second_moments`, their moving
+  averages and the level choice) in one call, with NumPy's element-wise float64 operations
+  in the same order and its pairwise summation for the mean (:func:`pairwise_sum`).
 * :func:`write_and_propagate` / :func:`propagate`: leaf writes in call order (the last write
   wins) and every touched parent recomputed as the sum of its children in the order of
   ``numpy.add.reduce`` over a contiguous row (:func:`row_sum`, NumPy's pairwise summation:
@@ -22,6 +26,8 @@ All kernels take the tree's single float64 buffer with the start and length of e
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 
@@ -31,6 +37,10 @@ __all__ = [
     "write_and_propagate",
     "propagate",
     "row_sum",
+    "pairwise_sum",
+    "mixing_observe",
+    "draw_visited",
+    "write_propagate_total",
     "NUMBA_VERSION",
 ]
 
@@ -259,3 +269,203 @@ def write_and_propagate(buf, starts, lengths, fanout, leaves, values):  # pragma
     for j in range(leaves.shape[0]):
         buf[leaves[j]] = values[j]
     return touched + propagate(buf, starts, lengths, fanout, leaves)
+
+
+@_jit
+def pairwise_sum(buf, start, n):  # pragma: no cover - compiled
+    """``numpy.add.reduce`` of ``buf[start : start + n]`` (a contiguous row, any n), bit for bit.
+
+    NumPy's pairwise summation: blocks of at most 128 values (:func:`_block_sum`), above
+    that the halves split at ``n2 = n // 2 - (n // 2) % 8`` and added.
+    """
+    if n <= 256:
+        return row_sum(buf, start, n)
+    return 0.0 + _pairwise(buf, start, n)
+
+
+@_jit
+def _pairwise(buf, start, n):  # pragma: no cover - compiled
+    # The recursion of NumPy's pairwise_sum, run on an explicit stack (numba's cache does
+    # not handle recursive functions): a node of n > 128 values is the sum of its left half
+    # (n2 values) and its right half, each evaluated completely, left first.
+    if n <= 128:
+        return _block_sum(buf, start, n)
+    first = np.empty(64, dtype=np.int64)
+    count = np.empty(64, dtype=np.int64)
+    left = np.empty(64, dtype=np.float64)
+    state = np.empty(64, dtype=np.int64)  # 0: left half pending, 1: right half pending
+    sp = 0
+    first[0] = start
+    count[0] = n
+    state[0] = 0
+    while True:
+        m = count[sp]
+        if m > 128:  # descend into the left half
+            m2 = m // 2
+            m2 -= m2 % 8
+            first[sp + 1] = first[sp]
+            count[sp + 1] = m2
+            state[sp + 1] = 0
+            sp += 1
+            continue
+        val = _block_sum(buf, first[sp], m)
+        sp -= 1
+        while sp >= 0:  # hand the finished sum to its parents
+            if state[sp] == 0:  # it was the left half: keep it, evaluate the right half
+                left[sp] = val
+                state[sp] = 1
+                m2 = count[sp] // 2
+                m2 -= m2 % 8
+                first[sp + 1] = first[sp] + m2
+                count[sp + 1] = count[sp] - m2
+                state[sp + 1] = 0
+                sp += 1
+                break
+            val = left[sp] + val
+            sp -= 1
+        if sp < 0:
+            return val
+
+
+@_jit
+def mixing_observe(
+    stale,
+    fresh,
+    total,
+    n,
+    base_share,
+    draw_level,
+    levels,
+    moments,
+    spread,
+    momentum,
+    decide,
+    debias,
+    n_eff,
+    confidence,
+    hysteresis,
+    current,
+):  # pragma: no cover - compiled
+    """One :meth:`isample.staleness.AdaptiveMixing.observe` (``draw_level < 0``: ``observe_full``).
+
+    Computes the estimate ``M(lambda)`` of every level as
+    :func:`isample.staleness.mixing_second_moments` does (same float64 operations, same
+    order, NumPy's pairwise mean); returns -2 when it is empty or not finite (nothing
+    changes). Otherwise updates ``moments`` and ``spread`` in place (the moving averages)
+    and, with ``decide``, returns the index of the level to use from now on (``current``
+    if it stays; :meth:`isample.staleness.AdaptiveMixing.relative_change` and the
+    hysteresis rule); -1 without ``decide``.
+    """
+    k = stale.shape[0]
+    nl = levels.shape[0]
+    if k == 0:
+        return -2
+    row = np.empty(k, dtype=np.float64)
+    s2 = np.empty(k, dtype=np.float64)
+    x = np.empty(k, dtype=np.float64)  # N t_j / T
+    nd = np.empty(k, dtype=np.float64)  # N q of the draw
+    est = np.empty(nl, dtype=np.float64)
+    full = draw_level < 0.0
+    ds = draw_level + (1.0 - draw_level) * base_share
+    for j in range(k):
+        s2[j] = fresh[j] * fresh[j]
+        if total <= 0.0:
+            x[j] = 0.0
+            nd[j] = 1.0
+        else:
+            x[j] = n * (stale[j] / total)
+            nd[j] = ds + (1.0 - ds) * x[j]
+    for li in range(nl):
+        lev = levels[li]
+        share = lev + (1.0 - lev) * base_share
+        for j in range(k):
+            nq = 1.0 if total <= 0.0 else share + (1.0 - share) * x[j]
+            row[j] = s2[j] / nq if full else s2[j] / (nd[j] * nq)
+        e = pairwise_sum(row, 0, k) / k
+        if not math.isfinite(e):
+            return -2
+        est[li] = e
+    a = momentum
+    for li in range(nl):
+        moments[li] = a * moments[li] + (1.0 - a) * est[li]
+        d = est[li] - est[0]
+        spread[li] = a * spread[li] + (1.0 - a) * (d * d)
+    if not decide:
+        return -1
+    mean0 = moments[0] / debias
+    best = 0
+    best_r = 0.0
+    cur_r = 0.0
+    for li in range(nl):
+        if mean0 > 0:
+            mean = moments[li] / debias
+            diff = mean - mean0
+            var = spread[li] / debias - diff * diff
+            if var < 0.0:  # np.maximum(var, 0.0); NaN stays NaN
+                var = 0.0
+            r = (diff + confidence * math.sqrt(var / n_eff)) / mean0
+        else:
+            r = 0.0
+        if li == 0:
+            best_r = r
+        elif best_r == best_r and (r < best_r or r != r):  # np.argmin: the first NaN, else the first minimum
+            best = li
+            best_r = r
+        if li == current:
+            cur_r = r
+    margin = hysteresis if levels[best] < levels[current] else 0.0
+    if best != current and best_r < cur_r - margin:
+        return best
+    return current
+
+
+@_jit
+def write_propagate_total(buf, starts, lengths, fanout, leaves, values):  # pragma: no cover - compiled
+    """:func:`write_and_propagate`, then the new total: ``numpy.add.reduce`` of the root level."""
+    touched = write_and_propagate(buf, starts, lengths, fanout, leaves, values)
+    top = starts.shape[0] - 1
+    total = pairwise_sum(buf, starts[top], lengths[top])
+    return total if touched >= 0.0 else -1.0  # touched >= 0 always: keeps the load passes
+
+
+@_jit
+def draw_visited(buf, starts, lengths, fanout, by_level, u, n, share, t_total):  # pragma: no cover - compiled
+    """The draw of :meth:`isample.TableSampler.draw` when every example is visited and T >= tiny.
+
+    ``u``: (3, b) float64 uniforms. Index ``j`` comes from the uniform component,
+    ``min(int(u1 n), n - 1)``, unless ``u0 >= share``: then from the tree at target
+    ``u2 T`` (:func:`descend_by_level` or :func:`descend`). Returns the int64 indices and
+    their float64 probabilities ``share / n + (1 - share) (t_i / T)``: the NumPy path's
+    operations in its order, so the same arrays bit for bit.
+    """
+    b = u.shape[1]
+    idx = np.empty(b, dtype=np.int64)
+    m = 0
+    for j in range(b):
+        i = np.int64(u[1, j] * n)
+        if i > n - 1:
+            i = n - 1
+        idx[j] = i
+        if u[0, j] >= share:
+            m += 1
+    if m:
+        targets = np.empty(m, dtype=np.float64)
+        where = np.empty(m, dtype=np.int64)
+        c = 0
+        for j in range(b):
+            if u[0, j] >= share:
+                targets[c] = u[2, j] * t_total
+                where[c] = j
+                c += 1
+        if by_level:
+            chosen = descend_by_level(buf, starts, lengths, fanout, targets)
+        else:
+            chosen = descend(buf, starts, lengths, fanout, targets)
+        for c in range(m):
+            idx[where[c]] = chosen[c]
+    p = np.empty(b, dtype=np.float64)
+    base = share / n
+    rest = 1.0 - share
+    for j in range(b):
+        p[j] = base + rest * (buf[idx[j]] / t_total)
+    return idx, p

@@ -62,7 +62,13 @@ DEFAULT_MAX_ELEMENTS = 1 << 24
 _METHODS = ("outer", "gram", "materialise")
 
 
+_WIDE = (torch.float32, torch.float64)
+
+
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    first = tensors[0].dtype
+    if first in _WIDE and all(t.dtype == first for t in tensors):  # the common case: no promotion
+        return first
     dtype = torch.float32
     for t in tensors:
         dtype = torch.promote_types(dtype, t.dtype)

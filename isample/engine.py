@@ -318,10 +318,10 @@ def _kernels_agree(fanout: int) -> bool:
     leaves = np.arange(size, dtype=np.int64)
     values = np.exp(rng.uniform(-30.0, 30.0, size)) * (rng.random(size) < 0.8)
     values[0] = 1.0
-    kernels.write_and_propagate(compiled, starts, bounds, fanout, leaves, values)
+    total_kernel = kernels.write_propagate_total(compiled, starts, bounds, fanout, leaves, values)
     levels[0][:size] = values
     _rebuild(levels, fanout)
-    if compiled.tobytes() != reference.tobytes():
+    if compiled.tobytes() != reference.tobytes() or total_kernel != _total(levels):
         return False
     total = float(np.add.reduce(levels[-1]))
     targets = np.concatenate([rng.random(64) * total, [0.0, total], np.cumsum(values)[:-1]])
@@ -727,11 +727,10 @@ class SumTree:
 
     def _write_leaves(self, idx: np.ndarray, val: np.ndarray) -> None:
         """Write leaves (last write wins for repeated indices) and update the sums."""
-        if self._kernels is not None:
-            self._kernels.write_and_propagate(
+        if self._kernels is not None:  # the total is np.add.reduce of the root, computed in the kernel
+            self._total = self._kernels.write_propagate_total(
                 self._buf, self._starts, self._lengths, self._fanout, idx, np.ascontiguousarray(val)
             )
-            self._total = _total(self._levels)
             self._count_writes(idx.shape[0])
             return
         leaves = self._levels[0]
@@ -847,6 +846,16 @@ class SumTree:
             return descend(self._levels, self._fanout, targets)
         kernel = self._kernels.descend_by_level if self._by_level else self._kernels.descend
         return kernel(self._buf, self._starts, self._lengths, self._fanout, np.ascontiguousarray(targets))
+
+    def _draw_mixture(self, u: np.ndarray, n: int, share: float, total: float) -> Any:
+        # Compiled TableSampler draw over a fully visited table (see
+        # isample._engine_kernels.draw_visited): (indices, probabilities), or None on the
+        # NumPy backend (the caller runs its vectorised code, the same arrays bit for bit).
+        if self._kernels is None:
+            return None
+        return self._kernels.draw_visited(
+            self._buf, self._starts, self._lengths, self._fanout, self._by_level, u, n, share, total
+        )
 
     def _propagate(self, idx: np.ndarray) -> None:
         if self._kernels is None:

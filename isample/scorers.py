@@ -83,8 +83,25 @@ def _iter_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (or buffer); CPU for a stateless model."""
-    return _first_device(_iter_modules(model))
+    """The device of the model's first parameter (or buffer); CPU for a stateless model.
+
+    Walks the modules in ``model.modules()`` order and stops at the first parameter (it runs
+    on every batch a scheme yields), without listing the whole model first.
+    """
+    seen = {id(model)}
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        for tensor in module._parameters.values():
+            if tensor is not None:
+                return tensor.device
+        children = module._modules
+        if children:
+            for child in reversed(children.values()):
+                if child is not None and id(child) not in seen:
+                    seen.add(id(child))
+                    stack.append(child)
+    return _first_device(_iter_modules(model))  # no parameter: the first buffer, else CPU
 
 
 def _first_device(modules: Iterable[nn.Module]) -> torch.device:

@@ -37,6 +37,8 @@ References:
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,7 +47,52 @@ import torch
 
 from ._validation import check_float, check_int, param_error
 
-__all__ = ["AdaptiveMixing", "mixing_second_moments", "DEFAULT_LEVELS"]
+__all__ = ["AdaptiveMixing", "mixing_second_moments", "compiled_observe", "DEFAULT_LEVELS"]
+
+
+@functools.cache
+def compiled_observe(engine: str) -> Any:
+    """The compiled update :func:`isample._engine_kernels.mixing_observe`, or None.
+
+    Args:
+        engine: a table engine backend (``"numba"``, ``"numpy"``, ``"auto"``) or ``""`` for
+            the ``ISAMPLE_ENGINE`` default (see :func:`isample.engine.resolve_backend`).
+
+    Returns:
+        The kernel when that backend is numba and the kernel reproduces the NumPy path bit
+        for bit on a random check (once per process); else None (the NumPy path).
+    """
+    from . import engine as _engine
+
+    if _engine.resolve_backend(engine or None) != "numba":
+        return None
+    kernel = _engine._kernels().mixing_observe
+    return kernel if _kernel_agrees(kernel) else None
+
+
+def _kernel_agrees(kernel: Any) -> bool:
+    rng = np.random.default_rng(12)
+    for k, full, total in ((300, False, 7.5), (5, True, 3.0), (64, False, 0.0), (1000, False, 1e-300)):
+        stale = np.exp(rng.uniform(-5.0, 5.0, k)) * (rng.random(k) < 0.9)
+        fresh = np.exp(rng.uniform(-5.0, 5.0, k))
+        reference, compiled = AdaptiveMixing(warmup=0), AdaptiveMixing(warmup=0)
+        for step in range(3):
+            reference.level = compiled.level = float(reference.levels[step])
+            args = (stale, fresh * (step + 1), total, 1000, 0.05)
+            (reference.observe_full if full else reference.observe)(*args, _kernel=None)  # type: ignore[operator]
+            (compiled.observe_full if full else compiled.observe)(*args, _kernel=kernel)  # type: ignore[operator]
+        if not (
+            reference.level == compiled.level
+            and reference.moments.tobytes() == compiled.moments.tobytes()
+            and reference.spread.tobytes() == compiled.spread.tobytes()
+        ):
+            return False
+    return True
+
+
+def _kernel_for_env() -> Any:
+    return compiled_observe(os.environ.get("ISAMPLE_ENGINE", "").strip().lower())
+
 
 #: Default grid of mixing levels, from uniform (1) down to the former fixed level 0.1 (weights <= 10).
 DEFAULT_LEVELS = (1.0, 0.7, 0.5, 0.35, 0.25, 0.15, 0.1)
@@ -179,23 +226,95 @@ class AdaptiveMixing:
         return self.level + (1.0 - self.level) * base_share
 
     def observe(
-        self, stale: np.ndarray, fresh: np.ndarray, total: float, num_samples: int, base_share: float
+        self,
+        stale: np.ndarray,
+        fresh: np.ndarray,
+        total: float,
+        num_samples: int,
+        base_share: float,
+        *,
+        _kernel: Any = "env",
     ) -> None:
         """Feed one score update (see :func:`mixing_second_moments`) and re-choose the level.
 
         ``stale`` and ``fresh`` (shape (k,)) are taken as i.i.d. draws from the table at
         its current level (a training batch). Non-finite estimates (overflowing scores)
         are skipped.
+
+        With the table engine's compiled backend (numba, see :mod:`isample.engine`) the
+        whole update runs in one compiled call
+        (:func:`isample._engine_kernels.mixing_observe`) with the same float64 operations
+        in the same order: the moments, the spread and every level chosen are bit for bit
+        those of the NumPy path (checked once per process; the NumPy path is used if not).
         """
+        kernel = _kernel_for_env() if _kernel == "env" else _kernel
+        if kernel is not None:
+            self._compiled_add(kernel, stale, fresh, total, num_samples, base_share, self.level)
+            return
         self._add(
             mixing_second_moments(stale, fresh, total, num_samples, base_share, self.level, self.levels)
         )
 
     def observe_full(
-        self, stale: np.ndarray, fresh: np.ndarray, total: float, num_samples: int, base_share: float
+        self,
+        stale: np.ndarray,
+        fresh: np.ndarray,
+        total: float,
+        num_samples: int,
+        base_share: float,
+        *,
+        _kernel: Any = "env",
     ) -> None:
         """Like :meth:`observe` for a pass over every example once (exact ``M``, no draw)."""
+        kernel = _kernel_for_env() if _kernel == "env" else _kernel
+        if kernel is not None:
+            self._compiled_add(kernel, stale, fresh, total, num_samples, base_share, -1.0)
+            return
         self._add(mixing_second_moments(stale, fresh, total, num_samples, base_share, None, self.levels))
+
+    def _compiled_add(
+        self,
+        kernel: Any,
+        stale: np.ndarray,
+        fresh: np.ndarray,
+        total: float,
+        num_samples: int,
+        base_share: float,
+        draw_level: float,
+    ) -> None:
+        # The compiled twin of mixing_second_moments + _add (same results bit for bit).
+        a = self.momentum
+        updates = self.updates + 1
+        decide = updates >= max(self.warmup, 1)
+        current = self._current_index()
+        # moments and spread are always fresh contiguous float64 arrays (reset, _add and
+        # load_state_dict make them so): the kernel updates them in place.
+        chosen = kernel(
+            np.ascontiguousarray(stale, dtype=np.float64),
+            np.ascontiguousarray(fresh, dtype=np.float64),
+            float(total),
+            float(num_samples),
+            float(base_share),
+            float(draw_level),
+            self.levels,
+            self.moments,
+            self.spread,
+            a,
+            decide,
+            1.0 - a**updates,
+            min((1.0 + a) / (1.0 - a), float(updates)),
+            self.confidence,
+            self.hysteresis,
+            current,
+        )
+        if chosen == -2:  # empty or non-finite estimate: skipped, nothing changed
+            return
+        self.updates = updates
+        if chosen >= 0:
+            self.level = float(self.levels[chosen])
+
+    def _current_index(self) -> int:
+        return self.levels.tolist().index(self.level)
 
     def _add(self, estimate: np.ndarray) -> None:
         if estimate.size == 0 or not np.isfinite(estimate).all():

@@ -27,7 +27,7 @@ from ._random import step_generator
 from ._validation import check_choice, check_float, check_int, param_error
 from .engine import SumTree
 from .policies import ScorePolicy
-from .staleness import AdaptiveMixing
+from .staleness import AdaptiveMixing, compiled_observe
 from .weighting import NORMALIZATIONS, weights_array
 
 __all__ = ["TableSampler", "WeightedIndices"]
@@ -117,9 +117,31 @@ class _Unvisited:
         return block * _BLOCK + offset
 
     def visit(self, new: np.ndarray) -> None:
-        """Count newly visited examples (distinct, previously unvisited) out of their blocks."""
-        blocks, counts = np.unique(new // _BLOCK, return_counts=True)
+        """Count newly visited examples (distinct, previously unvisited, sorted) out of their blocks."""
+        blocks = new // _BLOCK  # sorted: equal blocks are runs
+        starts = _run_starts(blocks)
+        counts = np.diff(np.append(starts, blocks.size))
+        blocks = blocks[starts]
         self.tree.set(blocks, self.tree.get(blocks) - counts, check=False)
+
+
+def _run_starts(ordered: np.ndarray) -> np.ndarray:
+    # Positions where a run of equal values starts in a sorted array.
+    change = np.empty(ordered.shape[0], dtype=bool)
+    if change.size:
+        change[0] = True
+        np.not_equal(ordered[1:], ordered[:-1], out=change[1:])
+    return np.flatnonzero(change)
+
+
+def _distinct_sorted(values: np.ndarray) -> np.ndarray:
+    """``np.unique(values)`` for int64 arrays: sorted distinct values, by one sort.
+
+    NumPy 2.3+ ``np.unique`` takes a hash path that is far slower than a sort on large
+    int64 arrays (16 s instead of 0.7 s for 8M indices here); same result.
+    """
+    ordered = np.sort(values)
+    return ordered[_run_starts(ordered)]
 
 
 class _EpochIterator:
@@ -518,6 +540,12 @@ class TableSampler(Sampler[WeightedIndices]):
                 RuntimeWarning,
                 stacklevel=3,
             )
+        if all_visited and t_total >= _TINY:
+            fused = self._tree._draw_mixture(u, n, share, t_total)  # one compiled call, same arrays
+            if fused is not None:
+                idx, p = fused
+                w = weights_array(p, n, self.bias_exponent, self.max_weight, self.normalize)
+                return torch.from_numpy(idx), torch.from_numpy(w.astype(np.float32))
         idx = (u[1] * n).astype(np.int64)  # the uniform component
         np.minimum(idx, n - 1, out=idx)
         from_scores = u[0] >= share
@@ -673,20 +701,27 @@ class TableSampler(Sampler[WeightedIndices]):
         if idx.size == 0:
             return
         t = val if self.policy.power == 1.0 else np.power(val, self.policy.power)
+        n = self.num_samples
+        all_visited = self._num_visited == n
         if self.mixer is not None:  # fresh scores vs the stale values they were drawn with
-            init = self._initial_transformed()
-            total = self._tree.total + (self.num_samples - self._num_visited) * init
-            stale = np.where(self._visited[idx], self._tree.get(idx), init)
-            full = idx.size == self.num_samples and np.unique(idx).size == idx.size
+            if all_visited:  # no unvisited mass: the stale values are the leaves (same floats)
+                total = self._tree.total
+                stale = self._tree.get(idx, check=False)
+            else:
+                init = self._initial_transformed()
+                total = self._tree.total + (n - self._num_visited) * init
+                stale = np.where(self._visited[idx], self._tree.get(idx, check=False), init)
+            full = idx.size == n and _distinct_sorted(idx).size == idx.size
             observe = self.mixer.observe_full if full else self.mixer.observe
-            observe(stale, val, total, self.num_samples, self.policy.uniform_share(total, self.num_samples))
+            kernel = compiled_observe(self._tree.backend)  # the table engine's backend, same results
+            observe(stale, val, total, n, self.policy.uniform_share(total, n), _kernel=kernel)
         self._tree.set(idx, t, check=False)  # validated by feedback_arrays / _receive
-        if self._unvisited is None:
+        if all_visited:
             return
         fresh = idx[~self._visited[idx]]
         if fresh.size == 0:
             return
-        new = np.unique(fresh)
+        new = _distinct_sorted(fresh)
         self._visited[new] = True
         self._num_visited += int(new.size)
         if self._num_visited == self.num_samples:
@@ -859,7 +894,7 @@ def _parse_state(sampler: TableSampler, state: Any) -> dict[str, Any]:
             )
     saved_rank = integer("rank", 0, maximum=replicas - 1)
     seed = integer("seed", maximum=2**64 - 1)
-    epoch = integer("epoch")
+    epoch = integer("epoch", maximum=2**63 - 1)  # hashed into the step seeds (64-bit parts)
     position = integer("position", maximum=sampler.num_batches - 1)
     consumed = integer("consumed", position, minimum=position)
     delay = integer("delay") if "delay" in state else None

@@ -773,3 +773,13 @@ def test_kernels_compile_without_a_writable_cache(monkeypatch):
     monkeypatch.setattr(numba, "njit", njit)
     double = _engine_kernels._jit(lambda x: 2 * x)
     assert calls == [True, False] and double(21) == 42
+
+
+@own_backends
+@needs_numba
+def test_compiled_pairwise_sum_is_numpy_add_reduce_for_any_length():
+    kernels = engine._kernels()
+    rng = np.random.default_rng(42)
+    for n in [*range(1, 700), 1023, 1024, 4095, 4096, 10_007, 65_536, 100_003]:
+        row = rng.standard_normal(n) * np.exp(rng.uniform(-30, 30, n))
+        assert np.float64(kernels.pairwise_sum(row, 0, n)).tobytes() == np.add.reduce(row).tobytes(), n

@@ -570,3 +570,18 @@ def test_draw_ahead_needs_a_delay():
         ImportanceDataLoader(tensor_dataset(20), TableSampler(20, 2, seed=0), draw_ahead=True, delay=0)
     with pytest.raises(TypeError, match="'draw_ahead' parameter of TableSampler"):
         TableSampler(20, 2, draw_ahead=1)
+
+
+def test_distinct_indices_by_sort_match_numpy_unique():
+    """The one-sort replacement of np.unique used on the update path gives np.unique's result."""
+    from isample.table_sampler import _distinct_sorted, _run_starts
+
+    rng = np.random.default_rng(5)
+    for n in (0, 1, 2, 7, 256, 10_000):
+        values = rng.integers(0, max(n // 3, 1), n)
+        np.testing.assert_array_equal(_distinct_sorted(values), np.unique(values))
+        blocks = np.sort(values) // 64
+        starts = _run_starts(blocks)
+        expected, counts = np.unique(blocks, return_counts=True)
+        np.testing.assert_array_equal(blocks[starts], expected)
+        np.testing.assert_array_equal(np.diff(np.append(starts, blocks.size)), counts)
