@@ -51,6 +51,10 @@ class WeightedBatch:
     @classmethod
     def from_collated(cls, data: Any, indices: torch.Tensor, weights: torch.Tensor) -> WeightedBatch:
         """A batch from a collated dataset batch: inputs, targets and extras (see :func:`split_batch`)."""
+        if (
+            type(data) is tuple and len(data) == 2
+        ):  # the common (inputs, targets) pair, without the ABC checks
+            return cls(data[0], data[1], indices, weights, None)
         inputs, targets = split_batch(data)
         return cls(inputs, targets, indices, weights, extras_of(data))
 

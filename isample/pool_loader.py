@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import distributed as _dist
-from ._fetch import IndexedCollate, IndexedDataset, can_gather
+from ._fetch import IndexedCollate, IndexedDataset, can_gather, can_read_directly, read_directly
 from ._options import check_dataset, check_loader_options
 from ._random import UNIFORM_STREAM, permutation, step_generator
 from ._validation import check_choice, check_float, check_int, param_error
@@ -472,7 +472,8 @@ class PoolLoader:
         self._window_source = "none"
         self._awaiting: deque[torch.Tensor] = deque(maxlen=self.FEEDBACK_QUEUE)
         # events not yet replayed, in order: ("scores", outputs, targets, losses, n) from feedback,
-        # ("moments", count, s1, s2, source) from pools and probes, ("step", timing, step, served)
+        # ("moments", count, s1, s2, source) from pools and probes, ("loss", losses, weights), and
+        # ("step", score_seconds, step_seconds, fetch_seconds, chunks, step, served)
         self._events: list[tuple[Any, ...]] = []
         self._decision = self.switch.on if hasattr(self.switch, "on") else False
         self._prev_served = bool(self._decision)  # the decision the last replayed step was served with
@@ -483,6 +484,10 @@ class PoolLoader:
         self._reads_logits = isinstance(scorer, UpperBoundScorer) and not callable(
             getattr(scorer, "scores_from_outputs", None)
         )
+        # per-example scores: the fed batches can be scored concatenated (see _feedback_moments)
+        self._per_example_scores = isinstance(scorer, (UpperBoundScorer, LossScorer)) and not callable(
+            getattr(scorer, "scores_from_outputs", None)
+        )
         self._feedbacks = 0
         self._off_yielded = 0
         self._warned_feedback = False
@@ -490,6 +495,9 @@ class PoolLoader:
         self._fetch_seconds: float | None = None
         self._fetch_chunks = 0
         self._clock: Callable[[], float] = time.process_time
+        #: Algorithm 1 mode times steps and reads only for a switch that uses the times (not TauSwitch,
+        #: whose rule ignores them: its off steps then make no clock call)
+        self._timed = not self.lazy or bool(getattr(self.switch, "wants_timing", True))
         self._stream = _ChunkStream(
             self.num_samples,
             self.batch_size if self.lazy else self.pool_size,
@@ -511,6 +519,9 @@ class PoolLoader:
             timeout=options["timeout"],
         )
         self._gather = can_gather(dataset, collate_fn)
+        #: no workers, no pinning, a TensorDataset: gather each chunk in this process, without the
+        #: DataLoader's per-batch bookkeeping (the same tensors; the uniform scheme reads the same way)
+        self._direct = can_read_directly(dataset, collate_fn, options)
         self._persistent = options["persistent_workers"]
         self._loader = self._make_loader(self._stream, self._persistent)
         self._shared_busy = False
@@ -595,18 +606,20 @@ class PoolLoader:
         stream.seed = self.seed
         stream.epoch, stream.start = epoch, chunk
         stream.stop = chunk + (self.num_batches - step) * self.chunks_per_pool
-        loader = self._loader if use_shared else self._make_loader(stream, False)
+        direct = self._direct
+        loader = self._loader if use_shared or direct else self._make_loader(stream, False)
         if use_shared:
             self._shared_busy = True
         owner = generation >= 0
         self._live += int(owner)
         try:
-            chunks = iter(loader)
+            chunks = read_directly(self.dataset, iter(stream)) if direct else iter(loader)  # type: ignore[arg-type]
             self._yielded_at = None
+            timed = self._timed
             while step < self.num_batches:
-                now = self._clock()
-                # time the loop spent on the previous batch (training step + loading wait)
-                self._last_step_seconds = None if self._yielded_at is None else now - self._yielded_at
+                if timed:  # time the loop spent on the previous batch (training step + loading wait)
+                    now = self._clock()
+                    self._last_step_seconds = None if self._yielded_at is None else now - self._yielded_at
                 if self.lazy:
                     batch, used = self._lazy_step(chunks, epoch, step)
                 else:
@@ -620,7 +633,8 @@ class PoolLoader:
                         self.epoch, self.position, self.chunk = epoch + 1, 0, 0
                     else:
                         self.epoch, self.position, self.chunk = epoch, step, chunk
-                self._yielded_at = self._clock()
+                if timed:
+                    self._yielded_at = self._clock()
                 yield batch
         finally:
             self._live -= int(owner)
@@ -736,25 +750,42 @@ class PoolLoader:
         in one batched pass and the switch replays every step in order (see :meth:`_flush`),
         so its state is the one an every-step evaluation reaches.
         """
-        timing = {
-            "score_seconds": self._score_seconds,
-            "step_seconds": self._last_step_seconds,
-            "fetch_seconds": self._fetch_seconds,
-            "chunks": self._fetch_chunks,
-            "pool_size": self.pool_size,
-            "batch_size": self.batch_size,
-        }
-        self._score_seconds = None
-        if self._decision or self.tau_every == 1 or self.steps % self.tau_every == 0:
-            self._events.append(("step", timing, self.steps, None))
+        # the step's timings, made into the switch's dict at replay (no dict per step while off)
+        steps, score_seconds, self._score_seconds = self.steps, self._score_seconds, None
+        if self._decision or self.tau_every == 1 or steps % self.tau_every == 0:
+            self._events.append(
+                (
+                    "step",
+                    score_seconds,
+                    self._last_step_seconds,
+                    self._fetch_seconds,
+                    self._fetch_chunks,
+                    steps,
+                    None,
+                )
+            )
             on = self._decision = self._flush()
         else:
             on = self._decision
-            self._events.append(("step", timing, self.steps, on))
+            self._events.append(
+                (
+                    "step",
+                    score_seconds,
+                    self._last_step_seconds,
+                    self._fetch_seconds,
+                    self._fetch_chunks,
+                    steps,
+                    on,
+                )
+            )
         k = self.chunks_per_pool if on else 1
-        started = self._clock()
-        parts = [next(chunks) for _ in range(k)] if on else [next(chunks)]
-        self._fetch_seconds, self._fetch_chunks = self._clock() - started, k
+        if self._timed:
+            started = self._clock()
+            parts = [next(chunks) for _ in range(k)] if on else [next(chunks)]
+            self._fetch_seconds = self._clock() - started
+        else:
+            parts = [next(chunks) for _ in range(k)] if on else [next(chunks)]
+        self._fetch_chunks = k
         # the first parameter object survives model.to(...) (its data moves), so its device is current
         device = self._first_param.device if self._first_param is not None else model_device(self.model)
         if on:
@@ -856,6 +887,7 @@ class PoolLoader:
         losses = iter(_weighted_means([e for e in events if e[0] == "loss"]))
         on = bool(getattr(self.switch, "on", False))
         loss: float | None = None
+        switch, history, single = self.switch, self._tau_history, self.num_replicas == 1
         for event in events:
             kind = event[0]
             if kind == "loss":
@@ -867,23 +899,40 @@ class PoolLoader:
             elif kind == "moments":
                 self._push_moments(*event[1:])
             else:
-                _, timing, step, served = event
-                if timing.get("score_seconds") is not None:
+                _, score_s, step_s, fetch_s, chunks, step, served = event
+                timing = {
+                    "score_seconds": score_s,
+                    "step_seconds": step_s,
+                    "fetch_seconds": fetch_s,
+                    "chunks": chunks,
+                    "pool_size": self.pool_size,
+                    "batch_size": self.batch_size,
+                }
+                if score_s is not None:
                     self._probe_pending = False
                 if self._wants_losses:  # the previous batch: its weighted loss and its regime
                     timing["train_loss"], timing["was_on"] = loss, self._prev_served  # our own dict
                     loss = None
                 tau_value = self._window_tau()
-                observed, on = self._observe(tau_value, timing)
-                self._prev_served = bool(on if served is None else served)
-                self._record(
-                    tau_value,
-                    observed,
-                    on if served is None else served,
-                    timing,
-                    source=self._window_source,
-                    step=step,
-                )
+                if single:
+                    observed, on = tau_value, bool(switch.observe(tau_value, timing))
+                else:
+                    observed, on = self._observe(tau_value, timing)
+                shown = on if served is None else bool(served)
+                self._prev_served = shown
+                # what _record stores, without its call and merges (one dict per step)
+                entry = {
+                    "step": step,
+                    "tau": tau_value,
+                    "ema": getattr(switch, "ema", None),
+                    "on": shown,
+                    **timing,
+                    "source": self._window_source,
+                }
+                if not single:
+                    entry["tau_global"] = observed
+                history.append(entry)
+                self._on_steps += shown
         return on
 
     def _scores_of(self, z: Any, targets: Any, losses: Any) -> torch.Tensor | None:
@@ -905,26 +954,25 @@ class PoolLoader:
         scores: list[torch.Tensor] = []
         sizes: list[int] = []
         flat = torch.empty(0)
-        first_z = events[0][1]
-        batchable = (
-            len(events) > 1
-            and isinstance(self.scorer, (UpperBoundScorer, LossScorer))  # per-example scores only
-            and not callable(getattr(self.scorer, "scores_from_outputs", None))
-            and all(isinstance(e[1], torch.Tensor) and isinstance(e[2], torch.Tensor) for e in events)
-            and len({(e[1].shape[1:], e[1].device, e[2].shape[1:]) for e in events}) == 1
-            and isinstance(first_z, torch.Tensor)
-        )
+        batchable = len(events) > 1 and self._per_example_scores
         if batchable:
-            z = torch.cat([e[1] for e in events])
-            y = torch.cat([e[2] for e in events])
+            try:  # cat itself checks that the batches agree in everything but their length
+                z = torch.cat([e[1] for e in events])
+                y = torch.cat([e[2] for e in events])
+            except (RuntimeError, TypeError):
+                batchable = False
+        if batchable:
             losses = [e[3] for e in events]
             loss = torch.cat(losses) if all(isinstance(v, torch.Tensor) for v in losses) else None
             flat = self._scores_of(z, y, loss)
             if flat is None or flat.shape[0] != z.shape[0]:  # pragma: no cover - checked at construction
                 batchable = False
             else:
-                sizes = [int(e[4]) for e in events]
-                flat = flat.detach().reshape(-1)
+                sizes = [e[4] for e in events]
+                if flat.requires_grad:
+                    flat = flat.detach()
+                if flat.dim() != 1:
+                    flat = flat.reshape(-1)
         if not batchable:
             scores = []
             for _, z, y, loss, n in events:
@@ -942,19 +990,27 @@ class PoolLoader:
         flat = flat.to(torch.float64)
         # a norm is >= 0 by construction: the upper bound needs no sign check
         signed = not self._reads_logits
-        if len(set(sizes)) == 1 and sizes[0] > 0:
-            rows = flat.view(len(sizes), sizes[0])
-            parts_ = (rows.sum(1), (rows * rows).sum(1)) + ((rows.amin(1),) if signed else ())
-            stats = torch.stack(parts_).tolist()
-        else:
-            parts = torch.split(flat, sizes)
-            stats = [
-                [float(p.sum()) for p in parts],
-                [float(p.square().sum()) for p in parts],
-                [float(p.amin()) if p.numel() else 0.0 for p in parts],
-            ]
-        if len(stats) == 2:
-            stats.append([0.0] * len(sizes))
+        # runs of equal-size batches (a short last batch of an epoch makes a run of its own) are
+        # reduced as (m, n) rows: every batch's sums come from the same row reduction as when it
+        # is fed alone (tau_every=1), so the replayed tau values are bit-identical
+        stats: list[list[float]] = [[], [], []]
+        i = start = 0
+        while i < len(sizes):
+            n, j = sizes[i], i + 1
+            while j < len(sizes) and sizes[j] == n:
+                j += 1
+            m = j - i
+            if n:
+                rows = flat[start : start + m * n].view(m, n)
+                parts_ = (rows.sum(1), (rows * rows).sum(1)) + ((rows.amin(1),) if signed else ())
+                run = torch.stack(parts_).tolist()
+                stats[0] += run[0]
+                stats[1] += run[1]
+                stats[2] += run[2] if signed else [0.0] * m
+            else:
+                for column in stats:
+                    column += [0.0] * m
+            start, i = start + m * n, j
         out: list[tuple[int, float, float] | None] = []
         for i, n in enumerate(sizes):
             s1, s2, low = stats[0][i], stats[1][i], stats[2][i]
@@ -999,7 +1055,7 @@ class PoolLoader:
                 off = self._take_awaiting(idx)
             # reduced at the next decision; an off batch's weights are all 1
             weights = None if off else getattr(batch, "weights", None)
-            self._events.append(("loss", losses.detach(), weights))
+            self._events.append(("loss", losses.detach() if losses.requires_grad else losses, weights))
             if not off:
                 return
         else:
@@ -1017,18 +1073,23 @@ class PoolLoader:
                 raise param_error(
                     "outputs", "PoolLoader.feedback", "logits the scorer can read", outputs, TypeError
                 )
-            z = z.detach()
+            if z.requires_grad:
+                z = z.detach()
             if z.shape[0] != idx.shape[0]:
                 raise ValueError(
                     f"PoolLoader.feedback got {z.shape[0]} scores for a batch of {idx.shape[0]} examples."
                 )
         self._feedbacks += 1
-        # scored at the next decision, batched with the other pending batches (no sync here)
-        loss = losses.detach() if isinstance(losses, torch.Tensor) else losses
+        # scored at the next decision, batched with the other pending batches (no sync here); the
+        # bound reads the logits only, so its events keep no losses
+        loss = None if self._reads_logits else losses.detach() if isinstance(losses, torch.Tensor) else losses
         self._events.append(("scores", z, batch.targets, loss, int(idx.shape[0])))
 
     def _take_awaiting(self, idx: torch.Tensor) -> bool:
         """Remove the off batch with these indices from the queue awaiting feedback; False if absent."""
+        if self._awaiting[0] is idx:  # the common case: feedback for the oldest batch, in order
+            self._awaiting.popleft()
+            return True
         for position, pending in enumerate(self._awaiting):
             if pending is idx or (
                 pending.shape == idx.shape and torch.equal(pending, idx.detach().to(pending.device))

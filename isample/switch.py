@@ -150,6 +150,16 @@ class TauSwitch:
         self.on = self.always
         self.observations = 0
 
+    @property
+    def wants_timing(self) -> bool:
+        """Whether ``observe`` uses the step and read times in ``timing``.
+
+        False for this rule, which ignores them (a :class:`isample.PoolLoader` in Algorithm 1
+        mode then makes no clock call while off); True for a subclass that overrides
+        :meth:`observe`, unless it says otherwise.
+        """
+        return type(self).observe is not TauSwitch.observe
+
     def observe(self, tau_value: float, timing: dict[str, Any] | None = None) -> bool:
         """Feed the tau of the current pool; return whether importance sampling is on.
 
@@ -458,6 +468,8 @@ class AutoSwitch:
     _COSTS = ("train_seconds", "fetch_seconds", "score_seconds")
     #: a :class:`isample.PoolLoader` hands it the weighted loss of each batch (``train_loss``)
     wants_losses = True
+    #: a :class:`isample.PoolLoader` times every step and read for it
+    wants_timing = True
     #: the step and read times are the median of this many recent measurements
     MEDIAN_OF = 25
     _MEDIAN_COSTS = ("train_seconds", "fetch_seconds")

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .._fetch import can_read_directly, read_directly
 from .._random import UNIFORM_STREAM
 from .._validation import check_int
 from ..batch import WeightedBatch
@@ -76,6 +77,9 @@ class Uniform(SchemeLoader):
             b,
             **self.loader_options,
         )
+        #: no workers, no pinning, a TensorDataset: gather each batch here, without the DataLoader's
+        #: per-batch bookkeeping (the same tensors; the pool schemes' off steps read the same way)
+        self._direct = can_read_directly(dataset, self.loader_options.get("collate_fn"), self.loader_options)
         self.epoch = 0
         self.position = 0
 
@@ -95,7 +99,12 @@ class Uniform(SchemeLoader):
         b = self.batch_size
         order = epoch_permutation(self.num_samples, self.seed, epoch, 0, _STREAM)[: self.num_batches * b]
         try:
-            for indices, data in self.reader.from_indices(order, start=position * b):
+            chunks = (
+                read_directly(self.dataset, (order[i : i + b] for i in range(position * b, len(order), b)))  # type: ignore[arg-type]
+                if self._direct
+                else self.reader.from_indices(order, start=position * b)
+            )
+            for indices, data in chunks:
                 position += 1
                 if self._owns_cursor(token):
                     done = position >= self.num_batches
