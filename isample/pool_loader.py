@@ -325,6 +325,9 @@ class PoolLoader:
     MAX_PRESAMPLE = 1024.0
     #: off batches awaiting :meth:`feedback` (older ones are forgotten)
     FEEDBACK_QUEUE = 8
+    #: Algorithm 1 mode, while off: time one step and one read in this many (``step_seconds`` and
+    #: ``fetch_seconds`` are None on the others; a clock read costs about 1 us of CPU time)
+    TIME_EVERY = 4
     #: warn when this many off batches were yielded in Algorithm 1 mode without any feedback
     NO_FEEDBACK_WARN_STEPS = 50
 
@@ -615,11 +618,14 @@ class PoolLoader:
         try:
             chunks = read_directly(self.dataset, iter(stream)) if direct else iter(loader)  # type: ignore[arg-type]
             self._yielded_at = None
-            timed = self._timed
+            timed, every = self._timed, (self.TIME_EVERY if self.lazy else 1)
             while step < self.num_batches:
                 if timed:  # time the loop spent on the previous batch (training step + loading wait)
-                    now = self._clock()
-                    self._last_step_seconds = None if self._yielded_at is None else now - self._yielded_at
+                    if self._yielded_at is None:
+                        self._last_step_seconds = None
+                    else:
+                        self._last_step_seconds = self._clock() - self._yielded_at
+                        self._yielded_at = None
                 if self.lazy:
                     batch, used = self._lazy_step(chunks, epoch, step)
                 else:
@@ -633,7 +639,7 @@ class PoolLoader:
                         self.epoch, self.position, self.chunk = epoch + 1, 0, 0
                     else:
                         self.epoch, self.position, self.chunk = epoch, step, chunk
-                if timed:
+                if timed and (every == 1 or self._decision or self.steps % every == 0):
                     self._yielded_at = self._clock()
                 yield batch
         finally:
@@ -779,12 +785,13 @@ class PoolLoader:
                 )
             )
         k = self.chunks_per_pool if on else 1
-        if self._timed:
+        if self._timed and (on or steps % self.TIME_EVERY == 0):
             started = self._clock()
             parts = [next(chunks) for _ in range(k)] if on else [next(chunks)]
             self._fetch_seconds = self._clock() - started
         else:
             parts = [next(chunks) for _ in range(k)] if on else [next(chunks)]
+            self._fetch_seconds = None
         self._fetch_chunks = k
         # the first parameter object survives model.to(...) (its data moves), so its device is current
         device = self._first_param.device if self._first_param is not None else model_device(self.model)
@@ -1304,11 +1311,15 @@ def _weighted_means(events: list[tuple[Any, ...]]) -> list[float | None]:
     """
     if not events:
         return []
+    if all(e[2] is None for e in events):  # uniform batches: plain means, one stack per run of equal sizes
+        try:
+            out = _row_means([e[1] for e in events])
+        except (RuntimeError, TypeError, ValueError):
+            out = None
+        if out is not None:
+            return [v if math.isfinite(v) else None for v in out]
     shapes = {(e[1].shape, e[1].device, e[1].dtype) for e in events}
     if len(shapes) == 1 and events[0][1].dim() == 1:
-        if all(e[2] is None for e in events):  # uniform batches: plain means
-            out = torch.stack([e[1] for e in events]).float().mean(1).tolist()
-            return [v if math.isfinite(v) else None for v in out]
         if all(isinstance(e[2], torch.Tensor) and e[2].shape == e[1].shape for e in events):
             lw = torch.stack([e[1] for e in events]).float()
             w = torch.stack([e[2] for e in events]).to(device=lw.device, dtype=lw.dtype)
@@ -1328,6 +1339,24 @@ def _weighted_means(events: list[tuple[Any, ...]]) -> list[float | None]:
     else:
         out = [float(v) for v in values]
     return [v if math.isfinite(v) else None for v in out]
+
+
+def _row_means(rows: list[torch.Tensor]) -> list[float] | None:
+    """``mean`` of each 1-D tensor, a stack per run of equal lengths (the same row reduction
+    whether a batch is reduced alone or with others); None unless all are 1-D on one device."""
+    device = rows[0].device
+    out: list[float] = []
+    i = 0
+    while i < len(rows):
+        first, j = rows[i], i + 1
+        if first.dim() != 1 or first.device != device:
+            return None
+        n = first.shape[0]
+        while j < len(rows) and rows[j].shape[0] == n and rows[j].dim() == 1:
+            j += 1
+        out += torch.stack(rows[i:j]).float().mean(1).tolist()
+        i = j
+    return out
 
 
 def _state_window(window: Any, parts: int) -> list[tuple[float, float, float]]:

@@ -172,7 +172,7 @@ def test_auto_scheme_hands_the_weighted_losses_to_its_switch(classification):
     ce = nn.CrossEntropyLoss(reduction="none")
     model = make_mlp()
     loader = schemes.build("auto", classification, model, ce, 8, optimizer=None)
-    assert loader.switch.alpha == 0.1 and loader.pool.tau_every == 8
+    assert loader.switch.alpha == 0.1 and loader.pool.tau_every == 16
     fed = []
     for batch in loader:
         out = model(batch.inputs)

@@ -103,9 +103,9 @@ class Auto(PoolScheme):
     unbiased = True
     #: while off, decide every this many steps: the scores fed back since the last decision
     #: are computed in one batched pass and the switch replays every step in order, so its
-    #: state is that of an every-step evaluation; a decision takes effect up to 7 steps later
+    #: state is that of an every-step evaluation; a decision takes effect up to 15 steps later
     #: (``tau_every`` of :class:`isample.PoolLoader`)
-    TAU_EVERY = 8
+    TAU_EVERY = 16
 
     def __init__(
         self,
