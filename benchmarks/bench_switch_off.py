@@ -19,7 +19,7 @@ step, ``feedback``). ``kf`` gets ``tau_threshold=1e6`` so its switch stays off.
 Timing: ``--repeats`` rounds; in each round every variant runs ``--warmup`` untimed steps
 then ``--steps`` timed steps, variants in a rotated order. The ratio of a round is the
 variant's mean step time over the uniform mean of the same round (means, not medians:
-``kf`` and ``auto`` decide every ``tau_every = 8`` steps while off, and the batched
+``kf`` and ``auto`` decide every ``tau_every = 16`` steps while off, and the batched
 scoring of those steps lands on one of them); the table shows the median ratio over
 rounds with [min, max] and the load average.
 

@@ -895,6 +895,8 @@ class PoolLoader:
         on = bool(getattr(self.switch, "on", False))
         loss: float | None = None
         switch, history, single = self.switch, self._tau_history, self.num_replicas == 1
+        plain = single and type(switch) is TauSwitch and not self._wants_losses
+        pool_size, batch_size = self.pool_size, self.batch_size
         for event in events:
             kind = event[0]
             if kind == "loss":
@@ -907,16 +909,38 @@ class PoolLoader:
                 self._push_moments(*event[1:])
             else:
                 _, score_s, step_s, fetch_s, chunks, step, served = event
+                if score_s is not None:
+                    self._probe_pending = False
+                if plain:  # TauSwitch ignores the timings: no timing dict, the entry built at once
+                    tau_value = self._window_tau()
+                    on = bool(switch.observe(tau_value))
+                    shown = on if served is None else bool(served)
+                    self._prev_served = shown
+                    history.append(
+                        {
+                            "step": step,
+                            "tau": tau_value,
+                            "ema": switch.ema,
+                            "on": shown,
+                            "score_seconds": score_s,
+                            "step_seconds": step_s,
+                            "fetch_seconds": fetch_s,
+                            "chunks": chunks,
+                            "pool_size": pool_size,
+                            "batch_size": batch_size,
+                            "source": self._window_source,
+                        }
+                    )
+                    self._on_steps += shown
+                    continue
                 timing = {
                     "score_seconds": score_s,
                     "step_seconds": step_s,
                     "fetch_seconds": fetch_s,
                     "chunks": chunks,
-                    "pool_size": self.pool_size,
-                    "batch_size": self.batch_size,
+                    "pool_size": pool_size,
+                    "batch_size": batch_size,
                 }
-                if score_s is not None:
-                    self._probe_pending = False
                 if self._wants_losses:  # the previous batch: its weighted loss and its regime
                     timing["train_loss"], timing["was_on"] = loss, self._prev_served  # our own dict
                     loss = None
