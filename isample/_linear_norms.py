@@ -54,6 +54,7 @@ __all__ = [
     "linear_weight_sq_norms",
     "linear_bias_sq_norms",
     "linear_sq_grad_norms",
+    "stacked_flat_sq_grad_norms",
 ]
 
 #: Largest number of floats a chunk of materialised per-example gradients may hold (64 MiB in float32).
@@ -292,3 +293,34 @@ def _flat_sq_grad_norms(
     if total is None:
         return d2.new_zeros(d2.shape[0])
     return total
+
+
+def stacked_flat_sq_grad_norms(
+    hs: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor], bias: Sequence[bool]
+) -> torch.Tensor:
+    """Sum over layers of the plain per-example squared norms, one position per example.
+
+    For layers ``l`` with a trainable weight (and a trainable bias where ``bias[l]``):
+
+    .. math::
+
+        s_b = \\sum_l \\big(\\|h_{lb}\\|^2 + [\\text{bias}_l]\\big) \\, \\|\\delta_{lb}\\|^2 ,
+
+    computed with one ``vecdot`` per tensor, two ``stack`` and one final ``vecdot`` (instead of
+    four small ops per layer: the per-op dispatch dominates at these sizes).
+
+    Args:
+        hs: the layers' inputs, Tensors of shape (b, in_l), one dtype (float32 or float64).
+        deltas: their output gradients, Tensors of shape (b, out_l), same dtype.
+        bias: per layer, whether its bias term is included.
+
+    Returns:
+        Tensor of shape (b,), in the inputs' dtype.
+    """
+    h2 = torch.stack([torch.linalg.vecdot(h, h) for h in hs], dim=1)
+    d2 = torch.stack([torch.linalg.vecdot(d, d) for d in deltas], dim=1)
+    if all(bias):
+        h2.add_(1.0)
+    elif any(bias):
+        h2.add_(torch.tensor([float(x) for x in bias], dtype=h2.dtype, device=h2.device))
+    return torch.linalg.vecdot(h2, d2)
