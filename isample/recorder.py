@@ -17,11 +17,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from ._linear_norms import (
     DEFAULT_MAX_ELEMENTS,
+    compiled_flat_grad_norms,
     concat_calls,
     linear_sq_grad_norms,
     stacked_flat_sq_grad_norms,
@@ -264,6 +266,7 @@ class LinearCapture:
         #: all selected layers train their weight: the fused plain norm applies (see squared_norms)
         self._all_weights = all(info.weight for info in infos)
         self._bias = [info.bias for info in infos]
+        self._bias_array = np.array([1.0 if b else 0.0 for b in self._bias])
 
     def start(self) -> None:
         self.calls = [[] for _ in self.infos]
@@ -380,6 +383,21 @@ class LinearCapture:
         if total is not None:
             total = total.clamp_min(0)  # the Gram identity can round a zero norm below 0
         return total, uncalled
+
+    def compiled_norms(self, rows: int, weights: torch.Tensor | None, scale: float) -> torch.Tensor | None:
+        """The recorder's unweighted norms in one compiled call (plain norm, CPU, one (b, in) call per
+        layer, every weight trainable; see :func:`compiled_flat_grad_norms`); None otherwise."""
+        if not self._all_weights:
+            return None
+        flat = self._flat_pairs(rows)
+        if flat is None or flat[0][0].device.type != "cpu":
+            return None
+        if weights is not None and (weights.device.type != "cpu" or not weights.is_floating_point()):
+            return None
+        for t in (*flat[0], *flat[1]):
+            if not t.is_contiguous():
+                return None
+        return compiled_flat_grad_norms(flat[0], flat[1], self._bias_array, weights, scale)
 
     def _flat_pairs(self, rows: int) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
         """``(hs, deltas)`` when every layer ran once on a (rows, in) input, got its gradient, and
@@ -623,11 +641,15 @@ class GradNormRecorder:
                     f"The 'weights' parameter of {owner} has {self._weights.shape[0]} entries but the "
                     f"recorded batch has {rows} rows."
                 )
-            sq, uncalled = capture.squared_norms(rows, self._scales, owner, self.max_elements)
-            if uncalled and not self._warned_uncalled:
-                self._warned_uncalled = True
-                warn_uncalled(owner, uncalled, stacklevel=stacklevel)
-            self._norms = _unweighted_norms(sq, self._weights, self._reduction, rows)
+            scale = float(rows) if self._reduction == "mean" else 1.0
+            norms = None if self._scales is not None else capture.compiled_norms(rows, self._weights, scale)
+            if norms is None:
+                sq, uncalled = capture.squared_norms(rows, self._scales, owner, self.max_elements)
+                if uncalled and not self._warned_uncalled:
+                    self._warned_uncalled = True
+                    warn_uncalled(owner, uncalled, stacklevel=stacklevel)
+                norms = _unweighted_norms(sq, self._weights, self._reduction, rows)
+            self._norms = norms
         finally:
             self._scales = None
             self._weights = None
@@ -713,12 +735,23 @@ def _unweighted_norms(
 ) -> torch.Tensor:
     """``sqrt(sq) / |factor|`` with ``factor = w_i / b`` (mean) or ``w_i`` (sum); NaN where it is 0.
 
-    ``sq`` (>= 0) is consumed: the result may be written into it.
+    ``sq`` (>= 0) on the CPU goes through NumPy: for a batch of scores a NumPy ufunc costs a
+    fraction of a torch op's dispatch, and this runs every training step.
     """
+    scale = float(rows) if reduction == "mean" else 1.0
+    if sq.device.type == "cpu":
+        norms = np.sqrt(sq.numpy())
+        if weights is not None:
+            factor = np.abs(weights.cpu().numpy().astype(norms.dtype, copy=False))
+            factor[factor == 0] = np.nan  # x / NaN is NaN, without the divide-by-zero warning
+            norms /= factor
+        if scale != 1.0:
+            norms *= scale
+        return torch.from_numpy(norms.astype(np.float32, copy=False))
     norms = sq.sqrt()
     if weights is not None:
         factor = weights.to(device=norms.device, dtype=norms.dtype).abs()
         norms.div_(factor).masked_fill_(factor == 0, float("nan"))
-    if reduction == "mean" and rows != 1:
-        norms.mul_(float(rows))
+    if scale != 1.0:
+        norms.mul_(scale)
     return norms.to(torch.float32)
