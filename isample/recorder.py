@@ -2,7 +2,9 @@
 
 :class:`GradNormRecorder` hooks the selected linear layers while the user's own training
 step runs: a forward hook keeps each layer's input ``h`` and puts a gradient hook on its
-output ``z``; the backward pass then hands over ``delta = dL/dz``, whose row ``i`` is
+output ``z`` (a pre-hook on ``z``'s autograd node, or a tensor hook on ``z`` when the
+outputs are targets of ``torch.autograd.grad``); the backward pass then hands over
+``delta = dL/dz``, whose row ``i`` is
 ``(w_i / b) d l_i / d z_i`` for the loss ``(w * losses).mean()``. From ``(h, delta)`` the
 per-example gradient norm (plain or in an adaptive optimizer's geometry) follows in closed
 form (:mod:`isample._linear_norms`), with no extra forward or backward pass.
@@ -511,7 +513,11 @@ class GradNormRecorder:
     Hooks exist only inside the block, so the model runs at full speed otherwise; they are
     removed on exit, also when the block raises. The recorder adds no forward or backward
     pass: its cost is keeping ``delta`` (``b x out`` floats per layer) and one product of
-    the size of the layer's weight gradient (see ``docs/methods/optimizer-aware.md``).
+    the size of the layer's weight gradient (see ``docs/methods/optimizer-aware.md``). In
+    the common case (plain norm, CPU, one ``(b, in)`` call per layer, every weight trained)
+    the norms over all layers, the division by the weights included, are one compiled call
+    when numba is installed (:func:`isample._linear_norms.compiled_flat_grad_norms`), else
+    a handful of torch ops (:func:`isample._linear_norms.stacked_flat_sq_grad_norms`).
 
     Args:
         model: the model being trained.
