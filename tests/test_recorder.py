@@ -396,3 +396,25 @@ def test_recorder_norm_paths_agree(monkeypatch):
     assert torch.allclose(results[0], results[1], rtol=1e-5) and torch.allclose(
         results[1], results[2], rtol=1e-5
     )
+
+
+def test_expanded_gradients_and_strided_inputs_take_a_correct_path():
+    """``out.sum()`` hands the last layer a stride-0 gradient and ``x.t()`` is not contiguous:
+    the compiled path declines them and the result still equals per-example autograd."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(inplace=True), nn.Linear(5, 3)).double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def per_example(p, xi):
+        return functional_call(model, p, (xi[None],)).sum()
+
+    recorder = GradNormRecorder(model)
+    for x in (torch.randn(7, 6, dtype=torch.float64), torch.randn(6, 7, dtype=torch.float64).t()):
+        grads = vmap(grad(per_example), in_dims=(None, 0))(params, x)
+        expected = torch.sqrt(sum((g.reshape(7, -1) ** 2).sum(1) for g in grads.values()))
+        with recorder.record(reduction="sum"):
+            model(x).sum().backward()
+        model.zero_grad()
+        assert torch.allclose(recorder.norms().double(), expected, rtol=1e-5, atol=0)
