@@ -13,6 +13,10 @@ Rounds interleave the variants (A B C D, A B C D, ...) so load drift hits all of
 each round times ``--steps`` steps after ``--warmup`` and the ratio to the plain loader is
 taken per round, reported as median [min, max] over rounds, with the process CPU time.
 
+With ``--old DIR`` (the ``isample`` package directory of another version, e.g.
+``git archive main isample | tar -x -C /tmp/before`` then ``--old /tmp/before/isample``)
+that version's schemes run in the same rounds as ``old:<scheme>`` (before vs after in one run).
+
 Run ``python benchmarks/bench_step_overhead.py`` (``--quick`` for a smoke run); writes
 ``benchmarks/results/step_overhead.json`` (or ``--out``) and prints a Markdown table.
 """
@@ -20,9 +24,11 @@ Run ``python benchmarks/bench_step_overhead.py`` (``--quick`` for a smoke run); 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +41,18 @@ import isample
 
 VARIANTS = ("torch", "history-is", "history-gradnorm", "infobatch")
 LOSS = nn.CrossEntropyLoss(reduction="none")
+
+
+def load_old(path: str) -> Any:
+    """Import the ``isample`` package directory ``path`` as ``isample_old`` (relative imports only)."""
+    init = Path(path) / "__init__.py"
+    spec = importlib.util.spec_from_file_location("isample_old", init, submodule_search_locations=[path])
+    if spec is None or spec.loader is None:
+        raise ValueError(f"--old must be an isample package directory; got {path!r}.")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["isample_old"] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def model_and_data(kind: str, n: int, seed: int) -> tuple[nn.Module, TensorDataset]:
@@ -62,15 +80,20 @@ def model_and_data(kind: str, n: int, seed: int) -> tuple[nn.Module, TensorDatas
     return model, TensorDataset(x, y)
 
 
-def one_round(kind: str, variant: str, steps: int, warmup: int, n: int, seed: int) -> tuple[float, float]:
-    """Seconds (wall, process CPU) per step of ``steps`` timed steps."""
+def one_round(
+    kind: str, variant: str, steps: int, warmup: int, n: int, seed: int, old: Any = None
+) -> tuple[float, float]:
+    """Seconds (wall, process CPU) per step of ``steps`` timed steps (``old:<scheme>``: ``old``'s)."""
+    package = isample
+    if variant.startswith("old:"):
+        package, variant = old, variant[4:]
     model, ds = model_and_data(kind, n, seed)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     if variant == "torch":
         g = torch.Generator().manual_seed(seed)
         loader: Any = torch.utils.data.DataLoader(ds, batch_size=64, shuffle=True, generator=g)
     else:
-        loader = isample.DataLoader(
+        loader = package.DataLoader(
             ds,
             batch_size=64,
             scheme=variant,
@@ -107,24 +130,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--n", type=int, default=4096)
+    parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp, cnn")
+    parser.add_argument("--old", default=None, help="another version's isample package directory")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "step_overhead.json"))
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.warmup, args.rounds = 5, 2, 1
     torch.set_num_threads(1)
-    results: dict[str, Any] = {"load_before": os.getloadavg(), "models": {}}
+    old = load_old(args.old) if args.old else None
+    variants = VARIANTS + (tuple(f"old:{v}" for v in VARIANTS[1:]) if old is not None else ())
+    results: dict[str, Any] = {"load_before": os.getloadavg(), "models": {}, "old": args.old}
     print("| model | variant | step ms (wall) | wall ratio | CPU ratio |\n|---|---|---|---|---|")
-    for kind in ("mlp", "cnn"):
-        wall: dict[str, list[float]] = {v: [] for v in VARIANTS}
-        cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for kind in args.models.split(","):
+        wall: dict[str, list[float]] = {v: [] for v in variants}
+        cpu: dict[str, list[float]] = {v: [] for v in variants}
         for r in range(args.rounds):
-            for variant in VARIANTS:
-                w, c = one_round(kind, variant, args.steps, args.warmup, args.n, seed=r)
+            for variant in variants:
+                w, c = one_round(kind, variant, args.steps, args.warmup, args.n, seed=r, old=old)
                 wall[variant].append(w)
                 cpu[variant].append(c)
         rows = {}
-        for variant in VARIANTS:
+        for variant in variants:
             rw = [a / b for a, b in zip(wall[variant], wall["torch"], strict=True)]
             rc = [a / b for a, b in zip(cpu[variant], cpu["torch"], strict=True)]
             rows[variant] = {

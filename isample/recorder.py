@@ -2,7 +2,9 @@
 
 :class:`GradNormRecorder` hooks the selected linear layers while the user's own training
 step runs: a forward hook keeps each layer's input ``h`` and puts a gradient hook on its
-output ``z``; the backward pass then hands over ``delta = dL/dz``, whose row ``i`` is
+output ``z`` (a pre-hook on ``z``'s autograd node, or a tensor hook on ``z`` when the
+outputs are targets of ``torch.autograd.grad``); the backward pass then hands over
+``delta = dL/dz``, whose row ``i`` is
 ``(w_i / b) d l_i / d z_i`` for the loss ``(w * losses).mean()``. From ``(h, delta)`` the
 per-example gradient norm (plain or in an adaptive optimizer's geometry) follows in closed
 form (:mod:`isample._linear_norms`), with no extra forward or backward pass.
@@ -12,16 +14,22 @@ The hook machinery here is shared with :class:`isample.LinearGradNormScorer`.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from ._linear_norms import DEFAULT_MAX_ELEMENTS, concat_calls, linear_sq_grad_norms
+from ._linear_norms import (
+    DEFAULT_MAX_ELEMENTS,
+    compiled_flat_grad_norms,
+    concat_calls,
+    linear_sq_grad_norms,
+    stacked_flat_sq_grad_norms,
+)
 from ._validation import check_choice, check_int, param_error
 from .preconditioner import (
     SUPPORTED_OPTIMIZERS,
@@ -210,31 +218,61 @@ def check_managed(optimizer: torch.optim.Optimizer | None, infos: list[LayerInfo
 # --------------------------------------------------------------------------- capture
 
 
-@dataclass
 class _Call:
-    h: torch.Tensor
-    delta: torch.Tensor | None = None
-    output: torch.Tensor | None = None
-    version: int = 0
+    """One call of a selected layer: its input ``h`` and, after the backward, its output gradient."""
+
+    __slots__ = ("h", "delta", "output", "version", "_live")
+
+    def __init__(self, h: torch.Tensor, live: list[bool]) -> None:
+        self.h = h
+        self.delta: torch.Tensor | None = None
+        self.output: torch.Tensor | None = None
+        self.version = 0
+        self._live = live  # shared with the capture: [False] once it stopped (late backward passes)
+
+    def on_grad(self, grad: torch.Tensor) -> None:
+        """Tensor hook on the call's output: accumulate ``delta``."""
+        if self._live[0]:
+            if grad.requires_grad:
+                grad = grad.detach()
+            self.delta = grad if self.delta is None else self.delta + grad
+
+    def on_grad_outputs(self, grad_outputs: tuple) -> None:
+        """Pre-hook on the output's autograd node (cheaper than a tensor hook): ``delta`` is its input."""
+        grad = grad_outputs[0]
+        if grad is not None and self._live[0]:
+            if grad.requires_grad:
+                grad = grad.detach()
+            self.delta = grad if self.delta is None else self.delta + grad
 
 
-@dataclass
 class LinearCapture:
     """Forward hooks that keep ``h`` and gradient hooks that keep ``delta`` for each layer call.
 
     Deltas are accepted only while the capture is active (between :meth:`start` and
     :meth:`stop`); several backward passes through the same call add up. With
-    ``keep_outputs`` the layer outputs are kept too, as targets for ``torch.autograd.grad``.
+    ``keep_outputs`` the layer outputs are kept too, as targets for ``torch.autograd.grad``
+    (their gradient then arrives through a tensor hook, which ``torch.autograd.grad`` runs for
+    the tensors it differentiates towards); otherwise a pre-hook on each output's autograd
+    node receives it (one Python call less per layer than a tensor hook). A capture can be
+    started again after :meth:`stop`; each start forgets the previous calls.
     """
 
-    infos: list[LayerInfo]
-    keep_outputs: bool = False
-    calls: list[list[_Call]] = field(default_factory=list)
-    _handles: list[Any] = field(default_factory=list)
-    _active: bool = False
+    def __init__(self, infos: list[LayerInfo], keep_outputs: bool = False) -> None:
+        self.infos = infos
+        self.keep_outputs = keep_outputs
+        self.calls: list[list[_Call]] = []
+        self._handles: list[Any] = []
+        self._live = [False]
+        self._active = False
+        #: all selected layers train their weight: the fused plain norm applies (see squared_norms)
+        self._all_weights = all(info.weight for info in infos)
+        self._bias = [info.bias for info in infos]
+        self._bias_array = np.array([1.0 if b else 0.0 for b in self._bias])
 
     def start(self) -> None:
         self.calls = [[] for _ in self.infos]
+        self._live = [True]  # a fresh flag: calls of an earlier start keep the old, stopped one
         self._active = True
         try:
             for slot, info in enumerate(self.infos):
@@ -247,25 +285,29 @@ class LinearCapture:
 
     def stop(self) -> None:
         self._active = False
+        self._live[0] = False
         while self._handles:
             self._handles.pop().remove()
 
     def _forward_hook(self, slot: int) -> Any:
+        calls = self.calls[slot]
+        live = self._live
+        keep_outputs = self.keep_outputs
+
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
-            if not self._active or not isinstance(output, torch.Tensor) or not output.requires_grad:
+            if not live[0] or not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return
             h = args[0] if args else kwargs["input"]
-            call = _Call(h=h.detach())
-            if self.keep_outputs:
-                call.output = output
-                call.version = output._version
-
-            def on_grad(grad: torch.Tensor) -> None:
-                if self._active:
-                    call.delta = grad.detach() if call.delta is None else call.delta + grad.detach()
-
-            output.register_hook(on_grad)
-            self.calls[slot].append(call)
+            call = _Call(h.detach(), live)
+            node = output.grad_fn
+            if keep_outputs or node is None or output.output_nr != 0:
+                if keep_outputs:
+                    call.output = output
+                    call.version = output._version
+                output.register_hook(call.on_grad)
+            else:
+                node.register_prehook(call.on_grad_outputs)
+            calls.append(call)
 
         return hook
 
@@ -302,8 +344,13 @@ class LinearCapture:
     ) -> tuple[torch.Tensor | None, list[str]]:
         """Sum over layers of the per-example squared norms; also the names of uncalled layers.
 
-        Returns ``(Tensor of shape (rows,) or None when no layer was called, names)``.
+        Returns ``(Tensor of shape (rows,) or None when no layer was called, names)``; the
+        squared norms are >= 0.
         """
+        if scales is None and self._all_weights and len(self.infos) > 1:
+            flat = self._flat_pairs(rows)
+            if flat is not None:  # the common case: one (b, in) call per layer, plain norm
+                return stacked_flat_sq_grad_norms(flat[0], flat[1], self._bias), []
         total = None
         uncalled = []
         for slot, (info, calls) in enumerate(zip(self.infos, self.calls, strict=True)):
@@ -335,7 +382,48 @@ class LinearCapture:
                 max_elements=max_elements,
             )
             total = term if total is None else total + term.to(total.device)
+        if total is not None:
+            total = total.clamp_min(0)  # the Gram identity can round a zero norm below 0
         return total, uncalled
+
+    def compiled_norms(self, rows: int, weights: torch.Tensor | None, scale: float) -> torch.Tensor | None:
+        """The recorder's unweighted norms in one compiled call (plain norm, CPU, one (b, in) call per
+        layer, every weight trainable; see :func:`compiled_flat_grad_norms`); None otherwise."""
+        if not self._all_weights:
+            return None
+        flat = self._flat_pairs(rows)
+        if flat is None or flat[0][0].device.type != "cpu":
+            return None
+        if weights is not None and (weights.device.type != "cpu" or not weights.is_floating_point()):
+            return None
+        for t in (*flat[0], *flat[1]):
+            if not t.is_contiguous():
+                return None
+        return compiled_flat_grad_norms(flat[0], flat[1], self._bias_array, weights, scale)
+
+    def _flat_pairs(self, rows: int) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        """``(hs, deltas)`` when every layer ran once on a (rows, in) input, got its gradient, and
+        all tensors share one float32 / float64 dtype and device; otherwise None."""
+        hs, deltas = [], []
+        dtype = device = None
+        for calls in self.calls:
+            if len(calls) != 1:
+                return None
+            call = calls[0]
+            h, delta = call.h, call.delta
+            if delta is None or h.dim() != 2 or delta.dim() != 2:
+                return None
+            if h.shape[0] != rows or delta.shape[0] != rows:
+                return None
+            if dtype is None:
+                dtype, device = h.dtype, h.device
+                if dtype not in (torch.float32, torch.float64):
+                    return None
+            if h.dtype != dtype or delta.dtype != dtype or h.device != device or delta.device != device:
+                return None
+            hs.append(h)
+            deltas.append(delta)
+        return hs, deltas
 
 
 def compiled_modules(model: nn.Module) -> list[str]:
@@ -425,7 +513,11 @@ class GradNormRecorder:
     Hooks exist only inside the block, so the model runs at full speed otherwise; they are
     removed on exit, also when the block raises. The recorder adds no forward or backward
     pass: its cost is keeping ``delta`` (``b x out`` floats per layer) and one product of
-    the size of the layer's weight gradient (see ``docs/methods/optimizer-aware.md``).
+    the size of the layer's weight gradient (see ``docs/methods/optimizer-aware.md``). In
+    the common case (plain norm, CPU, one ``(b, in)`` call per layer, every weight trained)
+    the norms over all layers, the division by the weights included, are one compiled call
+    when numba is installed (:func:`isample._linear_norms.compiled_flat_grad_norms`), else
+    a handful of torch ops (:func:`isample._linear_norms.stacked_flat_sq_grad_norms`).
 
     Args:
         model: the model being trained.
@@ -471,6 +563,8 @@ class GradNormRecorder:
         self._infos = resolve_layers(model, self.layers, owner)
         check_managed(self.optimizer, self._infos, owner)
         self._capture: LinearCapture | None = None
+        self._capture_obj = LinearCapture(self._infos)  # reused by every recorded step
+        self._identity = is_identity_geometry(self.optimizer)
         self._scales: Scales | None = None
         self._weights: torch.Tensor | None = None
         self._reduction = "mean"
@@ -493,21 +587,28 @@ class GradNormRecorder:
         return self._attach(weights, reduction, stacklevel=5)
 
     def _attach(self, weights: torch.Tensor | None, reduction: str, stacklevel: int) -> GradNormRecorder:
-        owner = type(self).__name__
         if self._capture is not None:
-            raise RuntimeError(f"{owner} is already recording; call detach() (or leave record()) first.")
-        check_choice(reduction, "reduction", owner, _REDUCTIONS)
+            raise RuntimeError(
+                f"{type(self).__name__} is already recording; call detach() (or leave record()) first."
+            )
+        if reduction != "mean" and reduction != "sum":
+            check_choice(reduction, "reduction", type(self).__name__, _REDUCTIONS)
         if weights is not None:
             if not isinstance(weights, torch.Tensor):
-                raise param_error("weights", owner, "a Tensor of shape (b,) or None", weights, TypeError)
+                raise param_error(
+                    "weights", type(self).__name__, "a Tensor of shape (b,) or None", weights, TypeError
+                )
             if weights.dim() != 1:
-                raise param_error("weights", owner, "a Tensor of shape (b,) or None", tuple(weights.shape))
-            weights = weights.detach()
+                raise param_error(
+                    "weights", type(self).__name__, "a Tensor of shape (b,) or None", tuple(weights.shape)
+                )
+            if weights.requires_grad:
+                weights = weights.detach()
         self._norms = None
         self._weights = weights
         self._reduction = reduction
-        self._scales = self._read_scales(stacklevel)
-        capture = LinearCapture(self._infos)
+        self._scales = None if self._identity else self._read_scales(stacklevel)
+        capture = self._capture_obj
         capture.start()
         self._capture = capture
         return self
@@ -546,20 +647,31 @@ class GradNormRecorder:
                     f"The 'weights' parameter of {owner} has {self._weights.shape[0]} entries but the "
                     f"recorded batch has {rows} rows."
                 )
-            sq, uncalled = capture.squared_norms(rows, self._scales, owner, self.max_elements)
-            if uncalled and not self._warned_uncalled:
-                self._warned_uncalled = True
-                warn_uncalled(owner, uncalled, stacklevel=stacklevel)
-            self._norms = _unweighted_norms(sq, self._weights, self._reduction, rows)
+            scale = float(rows) if self._reduction == "mean" else 1.0
+            norms = None if self._scales is not None else capture.compiled_norms(rows, self._weights, scale)
+            if norms is None:
+                sq, uncalled = capture.squared_norms(rows, self._scales, owner, self.max_elements)
+                if uncalled and not self._warned_uncalled:
+                    self._warned_uncalled = True
+                    warn_uncalled(owner, uncalled, stacklevel=stacklevel)
+                norms = _unweighted_norms(sq, self._weights, self._reduction, rows)
+            self._norms = norms
         finally:
             self._scales = None
             self._weights = None
+            capture.calls = []  # the step's tensors are not kept until the next one
         return self._norms
 
-    @contextlib.contextmanager
-    def record(
-        self, weights: torch.Tensor | None = None, reduction: str = "mean"
-    ) -> Iterator[GradNormRecorder]:
+    def _abandon(self) -> None:
+        """Leave a failed block: remove the hooks and forget the step (no norms)."""
+        capture, self._capture = self._capture, None
+        if capture is not None:
+            capture.stop()
+            capture.calls = []
+        self._scales = None
+        self._weights = None
+
+    def record(self, weights: torch.Tensor | None = None, reduction: str = "mean") -> _Recording:
         """Context manager around one training step's forward and backward.
 
         Args:
@@ -568,20 +680,12 @@ class GradNormRecorder:
             reduction: ``"mean"`` (loss ``(w * losses).mean()``, factor ``w_i / b``) or
                 ``"sum"`` (loss ``(w * losses).sum()``, factor ``w_i``).
 
-        Yields:
-            The recorder; after the block :meth:`norms` holds the batch's norms.
+        Returns:
+            A context manager yielding the recorder; after the block :meth:`norms` holds the
+            batch's norms. (A small class rather than ``contextlib.contextmanager``: it runs
+            every training step.)
         """
-        self._attach(weights, reduction, stacklevel=6)
-        try:
-            yield self
-        except BaseException:
-            capture, self._capture = self._capture, None
-            if capture is not None:
-                capture.stop()
-            self._scales = None
-            self._weights = None
-            raise
-        self._detach(stacklevel=5)
+        return _Recording(self, weights, reduction)
 
     def norms(self) -> torch.Tensor:
         """Per-example gradient norms of the last recorded step: float32 Tensor of shape (b,).
@@ -611,14 +715,49 @@ class GradNormRecorder:
         return f"{type(self).__name__}(layers={names}, optimizer={optimizer})"
 
 
+class _Recording:
+    """The context manager returned by :meth:`GradNormRecorder.record`."""
+
+    __slots__ = ("recorder", "weights", "reduction")
+
+    def __init__(self, recorder: GradNormRecorder, weights: torch.Tensor | None, reduction: str) -> None:
+        self.recorder = recorder
+        self.weights = weights
+        self.reduction = reduction
+
+    def __enter__(self) -> GradNormRecorder:
+        # stack levels: warnings.warn <- warn_no_state <- _read_scales <- _attach <- here <- user
+        return self.recorder._attach(self.weights, self.reduction, stacklevel=5)
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            self.recorder._abandon()
+            return
+        self.recorder._detach(stacklevel=4)
+
+
 def _unweighted_norms(
     sq: torch.Tensor, weights: torch.Tensor | None, reduction: str, rows: int
 ) -> torch.Tensor:
-    """``sqrt(sq) / |factor|`` with ``factor = w_i / b`` (mean) or ``w_i`` (sum); NaN where it is 0."""
-    norms = sq.clamp_min(0).sqrt()
+    """``sqrt(sq) / |factor|`` with ``factor = w_i / b`` (mean) or ``w_i`` (sum); NaN where it is 0.
+
+    ``sq`` (>= 0) on the CPU goes through NumPy: for a batch of scores a NumPy ufunc costs a
+    fraction of a torch op's dispatch, and this runs every training step.
+    """
     scale = float(rows) if reduction == "mean" else 1.0
-    if weights is None:
-        return (norms * scale).to(torch.float32)
-    factor = weights.to(device=norms.device, dtype=norms.dtype).abs()
-    out = torch.where(factor > 0, norms / factor, float("nan")) * scale
-    return out.to(torch.float32)
+    if sq.device.type == "cpu":
+        norms = np.sqrt(sq.numpy())
+        if weights is not None:
+            factor = np.abs(weights.cpu().numpy().astype(norms.dtype, copy=False))
+            factor[factor == 0] = np.nan  # x / NaN is NaN, without the divide-by-zero warning
+            norms /= factor
+        if scale != 1.0:
+            norms *= scale
+        return torch.from_numpy(norms.astype(np.float32, copy=False))
+    norms = sq.sqrt()
+    if weights is not None:
+        factor = weights.to(device=norms.device, dtype=norms.dtype).abs()
+        norms.div_(factor).masked_fill_(factor == 0, float("nan"))
+    if scale != 1.0:
+        norms.mul_(scale)
+    return norms.to(torch.float32)

@@ -285,8 +285,13 @@ def test_recorder_accepts_the_bayesian_optimizers():
         model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
         opt = make(model.parameters())
         loader = isample.DataLoader(
-            torch.utils.data.TensorDataset(x, y), batch_size=16, scheme="history-gradnorm",
-            model=model, loss_fn=nn.CrossEntropyLoss(reduction="none"), optimizer=opt, seed=0,
+            torch.utils.data.TensorDataset(x, y),
+            batch_size=16,
+            scheme="history-gradnorm",
+            model=model,
+            loss_fn=nn.CrossEntropyLoss(reduction="none"),
+            optimizer=opt,
+            seed=0,
         )
         with pytest.warns(UserWarning, match="no state yet"):  # the first step has no geometry yet
             for xb, yb, w in loader:
@@ -300,3 +305,116 @@ def test_recorder_accepts_the_bayesian_optimizers():
         scores = scores[~torch.isnan(scores)]  # NaN marks an example not scored yet
         assert scores.numel() > 8 and bool(torch.isfinite(scores).all()) and bool((scores >= 0).all())
         assert float(scores.max()) > float(scores.min())  # the gradient-norm scores reached the table
+
+
+# ----------------------------------------------------------------------------- fused / compiled norms
+
+
+def _flat_inputs(dtype, seed=13):
+    gen = torch.Generator().manual_seed(seed)
+    hs = [torch.randn(11, n, generator=gen, dtype=dtype) for n in (5, 7, 3)]
+    ds = [torch.randn(11, n, generator=gen, dtype=dtype) for n in (7, 3, 4)]
+    return hs, ds
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [(True, True, True), (False, True, False), (False, False, False)])
+def test_stacked_flat_norms_equal_the_per_layer_sum(dtype, bias):
+    from isample._linear_norms import stacked_flat_sq_grad_norms
+
+    hs, ds = _flat_inputs(dtype)
+    expected = sum(linear_sq_grad_norms(h, d, bias=b) for h, d, b in zip(hs, ds, bias, strict=True))
+    got = stacked_flat_sq_grad_norms(hs, ds, bias)
+    assert got.dtype == dtype
+    assert torch.allclose(got, expected, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_compiled_norms_equal_the_torch_path_with_zero_and_nan_weights(dtype, weighted):
+    """The compiled loop (and its plain-Python body) give the recorder's norms: sqrt, 1/|w|, NaN at 0."""
+    import numpy as np
+
+    from isample import _linear_norms
+    from isample.recorder import _unweighted_norms
+
+    hs, ds = _flat_inputs(dtype)
+    bias = (True, False, True)
+    w = None
+    if weighted:
+        w = torch.linspace(-1.0, 2.0, 11, dtype=torch.float64)
+        w[4], w[7] = 0.0, float("nan")
+    sq = sum(
+        linear_sq_grad_norms(h.double(), d.double(), bias=b) for h, d, b in zip(hs, ds, bias, strict=True)
+    )
+    expected = _unweighted_norms(sq, w, "mean", 11)
+    bias_array = np.array([float(b) for b in bias])
+    out = np.empty(11, dtype=np.float32)
+    _linear_norms._flat_norms_loop(
+        tuple(h.numpy() for h in hs),
+        tuple(d.numpy() for d in ds),
+        bias_array,
+        np.zeros(0) if w is None else w.numpy(),
+        11.0,
+        out,
+    )
+    candidates = [torch.from_numpy(out)]
+    compiled = _linear_norms.compiled_flat_grad_norms(hs, ds, bias_array, w, 11.0)
+    if _linear_norms._flat_norms_kernel() is not None:
+        candidates.append(compiled)
+    else:
+        assert compiled is None
+    for got in candidates:
+        assert got.dtype == torch.float32 and got.shape == (11,)
+        assert torch.equal(torch.isnan(got), torch.isnan(expected))
+        keep = ~torch.isnan(expected)
+        assert torch.allclose(got[keep], expected[keep], rtol=1e-5, atol=0)
+    if weighted:
+        assert torch.isnan(candidates[0][4]) and torch.isnan(candidates[0][7])
+
+
+def test_recorder_norm_paths_agree(monkeypatch):
+    """The compiled path, the stacked torch path and the per-layer path give the same norms."""
+    from isample import recorder
+
+    model = make_mlp()
+    x, y = make_batch(seed=27)
+    w = weights_for(9, seed=8)
+    expected = reference_norms(model, CE, x, y)
+    rec = GradNormRecorder(model)
+    results = []
+    for mode in ("compiled", "stacked", "per-layer"):
+        if mode == "stacked":
+            monkeypatch.setattr(recorder.LinearCapture, "compiled_norms", lambda self, *a: None)
+        if mode == "per-layer":
+            monkeypatch.setattr(recorder.LinearCapture, "_flat_pairs", lambda self, rows: None)
+        with rec.record(w):
+            (w * CE(model(x), y)).mean().backward()
+        model.zero_grad()
+        results.append(rec.norms())
+        assert_rel(results[-1], expected)
+    assert torch.allclose(results[0], results[1], rtol=1e-5) and torch.allclose(
+        results[1], results[2], rtol=1e-5
+    )
+
+
+def test_expanded_gradients_and_strided_inputs_take_a_correct_path():
+    """``out.sum()`` hands the last layer a stride-0 gradient and ``x.t()`` is not contiguous:
+    the compiled path declines them and the result still equals per-example autograd."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(inplace=True), nn.Linear(5, 3)).double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def per_example(p, xi):
+        return functional_call(model, p, (xi[None],)).sum()
+
+    recorder = GradNormRecorder(model)
+    for x in (torch.randn(7, 6, dtype=torch.float64), torch.randn(6, 7, dtype=torch.float64).t()):
+        grads = vmap(grad(per_example), in_dims=(None, 0))(params, x)
+        expected = torch.sqrt(sum((g.reshape(7, -1) ** 2).sum(1) for g in grads.values()))
+        with recorder.record(reduction="sum"):
+            model(x).sum().backward()
+        model.zero_grad()
+        assert torch.allclose(recorder.norms().double(), expected, rtol=1e-5, atol=0)

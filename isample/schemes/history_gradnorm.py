@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -103,16 +103,9 @@ class HistoryGradNorm(TableScheme):
         self.unbiased = bias_exponent == 1.0 and max_weight is None
         self._recorded = False
 
-    @contextlib.contextmanager
-    def _record(self, batch: WeightedBatch) -> Iterator[None]:
-        self._recorded = False
-        with self.recorder.record(batch.weights):
-            yield
-        self._recorded = True
-
     def step_context(self, batch: WeightedBatch) -> contextlib.AbstractContextManager:
         """Record the step's per-example gradient norms (wrap forward + backward in it)."""
-        return self._record(batch)
+        return _StepRecord(self, batch.weights)
 
     def feedback(self, batch: WeightedBatch, outputs: Any, losses: torch.Tensor) -> None:
         """Write the norms recorded inside :meth:`step_context` into the table."""
@@ -129,3 +122,25 @@ class HistoryGradNorm(TableScheme):
         from ..linear_scorer import LinearGradNormScorer
 
         return LinearGradNormScorer(self.loss_fn, layers=self.layers, optimizer=self.optimizer)
+
+
+class _StepRecord(contextlib.AbstractContextManager):
+    """``HistoryGradNorm.step_context``: the recorder's block, marking the batch recorded on success.
+
+    A small class (not ``contextlib.contextmanager``): it is entered and left every step.
+    """
+
+    __slots__ = ("scheme", "recording")
+
+    def __init__(self, scheme: HistoryGradNorm, weights: torch.Tensor | None) -> None:
+        self.scheme = scheme
+        self.recording = scheme.recorder.record(weights)
+
+    def __enter__(self) -> None:
+        self.scheme._recorded = False
+        self.recording.__enter__()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.recording.__exit__(exc_type, exc, tb)
+        if exc_type is None:
+            self.scheme._recorded = True
