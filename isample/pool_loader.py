@@ -758,32 +758,19 @@ class PoolLoader:
         """
         # the step's timings, made into the switch's dict at replay (no dict per step while off)
         steps, score_seconds, self._score_seconds = self.steps, self._score_seconds, None
-        if self._decision or self.tau_every == 1 or steps % self.tau_every == 0:
-            self._events.append(
-                (
-                    "step",
-                    score_seconds,
-                    self._last_step_seconds,
-                    self._fetch_seconds,
-                    self._fetch_chunks,
-                    steps,
-                    None,
-                )
+        decide = self._decision or self.tau_every == 1 or steps % self.tau_every == 0
+        self._events.append(
+            (
+                "step",
+                score_seconds,
+                self._last_step_seconds,
+                self._fetch_seconds,
+                self._fetch_chunks,
+                steps,
+                None if decide else self._decision,
             )
-            on = self._decision = self._flush()
-        else:
-            on = self._decision
-            self._events.append(
-                (
-                    "step",
-                    score_seconds,
-                    self._last_step_seconds,
-                    self._fetch_seconds,
-                    self._fetch_chunks,
-                    steps,
-                    on,
-                )
-            )
+        )
+        on = self._decision = self._flush() if decide else self._decision
         k = self.chunks_per_pool if on else 1
         if self._timed and (on or steps % self.TIME_EVERY == 0):
             started = self._clock()
