@@ -58,7 +58,20 @@ from .switch import (
 )
 from .weighting import NORMALIZATIONS, importance_weights
 
-__all__ = ["PoolLoader", "check_presample", "format_status", "pool_tau", "scores_from_outputs"]
+__all__ = [
+    "ALGORITHM1_TAU_EVERY",
+    "PoolLoader",
+    "check_presample",
+    "format_status",
+    "pool_tau",
+    "scores_from_outputs",
+]
+
+#: ``tau_every`` of the Algorithm 1 schemes (``kf``, ``auto``): while off, decide every this
+#: many steps. The scores fed back since the last decision are computed in one batched pass
+#: and the switch replays every step in order, so its state is that of an every-step
+#: evaluation; a switch-on takes effect up to ``ALGORITHM1_TAU_EVERY - 1`` steps later.
+ALGORITHM1_TAU_EVERY = 16
 
 
 def pool_tau(scores: torch.Tensor) -> float:
@@ -882,7 +895,6 @@ class PoolLoader:
         on = bool(getattr(self.switch, "on", False))
         loss: float | None = None
         switch, history, single = self.switch, self._tau_history, self.num_replicas == 1
-        plain = single and type(switch) is TauSwitch and not self._wants_losses
         pool_size, batch_size = self.pool_size, self.batch_size
         for event in events:
             kind = event[0]
@@ -898,28 +910,6 @@ class PoolLoader:
                 _, score_s, step_s, fetch_s, chunks, step, served = event
                 if score_s is not None:
                     self._probe_pending = False
-                if plain:  # TauSwitch ignores the timings: no timing dict, the entry built at once
-                    tau_value = self._window_tau()
-                    on = bool(switch.observe(tau_value))
-                    shown = on if served is None else bool(served)
-                    self._prev_served = shown
-                    history.append(
-                        {
-                            "step": step,
-                            "tau": tau_value,
-                            "ema": switch.ema,
-                            "on": shown,
-                            "score_seconds": score_s,
-                            "step_seconds": step_s,
-                            "fetch_seconds": fetch_s,
-                            "chunks": chunks,
-                            "pool_size": pool_size,
-                            "batch_size": batch_size,
-                            "source": self._window_source,
-                        }
-                    )
-                    self._on_steps += shown
-                    continue
                 timing = {
                     "score_seconds": score_s,
                     "step_seconds": step_s,

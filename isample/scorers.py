@@ -32,7 +32,7 @@ import contextlib
 import math
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -62,24 +62,24 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def _iter_modules(model: nn.Module) -> list[nn.Module]:
-    """``list(model.modules())`` (depth-first, each module once), without building the names.
-
-    A plain loop over ``_modules`` (no generator, no names): it runs on every scorer call.
-    """
-    out = []
+def _walk_modules(model: nn.Module) -> Iterator[nn.Module]:
+    """``model.modules()`` (depth-first, each module once), without building the names."""
     seen = {id(model)}
     stack = [model]
     while stack:
         module = stack.pop()
-        out.append(module)
+        yield module
         children = module._modules
         if children:
             for child in reversed(children.values()):
                 if child is not None and id(child) not in seen:
                     seen.add(id(child))
                     stack.append(child)
-    return out
+
+
+def _iter_modules(model: nn.Module) -> list[nn.Module]:
+    """``list(model.modules())`` without building the names (it runs on every scorer call)."""
+    return list(_walk_modules(model))
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -88,19 +88,10 @@ def model_device(model: nn.Module) -> torch.device:
     Walks the modules in ``model.modules()`` order and stops at the first parameter (it runs
     on every batch a scheme yields), without listing the whole model first.
     """
-    seen = {id(model)}
-    stack = [model]
-    while stack:
-        module = stack.pop()
+    for module in _walk_modules(model):
         for tensor in module._parameters.values():
             if tensor is not None:
                 return tensor.device
-        children = module._modules
-        if children:
-            for child in reversed(children.values()):
-                if child is not None and id(child) not in seen:
-                    seen.add(id(child))
-                    stack.append(child)
     return _first_device(_iter_modules(model))  # no parameter: the first buffer, else CPU
 
 

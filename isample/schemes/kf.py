@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..pool_loader import check_presample
+from ..pool_loader import ALGORITHM1_TAU_EVERY, check_presample
 from ..scorers import UpperBoundScorer
 from ..switch import check_tau_momentum, check_tau_threshold
 from ._wrappers import PoolScheme
@@ -64,11 +64,8 @@ class KatharopoulosFleuret(PoolScheme):
 
     name = "kf"
     unbiased = True
-    #: while off, decide every this many steps: the scores fed back since the last decision
-    #: are computed in one batched pass and the switch replays every step in order, so its
-    #: state is that of an every-step evaluation; a decision takes effect up to 15 steps later
-    #: (``tau_every`` of :class:`isample.PoolLoader`)
-    TAU_EVERY = 16
+    #: ``tau_every`` of its pool loader (see :data:`isample.pool_loader.ALGORITHM1_TAU_EVERY`)
+    TAU_EVERY = ALGORITHM1_TAU_EVERY
 
     def __init__(
         self,
