@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["feedback_arrays"]
+__all__ = ["feedback_arrays", "drop_nonfinite"]
 
 
 def feedback_arrays(
@@ -83,24 +83,34 @@ def feedback_arrays(
         raise ValueError(
             f"{where} got negative scores (min {float(val[val < 0].min()):.4g}); scores must be >= 0."
         )
-    keep = np.isfinite(val)
     if keep_nonfinite:
-        pass
-    elif not keep.all():
-        warnings.warn(
-            f"{where} skipped {int((~keep).sum())} NaN or infinite score(s); "
-            "those examples keep their previous scores.",
-            RuntimeWarning,
-            stacklevel=stacklevel,
-        )
-        idx, val = idx[keep], val[keep]
-    finite = val[keep] if keep_nonfinite else val
+        finite = val[np.isfinite(val)]
+    else:
+        idx, val = drop_nonfinite(idx, val, where, stacklevel)
+        finite = val
     if finite.size and finite.max() > max_score:
         raise ValueError(
             f"{where} got scores up to {float(finite.max()):.4g}; scores above {max_score:.3g} "
             "would overflow the table's float64 sum."
         )
     return idx, val
+
+
+def drop_nonfinite(
+    idx: np.ndarray, val: np.ndarray, where: str, stacklevel: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(idx, val)`` without the entries whose score is NaN or infinite, with a warning
+    naming ``where`` when there are any (``stacklevel`` counted from this function's caller)."""
+    keep = np.isfinite(val)
+    if keep.all():
+        return idx, val
+    warnings.warn(
+        f"{where} skipped {int((~keep).sum())} NaN or infinite score(s); "
+        "those examples keep their previous scores.",
+        RuntimeWarning,
+        stacklevel=stacklevel + 1,
+    )
+    return idx[keep], val[keep]
 
 
 def _indices(value: Any, where: str) -> np.ndarray:

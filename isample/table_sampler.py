@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Sampler
 
 from . import distributed as _dist
-from ._feedback import feedback_arrays
+from ._feedback import drop_nonfinite, feedback_arrays
 from ._random import step_generator
 from ._validation import check_choice, check_float, check_int, param_error
 from .engine import SumTree
@@ -668,15 +668,7 @@ class TableSampler(Sampler[WeightedIndices]):
     def _receive(self, idx: np.ndarray, val: np.ndarray, stacklevel: int, checked: bool = False) -> None:
         """Drop non-finite entries (with a warning) and apply or queue the rest."""
         if not checked:
-            finite = np.isfinite(val)
-            if not finite.all():
-                warnings.warn(
-                    f"TableSampler.update skipped {int((~finite).sum())} NaN or infinite score(s); "
-                    "those examples keep their previous scores.",
-                    RuntimeWarning,
-                    stacklevel=stacklevel,
-                )
-                idx, val = idx[finite], val[finite]
+            idx, val = drop_nonfinite(idx, val, "TableSampler.update", stacklevel)
         if self.delay:
             self._pending.append((self._consumed, idx, val))
         else:

@@ -31,7 +31,28 @@ from .plots import matplotlib_available, write_plots
 from .report import SCHEMA_VERSION, summarize, write_csv, write_json, write_report
 from .tuning import tune_learning_rate
 
-__all__ = ["run_bench", "validate_config"]
+__all__ = ["check_device", "run_bench", "validate_config"]
+
+
+def check_device(name: str) -> torch.device:
+    """The torch device ``name``, checked to exist on this machine (CUDA index, MPS).
+
+    Raises:
+        ValueError: an unknown device string, or one this machine does not have.
+    """
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"Unknown device {name!r}: {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"The device {name!r} was requested but CUDA is not available here.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"The device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s).")
+    if device.type == "mps" and not (
+        getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    ):
+        raise ValueError(f"The device {name!r} was requested but MPS is not available here.")
+    return device
 
 
 def validate_config(config: BenchConfig, registry: Any = None) -> BenchConfig:
@@ -105,20 +126,7 @@ def validate_config(config: BenchConfig, registry: Any = None) -> BenchConfig:
             f"The 'train_eval_size' setting must be an int >= 1 or None. Got {config.train_eval_size!r}."
         )
     parse_budget(config.budget)
-    try:
-        device = torch.device(config.device)
-    except RuntimeError as exc:
-        raise ValueError(f"Unknown device {config.device!r}: {exc}") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"The device {config.device!r} was requested but CUDA is not available here.")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(
-            f"The device {config.device!r} does not exist: {torch.cuda.device_count()} CUDA device(s)."
-        )
-    if device.type == "mps" and not (
-        getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    ):
-        raise ValueError(f"The device {config.device!r} was requested but MPS is not available here.")
+    check_device(config.device)
     config.schemes = tuple(resolve_schemes(config.schemes, registry))
     config.seeds = tuple(dict.fromkeys(int(s) for s in config.seeds))
     return config

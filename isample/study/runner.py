@@ -28,6 +28,7 @@ from ..bench.harness import (
     train_run,
 )
 from ..bench.models import MODELS, available_models
+from ..bench.sweep import check_device
 from .experiments import experiment_a, experiment_b, experiment_c, resolve_scheme
 
 __all__ = [
@@ -306,12 +307,7 @@ def validate_study_config(config: StudyConfig, registry: Any = None) -> StudyCon
             raise ValueError(f"The '{name}' setting of StudyConfig must be a float > 0. Got {v!r}.")
     if not config.divergence_factor > 1:
         raise ValueError(f"The 'divergence_factor' setting must be > 1. Got {config.divergence_factor!r}.")
-    try:
-        device = torch.device(config.device)
-    except RuntimeError as exc:
-        raise ValueError(f"Unknown device {config.device!r}: {exc}") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"The device {config.device!r} was requested but CUDA is not available here.")
+    check_device(config.device)
     return config
 
 
