@@ -205,28 +205,22 @@ def run_workload(workload: str, args: argparse.Namespace) -> list[dict[str, Any]
         "kf (switch off)": build("kf (switch off)", ds, models["uniform"], opts["uniform"], args.batch_size),
     }
     loss_fn = nn.CrossEntropyLoss(reduction="none")
-    try:
-        fresh["auto"] = schemes.build(
-            "auto",
-            ds,
-            models["uniform"],
-            loss_fn,
-            args.batch_size,
-            seed=0,
-            optimizer=opts["uniform"],
-            efficiency=0.0,
-        )
-    except TypeError:  # an older auto without the discount: a hysteresis no gain can pass
-        fresh["auto"] = schemes.build(
-            "auto",
-            ds,
-            models["uniform"],
-            loss_fn,
-            args.batch_size,
-            seed=0,
-            optimizer=opts["uniform"],
-            hysteresis=10.0,
-        )
+    # an older auto has no discount (efficiency): there a hysteresis no gain can pass keeps it off
+    for never_on in ({"efficiency": 0.0}, {"hysteresis": 10.0}):
+        try:
+            fresh["auto"] = schemes.build(
+                "auto",
+                ds,
+                models["uniform"],
+                loss_fn,
+                args.batch_size,
+                seed=0,
+                optimizer=opts["uniform"],
+                **never_on,
+            )
+            break
+        except TypeError:
+            continue
     overhead = loader_overhead(fresh, models["uniform"], ds, args.overhead_steps, args.repeats)
     rows = []
     for v in VARIANTS:

@@ -247,13 +247,7 @@ class AdaptiveMixing:
         in the same order: the moments, the spread and every level chosen are bit for bit
         those of the NumPy path (checked once per process; the NumPy path is used if not).
         """
-        kernel = _kernel_for_env() if _kernel == "env" else _kernel
-        if kernel is not None:
-            self._compiled_add(kernel, stale, fresh, total, num_samples, base_share, self.level)
-            return
-        self._add(
-            mixing_second_moments(stale, fresh, total, num_samples, base_share, self.level, self.levels)
-        )
+        self._observe(stale, fresh, total, num_samples, base_share, self.level, _kernel)
 
     def observe_full(
         self,
@@ -266,11 +260,27 @@ class AdaptiveMixing:
         _kernel: Any = "env",
     ) -> None:
         """Like :meth:`observe` for a pass over every example once (exact ``M``, no draw)."""
-        kernel = _kernel_for_env() if _kernel == "env" else _kernel
+        self._observe(stale, fresh, total, num_samples, base_share, None, _kernel)
+
+    def _observe(
+        self,
+        stale: np.ndarray,
+        fresh: np.ndarray,
+        total: float,
+        num_samples: int,
+        base_share: float,
+        draw_level: float | None,
+        kernel: Any,
+    ) -> None:
+        # draw_level: the level the examples were drawn at (None: a full pass, no draw)
+        kernel = _kernel_for_env() if kernel == "env" else kernel
         if kernel is not None:
-            self._compiled_add(kernel, stale, fresh, total, num_samples, base_share, -1.0)
+            level = -1.0 if draw_level is None else draw_level
+            self._compiled_add(kernel, stale, fresh, total, num_samples, base_share, level)
             return
-        self._add(mixing_second_moments(stale, fresh, total, num_samples, base_share, None, self.levels))
+        self._add(
+            mixing_second_moments(stale, fresh, total, num_samples, base_share, draw_level, self.levels)
+        )
 
     def _compiled_add(
         self,
